@@ -1,0 +1,124 @@
+"""Distribution setup in one place: process group, device, mesh, FSDP2 wrapping, collectives.
+
+Runs under torchrun (reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and also as a
+single plain process (`python -m dcp_train.main`), which becomes a world of one on 127.0.0.1.
+CPU uses gloo; CUDA uses nccl for GPU tensors plus gloo for CPU tensors (object broadcasts and
+checkpoint coordination), so the same code path runs on both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
+    """Initialise the process group and a 1-D device mesh over all ranks."""
+    if "RANK" not in os.environ:  # a plain `python -m dcp_train.main`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was given but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "cpu:gloo,cuda:nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=dev if dev.type == "cuda" else None)
+    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    return DistInfo(rank, world_size, local_rank, dev, mesh)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """FSDP2: fully_shard every transformer block, then the root, on the explicit mesh.
+
+    bf16 parameters/compute with fp32 gradient reduction on CUDA; plain fp32 on CPU.
+    """
+    if info.device_type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    model.to(info.device)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=info.mesh, mp_policy=mp)
+    fully_shard(model, mesh=info.mesh, mp_policy=mp)
+    return model
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (SUM then divide: gloo has no AVG)."""
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src` decides, every rank gets the same Python object."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_cpu_group())
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_cpu_group())
+    return out
+
+
+def barrier() -> None:
+    dist.barrier(group=_cpu_group())
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for CPU-side coordination (the default group already is gloo on CPU)."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        if dist.get_backend() == "gloo":
+            _CPU_GROUP = dist.group.WORLD
+        else:
+            _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
