@@ -51,6 +51,8 @@ class Config:
 
     # schedule and batch
     max_steps: int = _help("number of optimizer updates to reach", default=19073)
+    stop_at_step: int = _help("stop (with a checkpoint) after this step; the LR schedule still "
+                              "runs to --max_steps (-1: off)", default=-1)
     warmup_steps: int = _help("linear warmup steps of the learning rate", default=715)
     max_lr: float = _help("peak learning rate; cosine decays it to 10%% of this", default=6e-4)
     weight_decay: float = _help("AdamW weight decay on 2-D parameters", default=0.1)
@@ -193,6 +195,10 @@ def validate(cfg: Config) -> None:
             raise ValueError
     except ValueError:
         raise ConfigError(f"--storage_options must be a JSON object, got {cfg.storage_options!r}")
+    if m.vocab_size < 50257 and (cfg.generate_interval > 0 or cfg.hellaswag_interval > 0):
+        raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
+                          "50257 tokens, which text samples and HellaSwag need; set "
+                          "--generate_interval 0 --hellaswag_interval 0 or a larger vocab")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
 

@@ -1,0 +1,250 @@
+"""The checkpoint protocol: temp dir, commit, `latest`, discovery, retention, verification.
+
+Layout under --checkpoint_dir (DESIGN.md section 2)::
+
+    latest                     one line: the name of the newest committed step dir
+    step_00000020/             committed: DCP files (.metadata, __<rank>_0.distcp) + manifest.json
+    step_00000025.tmp-<id>/    a save in progress, or abandoned by a crash
+
+Saving step s (every rank calls `save`; rank 0 does the single-writer parts):
+
+1. rank 0 picks a random <id> and broadcasts it; every rank writes its own shards into
+   `step_XXXXXXXX.tmp-<id>/` with dcp.save (DCP writes `.metadata` last, after all ranks).
+2. every rank hashes the files it wrote; rank 0 writes `manifest.json` (name, size, sha256 of
+   every file, plus step and world size) into the temp dir.
+3. commit. A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds
+   `manifest.json`.
+   - local/file://: `os.rename` of the temp dir (atomic; the manifest is already inside);
+   - object stores (s3://, gs://, ...): a prefix has no atomic rename, so the files are copied
+     to `step_XXXXXXXX/` one by one, `manifest.json` last: that single object PUT is the commit
+     point; then the temp prefix is deleted. A crash mid-copy leaves a step dir without a
+     manifest, which discovery ignores and retention removes.
+4. `latest` is replaced atomically (local: temp file + fsync + os.replace; object stores: one
+   PUT, atomic per object). `latest` only ever names a committed dir.
+5. retention (rank 0): keep the N newest committed dirs, never the one `latest` names, and
+   remove abandoned temp dirs and uncommitted step dirs.
+6. rank 0 broadcasts success or its error, so every rank stops with the same message.
+
+Discovery (rank 0 decides, every rank gets the same answer): trust `latest` if it names a valid
+committed dir; otherwise fall back to the highest committed `step_XXXXXXXX` (parsed from the name
+with an anchored pattern, never from file times) and say why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed.checkpoint as dcp
+
+from dcp_train import distributed as D
+from dcp_train import state as S
+from dcp_train.storage import Storage
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+TMP_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-z]+$")
+MANIFEST = "manifest.json"
+LATEST = "latest"
+HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message is for the user."""
+
+
+@dataclass
+class Found:
+    path: str  # full path/URL of the step dir
+    step: int
+    meta: dict
+    note: str = ""  # why this one was chosen, when it was not simply `latest`
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class Checkpointer:
+    def __init__(self, root: str, storage_options: dict, keep_last_n: int = -1):
+        self.storage = Storage(root, storage_options)
+        self.root = self.storage.root
+        self.keep_last_n = keep_last_n
+
+    # ------------------------------------------------------------------ saving
+    def save(self, step: int, state_dict: dict, rank: int) -> dict:
+        """Write, commit and point `latest` at step `step`. Collective. Returns the record."""
+        t0 = time.perf_counter()
+        final = self.storage.join(step_name(step))
+        tmp = D.broadcast_object(f"{final}.tmp-{secrets.token_hex(4)}" if rank == 0 else None)
+        try:
+            dcp.save(state_dict, storage_writer=self.storage.dcp_writer(tmp))
+            my_files = self._hash_own_files(tmp, rank)
+        except Exception as e:  # DCP raises on every rank when any rank's write fails
+            raise CheckpointError(f"saving step {step} to {tmp} failed: {_cause(e)}") from e
+        all_files = D.all_gather_objects(my_files)
+        error = None
+        if rank == 0:
+            try:
+                size = self._commit(tmp, final, step, all_files)
+            except Exception as e:
+                error = f"committing step {step} to {final} failed: {_cause(e)}"
+        error = D.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        return {"step": step, "path": final, "seconds": time.perf_counter() - t0,
+                "bytes": size if rank == 0 else None}
+
+    def _hash_own_files(self, tmp: str, rank: int) -> dict:
+        """name -> [size, sha256] of the shard files this rank wrote (and .metadata on rank 0)."""
+        names = [n for n in self.storage.listdir(tmp)
+                 if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
+        return {n: self._hash(posixpath.join(tmp, n)) for n in names}
+
+    def _hash(self, path: str) -> list:
+        h, size = hashlib.sha256(), 0
+        with self.storage.fs.open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return [size, h.hexdigest()]
+
+    def _commit(self, tmp: str, final: str, step: int, per_rank_files: list[dict]) -> int:
+        files = {n: v for d in per_rank_files for n, v in d.items()}
+        on_disk = set(self.storage.listdir(tmp))
+        if set(files) != on_disk:
+            raise CheckpointError(f"files of {tmp} changed while hashing: {sorted(on_disk ^ set(files))}")
+        manifest = {"step": step, "world_size": len(per_rank_files),
+                    "files": {n: {"size": s, "sha256": h} for n, (s, h) in sorted(files.items())}}
+        self.storage.write_atomic(posixpath.join(tmp, MANIFEST),
+                                  json.dumps(manifest, indent=1).encode())
+        if self.storage.exists(final):  # committed by a run that crashed before `latest`,
+            self.storage.rm_tree(final)  # or ahead of an explicit older --resume: replace it
+        self.storage.rename_dir(tmp, final, last=(MANIFEST,))
+        self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
+        self.apply_retention()
+        return sum(s for s, _ in files.values())
+
+    # --------------------------------------------------------------- retention
+    def apply_retention(self) -> list[str]:
+        """Rank 0: delete old committed dirs beyond N, abandoned temps, uncommitted step dirs."""
+        committed, leftovers = self._scan()
+        keep = set(committed)
+        if self.keep_last_n > 0:
+            keep = set(sorted(committed)[-self.keep_last_n:])
+        latest = self._read_latest_name()
+        removed = []
+        for step, name in sorted(committed.items()):
+            if step not in keep and name != latest:
+                removed.append(name)
+        removed += leftovers
+        for name in removed:
+            self.storage.rm_tree(self.storage.join(name))
+        return removed
+
+    def _scan(self) -> tuple[dict[int, str], list[str]]:
+        """(committed {step: name}, names of temp dirs and uncommitted step dirs)."""
+        committed, leftovers = {}, []
+        for name in self.storage.listdir(self.root):
+            if TMP_RE.match(name):
+                leftovers.append(name)
+            elif m := STEP_RE.match(name):
+                if self.storage.exists(self.storage.join(name, MANIFEST)):
+                    committed[int(m.group(1))] = name
+                else:
+                    leftovers.append(name)
+        return committed, leftovers
+
+    # --------------------------------------------------------------- discovery
+    def _read_latest_name(self) -> Optional[str]:
+        path = self.storage.join(LATEST)
+        if not self.storage.exists(path):
+            return None
+        return self.storage.read_bytes(path).decode(errors="replace").strip()
+
+    def find_latest(self) -> Optional[Found]:
+        """Rank 0: the checkpoint to auto-resume from, or None if there is none."""
+        if not self.storage.exists(self.root):
+            return None
+        committed, _ = self._scan()
+        note = ""
+        latest = self._read_latest_name()
+        if latest is not None:
+            if STEP_RE.match(latest) and latest in committed.values():
+                problem = self.check(self.storage.join(latest))
+                if problem is None:
+                    return self._found(self.storage.join(latest), "")
+                note = f"`latest` names {latest}, which is invalid ({problem})"
+            else:
+                note = f"`latest` holds {latest[:60]!r}, which is not a committed step dir"
+        elif committed:
+            note = "`latest` is missing"
+        for step in sorted(committed, reverse=True):
+            path = self.storage.join(committed[step])
+            problem = self.check(path)
+            if problem is None:
+                return self._found(path, note + f"; falling back to {committed[step]}")
+            note += f"; {committed[step]} is invalid ({problem})"
+        if note:
+            raise CheckpointError(f"no valid checkpoint in {self.root}: {note.lstrip('; ')}; "
+                                  "move the directory away to start fresh")
+        return None
+
+    def _found(self, path: str, note: str) -> Found:
+        meta = S.read_meta(self.storage.dcp_reader(path))
+        return Found(path=path, step=int(meta["step"]), meta=meta, note=note)
+
+    def check(self, path: str) -> Optional[str]:
+        """None if `path` is a complete committed checkpoint, else what is wrong with it."""
+        storage = self.storage
+        mpath = posixpath.join(path, MANIFEST)
+        if not storage.exists(mpath):
+            return "no manifest.json, so it was never committed"
+        try:
+            manifest = json.loads(storage.read_bytes(mpath))
+            files = manifest["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            return f"manifest.json is unreadable ({e})"
+        if ".metadata" not in files:
+            return "manifest.json lists no .metadata"
+        for name, want in files.items():
+            fpath = posixpath.join(path, name)
+            if not storage.exists(fpath):
+                return f"file {name} is missing"
+            if storage.size(fpath) != want["size"]:
+                return f"file {name} has {storage.size(fpath)} bytes, manifest says {want['size']}"
+        return None
+
+    def open_checkpoint(self, path: str) -> Found:
+        """Rank 0: a checkpoint the user named with --checkpoint_path; errors if invalid."""
+        path = path.rstrip("/")
+        storage = Storage(path, self.storage.storage_options)
+        if not storage.exists(storage.root):
+            raise CheckpointError(f"--checkpoint_path {path} does not exist")
+        if storage.exists(storage.join(LATEST)) and not storage.exists(storage.join(MANIFEST)):
+            # a checkpoint dir was given: resolve its `latest`
+            found = Checkpointer(path, self.storage.storage_options).find_latest()
+            if found is None:
+                raise CheckpointError(f"--checkpoint_path {path} holds no committed checkpoint")
+            return found
+        problem = Checkpointer(path, self.storage.storage_options).check(storage.root)
+        if problem is not None:
+            raise CheckpointError(f"--checkpoint_path {path} is not a usable checkpoint: {problem}")
+        meta = S.read_meta(storage.dcp_reader(storage.root))
+        return Found(path=storage.root, step=int(meta["step"]), meta=meta)
+
+    def reader(self, path: str):
+        return Storage(path, self.storage.storage_options).dcp_reader(path)
+
+
+def _cause(e: BaseException) -> str:
+    """One line: the innermost meaningful cause of a (possibly wrapped) exception."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:300]

@@ -1,0 +1,41 @@
+"""Entry point: `torchrun --nproc_per_node=N -m dcp_train.main [flags]` (or plain `python -m`).
+
+Bad input (flags, data, checkpoints, storage, tokenizer) ends the run with one line on stderr,
+`dcp_train: error: <what was wrong; what to do>`, and exit code 2. Nothing is written to the
+checkpoint directory before the resume decision and the flag checks have passed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dcp_train.config import ConfigError, die, parse_config
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as e:
+        die(str(e), EXIT_BAD_INPUT)
+
+    # imported after parsing so that --help and flag errors never touch torch.distributed
+    from dcp_train import distributed as D
+    from dcp_train.checkpoint import CheckpointError
+    from dcp_train.data import DataError
+    from dcp_train.tokenizer import TokenizerError
+    from dcp_train.train import train
+
+    user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
+    info = D.setup(cfg.device)
+    try:
+        train(cfg, info)
+    except user_errors as e:
+        die(str(e), EXIT_BAD_INPUT)
+    finally:
+        D.teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

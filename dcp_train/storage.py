@@ -1,0 +1,236 @@
+"""Where checkpoints live: a local directory or any fsspec URL (s3://, gs://, memory://).
+
+This module knows nothing about training. It gives one small file API over both worlds
+and the DCP StorageWriter/StorageReader for a directory:
+
+    st = Storage("s3://bucket/run1", {"endpoint_url": ...})   # or Storage("/tmp/run1")
+    d = st.join("step_00000005.tmp-ab12")                     # a full path/URL
+    dcp.save(state, storage_writer=st.dcp_writer(d))          # no checkpoint_id needed
+    st.rename_dir(d, st.join("step_00000005"))
+    st.write_atomic(st.join("latest"), b"step_00000005\\n")
+
+Paths. Every method takes the full paths that `join` returns (a local path, or a URL
+with its protocol), never bare bucket keys.
+
+Atomicity.
+- `write_atomic`: local = temp file in the same directory + fsync + os.replace + fsync of
+  the directory; object store = one PUT, which replaces an object atomically.
+- `rename_dir`: local = os.rename (atomic). Object stores have no rename: every object is
+  copied (server side), then the sources are deleted; NOT atomic, a crash can leave both
+  or a partial destination. `last` names files to copy after all others, so a reader that
+  trusts those files sees a complete directory. (fsspec's recursive mv is not used: it
+  is broken for s3fs, fsspec/s3fs#394.)
+- Listing caches of s3fs/gcsfs are dropped before every read of a listing or an
+  existence check, because other processes (ranks) write to the same prefix.
+
+DCP (torch 2.13). Local paths use FileSystemWriter/FileSystemReader (sync_files=True:
+each file is fsynced). Remote paths use subclasses of the fsspec ones in
+torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
+- storage options: DCP calls `writer.reset(checkpoint_id)`, which rebuilds the
+  filesystem from the URL alone and drops options given to the writer; ours keeps them,
+  so passing `checkpoint_id=` to dcp.save/load as well is harmless.
+- sync_files=False: with True DCP falls back to os.sync() for files without fileno();
+  an object is durable once its upload returned.
+- `.metadata`: DCP writes `.metadata.tmp` and renames it. gcsfs renames with the
+  `moveTo` API, which the GCS emulator lacks, and retries for ~30 s before falling back.
+  Ours rewrites the small file as one PUT of `.metadata` and deletes the temp object.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import uuid
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+
+class Storage:
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = url_to_fs(os.fspath(url), **self.storage_options)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self.root = os.path.abspath(root)
+        else:  # keep the protocol so every path we hand out names its filesystem
+            self.root = self.fs.unstrip_protocol(root.rstrip("/"))
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    # -- paths -------------------------------------------------------------------------
+
+    def join(self, *parts: str) -> str:
+        if self.is_local:
+            return os.path.join(self.root, *parts)
+        return posixpath.join(self.root, *(p.strip("/") for p in parts))
+
+    def _fresh(self, path: str) -> str:
+        """Drop cached listings so that we see what other processes wrote."""
+        if not self.is_local:
+            self.fs.invalidate_cache()
+        return path
+
+    # -- queries -----------------------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(self._fresh(path))
+
+    def listdir(self, path: str) -> list[str]:
+        """Names (not paths) of the entries directly under `path`, sorted; [] if missing."""
+        try:
+            entries = self.fs.ls(self._fresh(path), detail=False)
+        except FileNotFoundError:
+            return []
+        base = self.fs._strip_protocol(path).rstrip("/")
+        names = set()
+        for e in entries:
+            e = self.fs._strip_protocol(e).rstrip("/")
+            if e != base:  # ls of a file lists the file itself
+                names.add(posixpath.basename(e))
+        return sorted(names)
+
+    def size(self, path: str) -> int:
+        return self.fs.size(self._fresh(path))
+
+    def find(self, path: str) -> dict[str, int]:
+        """All files under `path`, recursively: {relative posix path: size in bytes}."""
+        base = self.fs._strip_protocol(path).rstrip("/")
+        found = self.fs.find(self._fresh(path), detail=True)
+        out = {}
+        for name, info in found.items():
+            rel = posixpath.relpath(self.fs._strip_protocol(name), base)
+            if self.is_local:
+                rel = rel.replace(os.sep, "/")
+            out[rel] = int(info["size"])
+        return out
+
+    # -- reading and writing -----------------------------------------------------------
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode("utf-8")
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Plain write (not crash-safe locally; see write_atomic)."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def write_text(self, path: str, text: str) -> None:
+        self.write_bytes(path, text.encode("utf-8"))
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Readers see the old content or the new one, never a mix or nothing."""
+        if not self.is_local:
+            self.fs.pipe_file(path, data)  # one PUT: atomic per object
+            return
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        _fsync_dir(d)
+
+    # -- directories -------------------------------------------------------------------
+
+    def rename_dir(self, src: str, dst: str, last: tuple[str, ...] = ()) -> None:
+        """Move directory `src` to `dst`, which must not exist.
+
+        Local: one atomic os.rename. Object store: copy each object (files named in
+        `last`, relative to src, go after all others), then delete the sources.
+        """
+        if self.is_local:
+            if os.path.exists(dst):
+                raise FileExistsError(dst)
+            os.rename(src, dst)
+            _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+            return
+        files = self.find(src)
+        if not files:
+            raise FileNotFoundError(src)
+        if self.find(dst):
+            raise FileExistsError(dst)
+        for rel in sorted(files, key=lambda r: (r in last, r)):
+            self.fs.cp_file(posixpath.join(src, rel), posixpath.join(dst, rel))
+        self.fs.rm([posixpath.join(src, rel) for rel in files])
+        self.fs.invalidate_cache()
+
+    def rm_tree(self, path: str) -> None:
+        """Delete a directory and everything under it; nothing if it is missing."""
+        if self.is_local:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            return
+        files = list(self.find(path))
+        if files:
+            self.fs.rm([posixpath.join(path, rel) for rel in files])
+        self.fs.invalidate_cache()
+
+    # -- DCP -----------------------------------------------------------------------------
+
+    def dcp_writer(self, path: str, **kwargs):
+        """A DCP StorageWriter for directory `path`; kwargs go to the writer
+        (thread_count, single_file_per_rank, ...)."""
+        if self.is_local:
+            return FileSystemWriter(path, sync_files=True, **kwargs)
+        return _RemoteWriter(path, self.storage_options, **kwargs)
+
+    def dcp_reader(self, path: str):
+        """A DCP StorageReader for directory `path`."""
+        if self.is_local:
+            return FileSystemReader(path)
+        return _RemoteReader(path, self.storage_options)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _RemoteFS(_FsspecFS):
+    """torch's fsspec FileSystem that keeps the storage options across reset() and
+    replaces rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT."""
+
+    def __init__(self, fs, storage_options: dict):
+        super().__init__()
+        self.fs = fs
+        self.storage_options = storage_options
+
+    def init_path(self, path, **kwargs):
+        return super().init_path(path, **{**self.storage_options, **kwargs})
+
+    def rename(self, path, new_path) -> None:
+        self.fs.pipe_file(new_path, self.fs.cat_file(path))
+        self.fs.rm_file(path)
+
+
+class _RemoteWriter(FsspecWriter):
+    def __init__(self, path: str, storage_options: dict, **kwargs):
+        kwargs.setdefault("sync_files", False)
+        super().__init__(path, **kwargs, **storage_options)
+        self.fs = _RemoteFS(self.fs.fs, storage_options)
+
+
+class _RemoteReader(FsspecReader):
+    def __init__(self, path: str, storage_options: dict):
+        super().__init__(path, **storage_options)
+        self.fs = _RemoteFS(self.fs.fs, storage_options)

@@ -1,0 +1,186 @@
+"""The training loop: build-nanogpt's train_gpt2.py, with resumable state and DCP checkpoints.
+
+Step s is the s-th optimizer update (DESIGN.md). After update s: log it, run the evaluations
+that are due, save a checkpoint if due. Checkpoint s therefore holds the state after s updates
+and a resumed run performs update s+1 next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+
+import torch
+from torch.nn.utils import clip_grad_norm_
+
+from dcp_train import distributed as D
+from dcp_train import rng
+from dcp_train import state as S
+from dcp_train.checkpoint import Checkpointer, Found
+from dcp_train.config import Config, ConfigError, grad_accum_steps
+from dcp_train.data import build_train_loader, find_shards, val_batches
+from dcp_train.data.prepare import ensure_default_data
+from dcp_train.evaluate import val_loss
+from dcp_train.generate import generate
+from dcp_train.hellaswag import hellaswag_accuracy
+from dcp_train.metrics import Metrics
+from dcp_train.model import GPT
+from dcp_train.optim import build_optimizer, lr_at
+from dcp_train.tokenizer import get_tokenizer
+
+
+def _due(interval: int, step: int, last: bool) -> bool:
+    return interval > 0 and (step % interval == 0 or last)
+
+
+def check_compatible(saved: dict, cfg: Config) -> None:
+    """The saved model must have the dimensions the flags ask for."""
+    saved_model = saved["config"]["model"]
+    diff = [f"{k}: checkpoint {saved_model[k]} vs flags {v}"
+            for k, v in vars(cfg.model).items() if k != "dropout" and saved_model.get(k) != v]
+    if diff:
+        raise ConfigError("checkpoint model does not match the flags (" + "; ".join(diff) +
+                          "); pass the same --preset/dimension flags or another --checkpoint_dir")
+
+
+def find_resume_point(cfg: Config, ckpt: Checkpointer, info: D.DistInfo) -> Found | None:
+    """Rank 0 decides which checkpoint to resume from; every rank gets the same answer."""
+    answer = None
+    if info.is_main:
+        try:
+            if cfg.resume:
+                answer = ckpt.open_checkpoint(cfg.checkpoint_path)
+            elif cfg.auto_resume:
+                answer = ckpt.find_latest()
+        except Exception as e:
+            answer = e
+    answer = D.broadcast_object(answer)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+def train(cfg: Config, info: D.DistInfo) -> None:
+    metrics = Metrics(cfg.log_dir, info.is_main)
+    accum = grad_accum_steps(cfg, info.world_size)
+    samples_per_step = cfg.total_batch_size // cfg.seq_len
+    device, dtype_note = info.device, "bf16" if info.device_type == "cuda" else "fp32"
+
+    # data: the embedded default corpus is written on first use of the default --data_dir
+    if cfg.data_dir == Config.data_dir and info.is_main:
+        ensure_default_data(cfg.data_dir, cfg.tokenizer_file)
+    D.barrier()
+    train_files, val_files = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
+    enc = None
+    if cfg.generate_interval > 0 or cfg.hellaswag_interval > 0:
+        enc = get_tokenizer(cfg.tokenizer_file)
+
+    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.storage_options_dict, cfg.keep_last_n_checkpoints)
+    found = find_resume_point(cfg, ckpt, info)
+    if found is not None:
+        check_compatible(found.meta, cfg)
+
+    # model: identical init on every rank, then sharded
+    torch.manual_seed(cfg.seed)
+    model = D.shard_model(GPT(cfg.model), info)
+    optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, info.device_type)
+    progress = S.Progress()
+    entry = None
+    if found is not None:
+        same_world = found.meta["world_size"] == info.world_size
+        entry = S.load(ckpt.reader(found.path), model, optimizer, info.rank, same_world)
+        meta = found.meta
+        progress = S.Progress(meta["step"], meta["tokens"], meta["val_loss"])
+        if meta["samples_per_step"] != samples_per_step:
+            raise ConfigError(f"checkpoint used {meta['samples_per_step']} samples per step, "
+                              f"the flags give {samples_per_step}; keep --total_batch_size and "
+                              "--seq_len of the saved run")
+
+    loader = build_train_loader(train_files, cfg.seq_len, cfg.batch_size, samples_per_step,
+                                info.rank, info.world_size, cfg.seed, cfg.num_workers,
+                                start_step=progress.step)
+    if entry is not None:
+        # the loader's own state is only valid for the same worker count (torchdata asserts);
+        # otherwise start_step above already put it at the same global position
+        if found.meta["config"]["num_workers"] == cfg.num_workers:
+            loader.load_state_dict(entry["loader"])
+        rng.restore(entry["rng_tensors"], entry["rng_plain"])
+        rng_policy = "restored"
+    else:
+        rng.seed_all(cfg.seed, progress.step, info.rank)
+        rng_policy = "seeded(seed, step, rank)"
+    if found is not None:
+        if found.note:
+            metrics.say(f"WARNING: {found.note}")
+        metrics.log("resume", step=progress.step, path=found.path,
+                    world_size_saved=found.meta["world_size"], world_size=info.world_size,
+                    rng=rng_policy, note=found.note)
+        metrics.say(f"resumed from {found.path} at step {progress.step} "
+                    f"(world size {found.meta['world_size']} -> {info.world_size}, rng {rng_policy})")
+    elif cfg.auto_resume:
+        metrics.say(f"no checkpoint in {ckpt.root}: starting fresh at step 0")
+    metrics.say(f"model {sum(p.numel() for p in model.parameters()):,} params, {dtype_note}, "
+                f"world {info.world_size}, grad accum {accum}, device {device}")
+
+    config_dict = dataclasses.asdict(cfg)
+    batches = iter(loader)
+    t_start = time.perf_counter()
+    final_step = cfg.max_steps if cfg.stop_at_step < 0 else min(cfg.stop_at_step, cfg.max_steps)
+    for step in range(progress.step + 1, final_step + 1):
+        last = step == final_step
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        sample_ids = []
+        for micro in range(accum):
+            ids, x, y = next(batches)
+            sample_ids += ids.tolist()
+            model.set_requires_gradient_sync(micro == accum - 1)
+            _, loss = model(x.to(device), y.to(device))
+            loss = loss / accum
+            loss_sum += loss.detach()
+            loss.backward()
+        norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        loss_mean = D.mean_over_ranks(loss_sum).item()
+        norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+        all_ids = sorted(i for ids in D.all_gather_objects(sample_ids) for i in ids)
+        if info.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        progress.step, progress.tokens = step, progress.tokens + cfg.total_batch_size
+        metrics.log("train", step=step, loss=loss_mean, lr=lr, grad_norm=norm,
+                    tokens=progress.tokens, tokens_per_s=cfg.total_batch_size / dt,
+                    batch_digest=hashlib.sha256(repr(all_ids).encode()).hexdigest()[:16])
+        metrics.say(f"step {step:6d} | loss {loss_mean:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                    f"tok/s {cfg.total_batch_size / dt:9.0f} | "
+                    f"elapsed {time.perf_counter() - t_start:7.1f}s")
+
+        if _due(cfg.eval_interval, step, last):
+            progress.val_loss = val_loss(model, val_batches(
+                val_files, cfg.seq_len, cfg.batch_size, info.rank, info.world_size,
+                cfg.val_steps), device)
+            metrics.log("val", step=step, loss=progress.val_loss)
+            metrics.say(f"step {step:6d} | val loss {progress.val_loss:.4f}")
+        if _due(cfg.hellaswag_interval, step, last):
+            correct, total, acc = hellaswag_accuracy(model, cfg.hellaswag_path, enc, device,
+                                                     info.rank, info.world_size,
+                                                     limit=cfg.hellaswag_limit)
+            metrics.log("hellaswag", step=step, correct=correct, total=total, acc_norm=acc)
+            metrics.say(f"step {step:6d} | HellaSwag acc_norm {correct}/{total} = {acc:.4f}")
+        if _due(cfg.generate_interval, step, last):
+            for i, text in enumerate(generate(model, enc, cfg.prompt, rank=info.rank,
+                                              device=device)):
+                metrics.say(f"sample {i}: {text!r}")
+        if _due(cfg.checkpoint_interval, step, last) or (last and cfg.checkpoint_interval == 0):
+            sd = S.build(model, optimizer, progress, loader, info.rank, info.world_size,
+                         samples_per_step, config_dict)
+            record = ckpt.save(step, sd, info.rank)
+            metrics.log("checkpoint", **record)
+            metrics.say(f"step {step:6d} | checkpoint {record['path']} "
+                        f"({record['seconds']:.2f}s, {record['bytes'] or 0:,} bytes)")
+    metrics.close()

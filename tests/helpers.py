@@ -1,0 +1,143 @@
+"""Shared helpers for tests that run real `torchrun` jobs on CPU/gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_TIKTOKEN = REPO.parent / "shared" / "tiktoken_cache"
+
+# A tiny GPT and a short schedule: 2 layers, 64 dims, vocab 512, sequences of 32 tokens.
+TINY = ["--preset", "tiny", "--vocab_size", "512", "--block_size", "32", "--seq_len", "32",
+        "--warmup_steps", "3", "--max_lr", "3e-3", "--eval_interval", "0",
+        "--hellaswag_interval", "0", "--generate_interval", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_shards(data_dir: Path, n_train_tokens: int = 40_000, n_val_tokens: int = 4_000,
+                 vocab: int = 512, seed: int = 0) -> Path:
+    """Synthetic uint16 token shards (a learnable pattern plus noise), build-nanogpt names."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def tokens(n):
+        base = np.arange(n) % 17 * 7 % vocab
+        noise = rng.integers(0, vocab, n)
+        return np.where(rng.random(n) < 0.3, noise, base).astype(np.uint16)
+
+    np.save(data_dir / "synth_val_000000.npy", tokens(n_val_tokens))
+    half = n_train_tokens // 2
+    np.save(data_dir / "synth_train_000001.npy", tokens(half))
+    np.save(data_dir / "synth_train_000002.npy", tokens(n_train_tokens - half))
+    return data_dir
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.update(extra or {})
+    return env
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "dcp_train.main", *args]
+
+
+def run_train(nproc: int, args: list[str], env: dict | None = None, timeout: float = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(torchrun_cmd(nproc, args), cwd=REPO, env=child_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def start_train(nproc: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start torchrun in its own process group (so a test can SIGKILL the whole job)."""
+    return subprocess.Popen(torchrun_cmd(nproc, args), cwd=REPO, env=child_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def kill_job(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.05) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("timed out waiting for a condition")
+
+
+def metrics(log_dir: Path) -> list[dict]:
+    path = Path(log_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(log_dir: Path) -> dict[int, float]:
+    """step -> loss of the train records; a repeated step (after a resume) keeps the last."""
+    return {r["step"]: r["loss"] for r in metrics(log_dir) if r["kind"] == "train"}
+
+
+def digests(log_dir: Path) -> dict[int, str]:
+    return {r["step"]: r["batch_digest"] for r in metrics(log_dir) if r["kind"] == "train"}
+
+
+def load_checkpoint(step_dir: Path, tmp: Path) -> dict:
+    """A DCP checkpoint as one flat dict of full tensors, through torch's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{Path(step_dir).name}-{time.monotonic_ns()}.pt"
+    dcp_to_torch_save(str(step_dir), str(out))
+    sd = torch.load(out, weights_only=True)
+    out.unlink()
+    return _flatten(sd)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def assert_same_tensors(a: dict, b: dict, prefixes=("model.", "optim.")) -> None:
+    keys_a = {k for k in a if k.startswith(prefixes)}
+    keys_b = {k for k in b if k.startswith(prefixes)}
+    assert keys_a == keys_b and keys_a, (sorted(keys_a ^ keys_b))[:10]
+    for k in sorted(keys_a):
+        assert torch.equal(a[k], b[k]), f"{k} differs"
