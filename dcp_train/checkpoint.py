@@ -76,11 +76,14 @@ class Checkpointer:
         self.root = self.storage.root
         self.keep_last_n = keep_last_n
 
+    def step_path(self, step: int) -> str:
+        return self.storage.join(step_name(step))
+
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state_dict: dict, rank: int) -> dict:
         """Write, commit and point `latest` at step `step`. Collective. Returns the record."""
         t0 = time.perf_counter()
-        final = self.storage.join(step_name(step))
+        final = self.step_path(step)
         tmp = D.broadcast_object(f"{final}.tmp-{secrets.token_hex(4)}" if rank == 0 else None)
         try:
             dcp.save(state_dict, storage_writer=self.storage.dcp_writer(tmp))

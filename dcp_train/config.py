@@ -39,6 +39,16 @@ PRESETS = {
     "tiny": ModelConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64),
 }
 
+# Run settings a preset changes (any explicit flag wins). gpt2-124m uses the field defaults,
+# which are build-nanogpt's; tiny is sized for a CPU demo: 1024-token steps, a short warmup,
+# frequent evaluations and checkpoints.
+PRESET_RUN_DEFAULTS = {
+    "gpt2-124m": {},
+    "tiny": {"batch_size": 8, "total_batch_size": 1024, "warmup_steps": 10, "max_lr": 3e-3,
+             "eval_interval": 25, "val_steps": 4, "generate_interval": 50,
+             "hellaswag_interval": 50, "hellaswag_limit": 100, "checkpoint_interval": 25},
+}
+
 
 @dataclass
 class Config:
@@ -84,6 +94,9 @@ class Config:
 
     # logging and devices
     log_dir: str = _help("where metrics.jsonl goes", default="log")
+    tensorboard: bool = _help("also write the metrics as TensorBoard scalars to "
+                              "<log_dir>/tensorboard (needs the tensorboard package)",
+                              default=False)
     device: str = _help("auto, cpu or cuda", default="auto")
 
     # checkpoints
@@ -105,6 +118,8 @@ class Config:
     def storage_options_dict(self) -> dict:
         return json.loads(self.storage_options)
 
+PRESET_RUN_DEFAULTS_KEYS = {k for d in PRESET_RUN_DEFAULTS.values() for k in d}
+
 
 class ConfigError(ValueError):
     """A bad flag or combination; main() prints it as one line and exits 2."""
@@ -124,9 +139,14 @@ def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
             continue
         typ = {"int": int, "float": float, "str": str, "bool": _bool,
                "Optional[int]": int}[str(f.type)]
+        by_preset = {p: d[f.name] for p, d in PRESET_RUN_DEFAULTS.items() if f.name in d}
         if defaults_from_preset:
             parser.add_argument(f"--{f.name}", type=typ, default=None,
                                 help=f"{f.metadata['help']} (default: from --preset)")
+        elif by_preset:
+            note = ", ".join(f"--preset {p}: {v}" for p, v in by_preset.items())
+            parser.add_argument(f"--{f.name}", type=typ, default=None,
+                                help=f"{f.metadata['help']} (default: {f.default}; {note})")
         elif typ is _bool:
             parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True,
                                 default=f.default, help=f"{f.metadata['help']} (default: %(default)s)")
@@ -155,6 +175,10 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
     model_overrides = {f.name: args.pop(f.name) for f in fields(ModelConfig)}
     model = dataclasses.replace(PRESETS[preset],
                                 **{k: v for k, v in model_overrides.items() if v is not None})
+    run_defaults = {f.name: f.default for f in fields(Config) if f.name != "model"}
+    run_defaults.update(PRESET_RUN_DEFAULTS[preset])
+    args = {k: run_defaults[k] if v is None and k in PRESET_RUN_DEFAULTS_KEYS else v
+            for k, v in args.items()}
     cfg = Config(preset=preset, model=model, **args)
     validate(cfg)
     return cfg

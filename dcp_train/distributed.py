@@ -65,8 +65,12 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev, mesh)
 
 
-def teardown() -> None:
+def teardown(clean: bool = True) -> None:
+    """Destroy the process group. After a clean run all ranks first meet at a barrier, so no
+    rank exits while another is still talking to it (gloo aborts the process otherwise)."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

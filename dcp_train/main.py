@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(cfg, info)
     except user_errors as e:
+        D.teardown(clean=False)
         die(str(e), EXIT_BAD_INPUT)
-    finally:
-        D.teardown()
+    D.teardown()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 One JSON object per line, appended and flushed per record. Floats go through json's float
 repr, which is Python's `repr`: the full precision, so two runs compare bit for bit.
+
+With `tensorboard=True` (--tensorboard) every numeric field of a record except `step` also
+goes to a SummaryWriter in <log_dir>/tensorboard as scalar "<kind>/<field>" at that step
+(needs the optional `tensorboard` package; imported only then).
 """
 
 from __future__ import annotations
@@ -12,19 +16,33 @@ import sys
 
 
 class Metrics:
-    def __init__(self, log_dir: str, enabled: bool):
+    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self._file = None
+        self._tb = None
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from dcp_train.config import ConfigError
+                raise ConfigError("--tensorboard needs the tensorboard package: "
+                                  "pip install 'dcp_train[tensorboard]'") from None
+            self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
 
     def log(self, kind: str, **fields) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
         self._file.flush()
+        if self._tb is not None and "step" in fields:
+            for name, value in fields.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{name}", value, fields["step"])
+            self._tb.flush()
 
     def say(self, text: str) -> None:
         """A human-readable console line (rank 0)."""
@@ -35,6 +53,9 @@ class Metrics:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics(log_dir: str) -> list[dict]:

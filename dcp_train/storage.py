@@ -34,6 +34,14 @@ torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
 - `.metadata`: DCP writes `.metadata.tmp` and renames it. gcsfs renames with the
   `moveTo` API, which the GCS emulator lacks, and retries for ~30 s before falling back.
   Ours rewrites the small file as one PUT of `.metadata` and deletes the temp object.
+
+Errors when the endpoint is down (measured with s3fs 2026.9.0, gcsfs 2026.10.1):
+- s3fs raises botocore.exceptions.EndpointConnectionError ("Could not connect to the
+  endpoint URL"), which is NOT an OSError. Default botocore retries take ~9 s; env
+  AWS_MAX_ATTEMPTS=2 AWS_RETRY_MODE=standard, or storage option
+  config_kwargs={"retries": {"max_attempts": 2}, "connect_timeout": 5}, make it < 1 s.
+- gcsfs raises aiohttp.ClientConnectorError (an OSError) after ~32 s: six attempts
+  with exponential backoff, fixed by gcsfs (not configurable per filesystem).
 """
 
 from __future__ import annotations
@@ -168,8 +176,7 @@ class Storage:
             raise FileExistsError(dst)
         for rel in sorted(files, key=lambda r: (r in last, r)):
             self.fs.cp_file(posixpath.join(src, rel), posixpath.join(dst, rel))
-        self.fs.rm([posixpath.join(src, rel) for rel in files])
-        self.fs.invalidate_cache()
+        self._rm_remote(src, files)
 
     def rm_tree(self, path: str) -> None:
         """Delete a directory and everything under it; nothing if it is missing."""
@@ -177,10 +184,15 @@ class Storage:
             if os.path.exists(path):
                 shutil.rmtree(path)
             return
-        files = list(self.find(path))
-        if files:
+        self._rm_remote(path, self.find(path))
+
+    def _rm_remote(self, path: str, files) -> None:
+        if files:  # one batched delete where the store has one
             self.fs.rm([posixpath.join(path, rel) for rel in files])
         self.fs.invalidate_cache()
+        if self.fs.exists(path):  # directory placeholders (memory://, "folder" objects)
+            self.fs.rm(path, recursive=True)
+            self.fs.invalidate_cache()
 
     # -- DCP -----------------------------------------------------------------------------
 

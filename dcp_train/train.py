@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 
 import torch
@@ -72,8 +73,16 @@ def train(cfg: Config, info: D.DistInfo) -> None:
         ensure_default_data(cfg.data_dir, cfg.tokenizer_file)
     D.barrier()
     train_files, val_files = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
+    hellaswag_interval = cfg.hellaswag_interval
+    if hellaswag_interval > 0 and not os.path.isfile(cfg.hellaswag_path):
+        if cfg.hellaswag_path != Config.hellaswag_path:
+            raise ConfigError(f"--hellaswag_path {cfg.hellaswag_path} does not exist; get it with "
+                              "python -m dcp_train.hellaswag --download DIR")
+        hellaswag_interval = 0  # the default file is optional: say so and go on without it
+        metrics.say(f"HellaSwag off: {cfg.hellaswag_path} not found (python -m "
+                    "dcp_train.hellaswag --download data/hellaswag fetches it)")
     enc = None
-    if cfg.generate_interval > 0 or cfg.hellaswag_interval > 0:
+    if cfg.generate_interval > 0 or hellaswag_interval > 0:
         enc = get_tokenizer(cfg.tokenizer_file)
 
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.storage_options_dict, cfg.keep_last_n_checkpoints)
@@ -124,6 +133,18 @@ def train(cfg: Config, info: D.DistInfo) -> None:
                 f"world {info.world_size}, grad accum {accum}, device {device}")
 
     config_dict = dataclasses.asdict(cfg)
+
+    def save() -> int:
+        sd = S.build(model, optimizer, progress, loader, info.rank, info.world_size,
+                     samples_per_step, config_dict)
+        record = ckpt.save(progress.step, sd, info.rank)
+        metrics.log("checkpoint", **record)
+        metrics.say(f"step {progress.step:6d} | checkpoint {record['path']} "
+                    f"({record['seconds']:.2f}s, {record['bytes'] or 0:,} bytes)")
+        return progress.step
+
+    # the step whose state is already committed in --checkpoint_dir
+    saved_step = found.step if found and found.path == ckpt.step_path(found.step) else None
     batches = iter(loader)
     t_start = time.perf_counter()
     final_step = cfg.max_steps if cfg.stop_at_step < 0 else min(cfg.stop_at_step, cfg.max_steps)
@@ -166,7 +187,7 @@ def train(cfg: Config, info: D.DistInfo) -> None:
                 cfg.val_steps), device)
             metrics.log("val", step=step, loss=progress.val_loss)
             metrics.say(f"step {step:6d} | val loss {progress.val_loss:.4f}")
-        if _due(cfg.hellaswag_interval, step, last):
+        if _due(hellaswag_interval, step, last):
             correct, total, acc = hellaswag_accuracy(model, cfg.hellaswag_path, enc, device,
                                                      info.rank, info.world_size,
                                                      limit=cfg.hellaswag_limit)
@@ -176,11 +197,8 @@ def train(cfg: Config, info: D.DistInfo) -> None:
             for i, text in enumerate(generate(model, enc, cfg.prompt, rank=info.rank,
                                               device=device)):
                 metrics.say(f"sample {i}: {text!r}")
-        if _due(cfg.checkpoint_interval, step, last) or (last and cfg.checkpoint_interval == 0):
-            sd = S.build(model, optimizer, progress, loader, info.rank, info.world_size,
-                         samples_per_step, config_dict)
-            record = ckpt.save(step, sd, info.rank)
-            metrics.log("checkpoint", **record)
-            metrics.say(f"step {step:6d} | checkpoint {record['path']} "
-                        f"({record['seconds']:.2f}s, {record['bytes'] or 0:,} bytes)")
+        if _due(cfg.checkpoint_interval, step, last) or last:
+            saved_step = save()
+    if saved_step != progress.step:  # resumed at the final step from another dir/world size
+        save()
     metrics.close()

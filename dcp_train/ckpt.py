@@ -1,0 +1,334 @@
+"""`python -m dcp_train.ckpt` (console script `dcp-ckpt`): look at, check and export checkpoints.
+
+    dcp-ckpt ls DIR                  committed checkpoints (step, size, world size, val loss),
+                                     which one `latest` names, abandoned temp/uncommitted dirs
+    dcp-ckpt inspect CKPT            every entry (shape, dtype, shards), per-rank entries, config
+    dcp-ckpt verify CKPT             sizes and sha256 of every file against manifest.json,
+                                     missing and extra files; exit code 0 (ok) or 1 (problems)
+    dcp-ckpt export CKPT --out FILE [--format safetensors|torch] [--dtype fp32|bf16] [--hf]
+                                     consolidated model weights in one file (see export.py);
+                                     with --hf, --out DIR gets model.safetensors + config.json
+                                     for transformers' GPT2LMHeadModel.from_pretrained(DIR)
+
+CKPT is a step dir (`.../step_00000020`) or a checkpoint dir, which means the step dir its
+`latest` names. DIR and CKPT are local paths or fsspec URLs (s3://, gs://, ...); options for
+the filesystem go in `--storage_options '{"endpoint_url": "..."}'`. Everything runs in this one
+process, without torch.distributed and without knowing the saved world size. Bad input prints
+`dcp-ckpt: error: ...` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import posixpath
+import sys
+import warnings
+
+from dcp_train.checkpoint import LATEST, MANIFEST, STEP_RE, TMP_RE
+from dcp_train.export import DTYPES, ExportError, export_tensors, hf_config, load_model_weights
+from dcp_train.export import write_export
+from dcp_train.state import read_meta
+from dcp_train.storage import Storage
+
+HASH_CHUNK = 8 << 20
+
+
+class ToolError(RuntimeError):
+    """Bad input: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------- finding things
+def resolve(storage: Storage) -> str:
+    """The step dir that storage.root names: itself, or the one its `latest` names."""
+    root = storage.root
+    name = posixpath.basename(root.rstrip("/"))
+    if STEP_RE.match(name) or TMP_RE.match(name) or storage.exists(storage.join(MANIFEST)):
+        if not storage.exists(root):
+            raise ToolError(f"{root} does not exist")
+        return root
+    if storage.exists(storage.join(LATEST)):
+        latest = storage.read_text(storage.join(LATEST)).strip()
+        if not STEP_RE.match(latest):
+            raise ToolError(f"{storage.join(LATEST)} holds {latest[:60]!r}, not a step dir name")
+        return storage.join(latest)
+    if not storage.exists(root):
+        raise ToolError(f"{root} does not exist")
+    raise ToolError(f"{root} is neither a step dir nor a checkpoint dir with a `latest` file")
+
+
+def _manifest(storage: Storage, path: str) -> dict | None:
+    mpath = posixpath.join(path, MANIFEST)
+    return json.loads(storage.read_bytes(mpath)) if storage.exists(mpath) else None
+
+
+def list_checkpoints(storage: Storage) -> dict:
+    """{root, latest, checkpoints: [...committed...], abandoned: [...]} of a checkpoint dir."""
+    if not storage.exists(storage.root):
+        raise ToolError(f"{storage.root} does not exist")
+    latest = None
+    if storage.exists(storage.join(LATEST)):
+        latest = storage.read_text(storage.join(LATEST)).strip()
+    committed, abandoned = [], []
+    for name in storage.listdir(storage.root):
+        path = storage.join(name)
+        manifest = _manifest(storage, path) if STEP_RE.match(name) else None
+        if manifest is not None:
+            item = {"name": name, "path": path, "step": int(name[5:]),
+                    "bytes": sum(f["size"] for f in manifest["files"].values()),
+                    "world_size": manifest.get("world_size"), "latest": name == latest}
+            try:
+                meta = read_meta(storage.dcp_reader(path))
+                item.update(val_loss=meta.get("val_loss"), tokens=meta.get("tokens"))
+            except Exception as e:  # a damaged checkpoint is still listed
+                item.update(val_loss=None, tokens=None, error=f"{type(e).__name__}: {e}"[:200])
+            committed.append(item)
+        elif TMP_RE.match(name) or STEP_RE.match(name):
+            reason = ("temp dir: a save in progress or abandoned by a crash" if TMP_RE.match(name)
+                      else "no manifest.json: never committed")
+            abandoned.append({"name": name, "path": path, "reason": reason,
+                              "bytes": sum(storage.find(path).values())})
+    names = {c["name"] for c in committed}
+    return {"root": storage.root, "latest": latest, "latest_valid": latest in names,
+            "checkpoints": committed, "abandoned": abandoned}
+
+
+def inspect(storage: Storage, path: str) -> dict:
+    """{path, manifest, meta, entries: {key: {shape, dtype, shards}}} of a step dir."""
+    reader = storage.dcp_reader(path)
+    try:
+        metadata = reader.read_metadata()
+    except FileNotFoundError:
+        raise ToolError(f"{path} has no DCP .metadata file")
+    entries = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if hasattr(md, "size"):
+            entries[key] = {"shape": list(md.size), "dtype": str(md.properties.dtype)[6:],
+                            "shards": len(md.chunks)}
+        else:
+            entries[key] = {"shape": None, "dtype": "bytes", "shards": 1}
+    meta = read_meta(reader) if "meta" in entries else None
+    return {"path": path, "manifest": _manifest(storage, path), "meta": meta, "entries": entries}
+
+
+def verify(storage: Storage, path: str) -> list[str]:
+    """Problems of step dir `path` against its manifest.json; [] means intact."""
+    if not storage.exists(path):
+        return [f"{path} does not exist"]
+    try:
+        manifest = _manifest(storage, path)
+    except ValueError as e:
+        return [f"manifest.json is unreadable ({e})"]
+    if manifest is None:
+        return ["no manifest.json: the checkpoint was never committed"]
+    problems = []
+    files = manifest.get("files", {})
+    if ".metadata" not in files:
+        problems.append("manifest.json lists no .metadata")
+    name = posixpath.basename(path.rstrip("/"))
+    if STEP_RE.match(name) and int(name[5:]) != manifest.get("step"):
+        problems.append(f"manifest.json says step {manifest.get('step')}, the dir is {name}")
+    present = set(storage.listdir(path)) - {MANIFEST}
+    for extra in sorted(present - set(files)):
+        problems.append(f"extra file {extra} (not in manifest.json)")
+    for fname, want in sorted(files.items()):
+        if fname not in present:
+            problems.append(f"missing file {fname}")
+            continue
+        size, digest = _hash(storage, posixpath.join(path, fname))
+        if size != want["size"]:
+            problems.append(f"file {fname} has {size} bytes, manifest.json says {want['size']}")
+        elif digest != want["sha256"]:
+            problems.append(f"file {fname} is corrupt: sha256 {digest[:16]}..., "
+                            f"manifest.json says {want['sha256'][:16]}...")
+    return problems
+
+
+def _hash(storage: Storage, path: str) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with storage.fs.open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ printing
+def human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _fmt_loss(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def print_listing(info: dict) -> None:
+    print(info["root"])
+    rows = [("", "name", "step", "size", "world", "val_loss", "tokens")]
+    for c in info["checkpoints"]:
+        rows.append(("*" if c["latest"] else "", c["name"], str(c["step"]), human(c["bytes"]),
+                     str(c["world_size"]), _fmt_loss(c["val_loss"]),
+                     "-" if c["tokens"] is None else str(c["tokens"])))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  " + "  ".join(v.rjust(w) if i > 1 else v.ljust(w)
+                                   for i, (v, w) in enumerate(zip(r, widths))).rstrip())
+    else:
+        print("  no committed checkpoints")
+    if info["latest"] is None:
+        print("latest: (missing)")
+    else:
+        note = "" if info["latest_valid"] else "  <- not a committed checkpoint!"
+        print(f"latest: {info['latest']}{note}")
+    if info["abandoned"]:
+        print("abandoned:")
+        for a in info["abandoned"]:
+            print(f"  {a['name']}  {human(a['bytes'])}  ({a['reason']})")
+
+
+def print_inspect(info: dict) -> None:
+    meta, manifest, entries = info["meta"] or {}, info["manifest"], info["entries"]
+    print(f"checkpoint {info['path']}")
+    print(f"step {meta.get('step')} | tokens {meta.get('tokens')} | val loss "
+          f"{_fmt_loss(meta.get('val_loss'))} | saved at world size {meta.get('world_size')} | "
+          f"format {meta.get('format_version')}")
+    if manifest is None:
+        print("manifest.json: missing (never committed)")
+    else:
+        print("files: " + ", ".join(f"{n} {human(f['size'])}" for n, f in manifest["files"].items()))
+    sections = {"model": [], "optim": [], "per-rank": [], "other": []}
+    for key, e in entries.items():
+        top = key.split(".", 1)[0]
+        section = ("model" if top == "model" else "optim" if top == "optim" else
+                   "per-rank" if top.startswith("rank_") else "other")
+        sections[section].append((key, e))
+    for section, items in sections.items():
+        if not items:
+            continue
+        n = sum(_numel(e["shape"]) for _, e in items)
+        print(f"\n{section}: {len(items)} entries, {n:,} elements")
+        width = max(len(k) for k, _ in items)
+        for key, e in items:
+            shape = "bytes" if e["shape"] is None else str(e["shape"])
+            shards = f"{e['shards']} shards" if e["shards"] > 1 else ""
+            print(f"  {key.ljust(width)}  {shape:<14} {e['dtype']:<9} {shards}".rstrip())
+    if "model.lm_head.weight" in entries:
+        print("  (model.lm_head.weight is tied to model.transformer.wte.weight)")
+    if meta:
+        print("\nconfig:")
+        print(json.dumps(meta.get("config"), indent=2))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape or [0]:
+        n *= d
+    return n
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_ls(args, opts) -> int:
+    info = list_checkpoints(Storage(args.dir, opts))
+    print(json.dumps(info, indent=1)) if args.json else print_listing(info)
+    return 0
+
+
+def cmd_inspect(args, opts) -> int:
+    storage = Storage(args.ckpt, opts)
+    info = inspect(storage, resolve(storage))
+    print(json.dumps(info, indent=1)) if args.json else print_inspect(info)
+    return 0
+
+
+def cmd_verify(args, opts) -> int:
+    storage = Storage(args.ckpt, opts)
+    path = resolve(storage)
+    problems = verify(storage, path)
+    for p in problems:
+        print(f"{path}: {p}")
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {path}")
+        return 1
+    n = len(_manifest(storage, path)["files"])
+    print(f"OK: {path} ({n} files match manifest.json)")
+    return 0
+
+
+def cmd_export(args, opts) -> int:
+    storage = Storage(args.ckpt, opts)
+    path = resolve(storage)
+    out, torch_ext = args.out, (".pt", ".pth", ".bin")
+    fmt = args.format or ("torch" if out.endswith(torch_ext) else "safetensors")
+    if args.hf and not out.endswith((".safetensors", *torch_ext)):  # a dir for from_pretrained
+        out = os.path.join(out, "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    weights, meta = load_model_weights(storage, path)
+    tensors = export_tensors(weights, meta, hf=args.hf, dtype=args.dtype)
+    config = hf_config(meta, args.dtype) if args.hf else None
+    written = write_export(tensors, out, fmt, config)
+    n = sum(t.numel() for t in tensors.values())
+    print(f"exported step {meta['step']} of {path}: {len(tensors)} tensors, {n:,} parameters, "
+          f"{args.dtype}, {'Hugging Face GPT-2' if args.hf else 'dcp_train'} names "
+          f"(lm_head.weight omitted: tied to transformer.wte.weight) -> {', '.join(written)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dcp-ckpt", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--storage_options", default="{}",
+                   help="JSON dict of fsspec options for URLs (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("ls", help="list checkpoints, `latest` and abandoned dirs")
+    ls.add_argument("dir", help="checkpoint dir (--checkpoint_dir of the run)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    for name, text in (("inspect", "entries, shapes, dtypes, config"),
+                       ("verify", "sizes + sha256 against manifest.json; exit 1 on problems"),
+                       ("export", "consolidated model weights in one file")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("ckpt", help="step dir, or checkpoint dir (uses `latest`)")
+        if name == "inspect":
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        if name == "export":
+            sp.add_argument("--out", required=True,
+                            help="local output file; with --hf also a dir (gets model.safetensors "
+                                 "or pytorch_model.bin, and config.json)")
+            sp.add_argument("--format", choices=("safetensors", "torch"), default=None,
+                            help="default: torch if --out ends in .pt/.pth/.bin, else safetensors")
+            sp.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                            help="dtype of the exported tensors (default: %(default)s)")
+            sp.add_argument("--hf", action="store_true",
+                            help="Hugging Face GPT-2 names/layout, plus config.json beside --out")
+    return p
+
+
+COMMANDS = {"ls": cmd_ls, "inspect": cmd_inspect, "verify": cmd_verify, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # dcp.load(no_dist=True) warns that it loads in a single process: that is the intent here
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    try:
+        opts = json.loads(args.storage_options)
+        if not isinstance(opts, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        print(f"dcp-ckpt: error: --storage_options: {e}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args, opts)
+    except (ToolError, ExportError, FileNotFoundError) as e:
+        print(f"dcp-ckpt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
