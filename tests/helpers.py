@@ -81,12 +81,41 @@ def start_train(nproc: int, args: list[str], env: dict | None = None) -> subproc
                             start_new_session=True)
 
 
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts each worker in a session of its own, so a
+    process-group kill would miss them)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
 def kill_job(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+    """Send `sig` to torchrun and every process below it at once; wait until all are gone."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=60)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and
+                             "zombie" not in _state(p) for p in pids[1:]), timeout=60)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((l for l in f if l.startswith("State:")), "").lower()
+    except OSError:
+        return "zombie"
 
 
 def wait_for(predicate, timeout: float = 120, interval: float = 0.05) -> None:
