@@ -1,0 +1,35 @@
+"""Test-only fault injection: SIGKILL a chosen rank at a named point of the save protocol.
+
+Off unless the environment variable DCP_TRAIN_FAULT is set, as `POINT[:RANK[:STEP]]`
+(RANK and STEP default to any). The process kills itself with SIGKILL, exactly like an OOM
+killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
+
+    after_shards         this rank's DCP shard files are written (before the manifest)
+    before_commit        rank 0: manifest written into the temp dir, not yet renamed
+    after_commit         rank 0: step dir committed, `latest` not yet updated
+    mid_latest           rank 0: `latest`'s temporary file written, not yet in place
+    during_retention     rank 0: retention has deleted its first directory
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("after_shards", "before_commit", "after_commit", "mid_latest", "during_retention")
+
+
+def fault_point(point: str, rank: int | None = None, step: int | None = None) -> None:
+    spec = os.environ.get("DCP_TRAIN_FAULT")
+    if not spec:
+        return
+    name, want_rank, want_step = (spec.split(":") + ["", ""])[:3]
+    if name not in POINTS:
+        raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of {POINTS}")
+    if name != point:
+        return
+    if want_rank and rank is not None and int(want_rank) != rank:
+        return
+    if want_step and step is not None and int(want_step) != step:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
