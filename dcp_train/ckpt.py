@@ -74,16 +74,22 @@ def list_checkpoints(storage: Storage) -> dict:
     committed, abandoned = [], []
     for name in storage.listdir(storage.root):
         path = storage.join(name)
-        manifest = _manifest(storage, path) if STEP_RE.match(name) else None
+        try:
+            manifest = _manifest(storage, path) if STEP_RE.match(name) else None
+        except ValueError:
+            manifest = {"files": {}, "world_size": None, "error": "manifest.json is unreadable"}
         if manifest is not None:
-            item = {"name": name, "path": path, "step": int(name[5:]),
+            item = {"name": name, "path": path, "step": int(STEP_RE.match(name).group(1)),
                     "bytes": sum(f["size"] for f in manifest["files"].values()),
                     "world_size": manifest.get("world_size"), "latest": name == latest}
+            item.update(val_loss=None, tokens=None)
             try:
                 meta = read_meta(storage.dcp_reader(path))
                 item.update(val_loss=meta.get("val_loss"), tokens=meta.get("tokens"))
-            except Exception as e:  # a damaged checkpoint is still listed
-                item.update(val_loss=None, tokens=None, error=f"{type(e).__name__}: {e}"[:200])
+            except Exception as e:  # a damaged checkpoint is still listed, with the reason
+                item["error"] = f"cannot read its meta entry: {type(e).__name__}: {e}"[:200]
+            if "error" in manifest:
+                item["error"] = manifest["error"]
             committed.append(item)
         elif TMP_RE.match(name) or STEP_RE.match(name):
             reason = ("temp dir: a save in progress or abandoned by a crash" if TMP_RE.match(name)
@@ -100,16 +106,16 @@ def inspect(storage: Storage, path: str) -> dict:
     reader = storage.dcp_reader(path)
     try:
         metadata = reader.read_metadata()
-    except FileNotFoundError:
-        raise ToolError(f"{path} has no DCP .metadata file")
+        meta = read_meta(reader) if "meta" in metadata.state_dict_metadata else None
+    except Exception as e:
+        raise ToolError(f"cannot read {path}: {type(e).__name__}: {e} (try dcp-ckpt verify)")
     entries = {}
     for key, md in metadata.state_dict_metadata.items():
         if hasattr(md, "size"):
-            entries[key] = {"shape": list(md.size), "dtype": str(md.properties.dtype)[6:],
+            entries[key] = {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch."),
                             "shards": len(md.chunks)}
         else:
             entries[key] = {"shape": None, "dtype": "bytes", "shards": 1}
-    meta = read_meta(reader) if "meta" in entries else None
     return {"path": path, "manifest": _manifest(storage, path), "meta": meta, "entries": entries}
 
 
@@ -128,7 +134,7 @@ def verify(storage: Storage, path: str) -> list[str]:
     if ".metadata" not in files:
         problems.append("manifest.json lists no .metadata")
     name = posixpath.basename(path.rstrip("/"))
-    if STEP_RE.match(name) and int(name[5:]) != manifest.get("step"):
+    if STEP_RE.match(name) and int(STEP_RE.match(name).group(1)) != manifest.get("step"):
         problems.append(f"manifest.json says step {manifest.get('step')}, the dir is {name}")
     present = set(storage.listdir(path)) - {MANIFEST}
     for extra in sorted(present - set(files)):
@@ -174,7 +180,7 @@ def print_listing(info: dict) -> None:
     rows = [("", "name", "step", "size", "world", "val_loss", "tokens")]
     for c in info["checkpoints"]:
         rows.append(("*" if c["latest"] else "", c["name"], str(c["step"]), human(c["bytes"]),
-                     str(c["world_size"]), _fmt_loss(c["val_loss"]),
+                     str(c["world_size"] or "?"), _fmt_loss(c["val_loss"]),
                      "-" if c["tokens"] is None else str(c["tokens"])))
     if len(rows) > 1:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -183,6 +189,9 @@ def print_listing(info: dict) -> None:
                                    for i, (v, w) in enumerate(zip(r, widths))).rstrip())
     else:
         print("  no committed checkpoints")
+    for c in info["checkpoints"]:
+        if "error" in c:
+            print(f"  {c['name']}: {c['error']} (run dcp-ckpt verify)")
     if info["latest"] is None:
         print("latest: (missing)")
     else:
@@ -203,7 +212,8 @@ def print_inspect(info: dict) -> None:
     if manifest is None:
         print("manifest.json: missing (never committed)")
     else:
-        print("files: " + ", ".join(f"{n} {human(f['size'])}" for n, f in manifest["files"].items()))
+        files = manifest["files"].items()
+        print("files: " + ", ".join(f"{n} {human(f['size'])}" for n, f in files))
     sections = {"model": [], "optim": [], "per-rank": [], "other": []}
     for key, e in entries.items():
         top = key.split(".", 1)[0]
@@ -237,14 +247,20 @@ def _numel(shape) -> int:
 # ---------------------------------------------------------------------------- commands
 def cmd_ls(args, opts) -> int:
     info = list_checkpoints(Storage(args.dir, opts))
-    print(json.dumps(info, indent=1)) if args.json else print_listing(info)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print_listing(info)
     return 0
 
 
 def cmd_inspect(args, opts) -> int:
     storage = Storage(args.ckpt, opts)
     info = inspect(storage, resolve(storage))
-    print(json.dumps(info, indent=1)) if args.json else print_inspect(info)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print_inspect(info)
     return 0
 
 
@@ -268,7 +284,8 @@ def cmd_export(args, opts) -> int:
     out, torch_ext = args.out, (".pt", ".pth", ".bin")
     fmt = args.format or ("torch" if out.endswith(torch_ext) else "safetensors")
     if args.hf and not out.endswith((".safetensors", *torch_ext)):  # a dir for from_pretrained
-        out = os.path.join(out, "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+        name = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+        out = os.path.join(out, name)
     weights, meta = load_model_weights(storage, path)
     tensors = export_tensors(weights, meta, hf=args.hf, dtype=args.dtype)
     config = hf_config(meta, args.dtype) if args.hf else None
@@ -283,16 +300,19 @@ def cmd_export(args, opts) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcp-ckpt", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--storage_options", default="{}",
-                   help="JSON dict of fsspec options for URLs (default: %(default)s)")
+    opts_help = "JSON dict of fsspec options for URLs (default: {})"
+    p.add_argument("--storage_options", default="{}", help=opts_help)
+    common = argparse.ArgumentParser(add_help=False)  # also accepted after the command
+    common.add_argument("--storage_options", default=argparse.SUPPRESS, help=opts_help)
     sub = p.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", help="list checkpoints, `latest` and abandoned dirs")
+    ls = sub.add_parser("ls", parents=[common],
+                        help="list checkpoints, `latest` and abandoned dirs")
     ls.add_argument("dir", help="checkpoint dir (--checkpoint_dir of the run)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     for name, text in (("inspect", "entries, shapes, dtypes, config"),
                        ("verify", "sizes + sha256 against manifest.json; exit 1 on problems"),
                        ("export", "consolidated model weights in one file")):
-        sp = sub.add_parser(name, help=text)
+        sp = sub.add_parser(name, parents=[common], help=text)
         sp.add_argument("ckpt", help="step dir, or checkpoint dir (uses `latest`)")
         if name == "inspect":
             sp.add_argument("--json", action="store_true", help="print JSON")

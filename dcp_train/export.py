@@ -50,12 +50,19 @@ class ExportError(RuntimeError):
 def load_model_weights(storage, path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """({fqn: full tensor} of the model, the checkpoint's meta dict) of step dir `path`."""
     reader = storage.dcp_reader(path)
-    entries = reader.read_metadata().state_dict_metadata
+    try:
+        entries = reader.read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ExportError(f"cannot read {path}: {type(e).__name__}: {e} (try dcp-ckpt verify)")
     sd = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in entries.items()
           if isinstance(md, TensorStorageMetadata) and (k.startswith(MODEL_PREFIX) or k == "meta")}
     if "meta" not in sd or len(sd) == 1:
-        raise ExportError(f"{path} has no 'meta' or no 'model.*' entries: not a dcp_train checkpoint")
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+        raise ExportError(f"{path} has no 'meta' or no 'model.*' entries: "
+                          "not a dcp_train checkpoint")
+    try:
+        dcp.load(sd, storage_reader=reader, no_dist=True)
+    except Exception as e:
+        raise ExportError(f"cannot read {path}: {type(e).__name__}: {e} (try dcp-ckpt verify)")
     meta = tensor_json(sd.pop("meta"))
     return {k[len(MODEL_PREFIX):]: v for k, v in sd.items()}, meta
 

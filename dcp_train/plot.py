@@ -52,7 +52,7 @@ def plot_metrics(records: list[dict], out: str, title: str = "", size=(10, 5), d
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

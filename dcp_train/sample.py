@@ -25,7 +25,8 @@ from dcp_train.tokenizer import EOT, TokenizerError, get_tokenizer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcp_train.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="step dir or checkpoint dir")
-    p.add_argument("--prompt", default="Hello, I'm a language model,", help="(default: %(default)r)")
+    p.add_argument("--prompt", default="Hello, I'm a language model,",
+                   help="(default: %(default)r)")
     p.add_argument("--num_samples", type=int, default=4, help="(default: %(default)s)")
     p.add_argument("--max_new_tokens", type=int, default=50, help="(default: %(default)s)")
     p.add_argument("--top_k", type=int, default=50, help="(default: %(default)s)")
