@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -238,7 +239,13 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
     return cfg.total_batch_size // per_micro
 
 
+def error_line(message: str) -> None:
+    """The one-line error the user sees for bad input: one write(2) call, so the lines of
+    several ranks sharing a pipe never interleave."""
+    sys.stdout.flush()
+    os.write(2, f"dcp_train: error: {' '.join(message.split())}\n".encode())
+
+
 def die(message: str, code: int = 2) -> None:
-    """The one-line error the user sees for bad input."""
-    print(f"dcp_train: error: {message}", file=sys.stderr, flush=True)
+    error_line(message)
     raise SystemExit(code)

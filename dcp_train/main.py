@@ -7,9 +7,10 @@ checkpoint directory before the resume decision and the flag checks have passed.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from dcp_train.config import ConfigError, die, parse_config
+from dcp_train.config import ConfigError, die, error_line, parse_config
 
 EXIT_BAD_INPUT = 2
 
@@ -29,12 +30,19 @@ def main(argv: list[str] | None = None) -> None:
 
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     info = D.setup(cfg.device)
+    code = 0
     try:
         train(cfg, info)
     except user_errors as e:
-        D.teardown(clean=False)
-        die(str(e), EXIT_BAD_INPUT)
-    D.teardown()
+        error_line(str(e))
+        code = EXIT_BAD_INPUT
+    D.teardown(clean=code == 0)
+    # Leave without Python's interpreter shutdown: gloo's background threads may still be
+    # releasing their last work items, and a thread that needs the GIL during finalization
+    # aborts the whole process ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
