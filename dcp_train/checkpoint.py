@@ -32,6 +32,7 @@ with an anchored pattern, never from file times) and say why.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import posixpath
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
 from dcp_train import state as S
@@ -70,11 +72,36 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _reading(method):
+    """Storage failures while reading checkpoints become one CheckpointError naming the dir."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise CheckpointError(f"reading checkpoints in {self.root} failed: {_cause(e)}") from e
+    return wrapper
+
+
 class Checkpointer:
     def __init__(self, root: str, storage_options: dict, keep_last_n: int = -1):
-        self.storage = Storage(root, storage_options)
+        try:
+            self.storage = Storage(root, storage_options)
+        except Exception as e:  # unknown protocol, s3fs/gcsfs not installed, a bad option
+            raise CheckpointError(f"cannot open checkpoint dir {root}: {_cause(e)}") from e
         self.root = self.storage.root
         self.keep_last_n = keep_last_n
+
+    def probe(self) -> None:
+        """Rank 0 at start-up: fail before any training, not at the first save, when the
+        storage cannot be reached, refuses the credentials or has no such bucket."""
+        try:
+            self.storage.probe()
+        except Exception as e:  # botocore's connection errors are no OSError
+            # the outermost error: botocore's names the endpoint, its cause only host:port
+            raise CheckpointError(f"cannot use checkpoint dir {self.root}: {_one_line(e)}") from e
 
     def step_path(self, step: int) -> str:
         return self.storage.join(step_name(step))
@@ -85,17 +112,22 @@ class Checkpointer:
         t0 = time.perf_counter()
         final = self.step_path(step)
         tmp = D.broadcast_object(f"{final}.tmp-{secrets.token_hex(4)}" if rank == 0 else None)
+        my_files, error = None, None
         try:
             dcp.save(state_dict, storage_writer=self.storage.dcp_writer(tmp))
             my_files = self._hash_own_files(tmp, rank)
-        except Exception as e:  # DCP raises on every rank when any rank's write fails
-            raise CheckpointError(f"saving step {step} to {tmp} failed: {_cause(e)}") from e
-        all_files = D.all_gather_objects(my_files)
-        error = None
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            error = f"saving step {step} to {tmp} failed: {_cause(e)}"
+        # every rank learns of any rank's failure, so all stop with the same message
+        gathered = D.all_gather_objects((my_files, error))
+        errors = [err for _, err in gathered if err]
+        if errors:
+            raise CheckpointError(errors[0])
+        all_files = [files for files, _ in gathered]
         if rank == 0:
             try:
                 size = self._commit(tmp, final, step, all_files)
-            except Exception as e:
+            except (Exception, CheckpointException) as e:
                 error = f"committing step {step} to {final} failed: {_cause(e)}"
         error = D.broadcast_object(error)
         if error:
@@ -170,6 +202,7 @@ class Checkpointer:
             return None
         return self.storage.read_bytes(path).decode(errors="replace").strip()
 
+    @_reading
     def find_latest(self) -> Optional[Found]:
         """Rank 0: the checkpoint to auto-resume from, or None if there is none."""
         if not self.storage.exists(self.root):
@@ -223,6 +256,7 @@ class Checkpointer:
                 return f"file {name} has {storage.size(fpath)} bytes, manifest says {want['size']}"
         return None
 
+    @_reading
     def open_checkpoint(self, path: str) -> Found:
         """Rank 0: a checkpoint the user named with --checkpoint_path; errors if invalid."""
         path = path.rstrip("/")
@@ -247,7 +281,16 @@ class Checkpointer:
 
 def _cause(e: BaseException) -> str:
     """One line: the innermost meaningful cause of a (possibly wrapped) exception."""
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
+    while True:
+        if isinstance(e, CheckpointException) and e.failures:  # DCP: {rank: (exc, traceback)}
+            e = next(iter(e.failures.values()))[0]
+        elif e.__cause__ is not None or e.__context__ is not None:
+            e = e.__cause__ or e.__context__
+        else:
+            break
+    return _one_line(e)
+
+
+def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}"[:300]

@@ -106,6 +106,29 @@ class Storage:
     def size(self, path: str) -> int:
         return self.fs.size(self._fresh(path))
 
+    def probe(self) -> None:
+        """Raise now (not at the first write) if `root` cannot be used: endpoint unreachable,
+        credentials refused, bucket missing. `root` itself need not exist yet. Remote only:
+        lists `root`, or, when it is missing, its nearest existing ancestor (the bucket of a
+        new run), so a missing bucket raises FileNotFoundError naming it."""
+        if self.is_local:
+            return
+        path = self.fs._strip_protocol(self.root).rstrip("/")
+        while True:
+            try:
+                self.fs.ls(self._fresh(path), detail=False)
+                return
+            except FileNotFoundError:
+                parent = self.fs._parent(path)
+                if not parent or parent == path:
+                    raise FileNotFoundError(f"{self.fs.unstrip_protocol(path)} does not exist "
+                                            "(no such bucket)") from None
+                path = parent
+            except PermissionError:
+                if path == self.fs._strip_protocol(self.root).rstrip("/"):
+                    raise  # the run must be able to list its own directory
+                return  # credentials for a prefix only: the first save will tell
+
     def find(self, path: str) -> dict[str, int]:
         """All files under `path`, recursively: {relative posix path: size in bytes}."""
         base = self.fs._strip_protocol(path).rstrip("/")

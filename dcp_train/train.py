@@ -20,7 +20,8 @@ from dcp_train import rng
 from dcp_train import state as S
 from dcp_train.checkpoint import Checkpointer, Found
 from dcp_train.config import Config, ConfigError, grad_accum_steps
-from dcp_train.data import build_train_loader, find_shards, val_batches
+from dcp_train.data import DataError, build_train_loader, find_shards, val_batches
+from dcp_train.data.remote import cache_dir, fetch_shards, is_remote
 from dcp_train.data.prepare import ensure_default_data
 from dcp_train.evaluate import val_loss
 from dcp_train.generate import generate
@@ -50,6 +51,7 @@ def find_resume_point(cfg: Config, ckpt: Checkpointer, info: D.DistInfo) -> Foun
     answer = None
     if info.is_main:
         try:
+            ckpt.probe()  # an unreachable endpoint or a missing bucket fails here, not at a save
             if cfg.resume:
                 answer = ckpt.open_checkpoint(cfg.checkpoint_path)
             elif cfg.auto_resume:
@@ -62,8 +64,25 @@ def find_resume_point(cfg: Config, ckpt: Checkpointer, info: D.DistInfo) -> Foun
     return answer
 
 
+def local_data_dir(cfg: Config, info: D.DistInfo) -> str:
+    """--data_dir itself, or for a URL the local cache its shards are downloaded to (by local
+    rank 0 of each node; every rank gets the first error, if any)."""
+    if not is_remote(cfg.data_dir):
+        return cfg.data_dir.removeprefix("file://")
+    local, error = cache_dir(cfg.data_dir), None
+    if info.local_rank == 0:
+        try:
+            local = fetch_shards(cfg.data_dir, cfg.storage_options_dict)
+        except DataError as e:
+            error = str(e)
+    errors = [e for e in D.all_gather_objects(error) if e]
+    if errors:
+        raise DataError(errors[0])
+    return local
+
+
 def train(cfg: Config, info: D.DistInfo) -> None:
-    metrics = Metrics(cfg.log_dir, info.is_main)
+    metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
     accum = grad_accum_steps(cfg, info.world_size)
     samples_per_step = cfg.total_batch_size // cfg.seq_len
     device, dtype_note = info.device, "bf16" if info.device_type == "cuda" else "fp32"
@@ -72,7 +91,8 @@ def train(cfg: Config, info: D.DistInfo) -> None:
     if cfg.data_dir == Config.data_dir and info.is_main:
         ensure_default_data(cfg.data_dir, cfg.tokenizer_file)
     D.barrier()
-    train_files, val_files = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
+    data_dir = local_data_dir(cfg, info)
+    train_files, val_files = find_shards(data_dir, "train"), find_shards(data_dir, "val")
     hellaswag_interval = cfg.hellaswag_interval
     if hellaswag_interval > 0 and not os.path.isfile(cfg.hellaswag_path):
         if cfg.hellaswag_path != Config.hellaswag_path:
@@ -89,6 +109,10 @@ def train(cfg: Config, info: D.DistInfo) -> None:
     found = find_resume_point(cfg, ckpt, info)
     if found is not None:
         check_compatible(found.meta, cfg)
+        if found.meta["samples_per_step"] != samples_per_step:
+            raise ConfigError(f"checkpoint used {found.meta['samples_per_step']} samples per "
+                              f"step, the flags give {samples_per_step}; keep --total_batch_size "
+                              "and --seq_len of the saved run")
 
     # model: identical init on every rank, then sharded
     torch.manual_seed(cfg.seed)
@@ -101,10 +125,6 @@ def train(cfg: Config, info: D.DistInfo) -> None:
         entry = S.load(ckpt.reader(found.path), model, optimizer, info.rank, same_world)
         meta = found.meta
         progress = S.Progress(meta["step"], meta["tokens"], meta["val_loss"])
-        if meta["samples_per_step"] != samples_per_step:
-            raise ConfigError(f"checkpoint used {meta['samples_per_step']} samples per step, "
-                              f"the flags give {samples_per_step}; keep --total_batch_size and "
-                              "--seq_len of the saved run")
 
     loader = build_train_loader(train_files, cfg.seq_len, cfg.batch_size, samples_per_step,
                                 info.rank, info.world_size, cfg.seed, cfg.num_workers,

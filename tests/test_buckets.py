@@ -1,0 +1,309 @@
+"""--checkpoint_dir s3://... and gs://... behave like a local folder (and --data_dir may be a URL).
+
+Real servers on 127.0.0.1 (tests/servers.py: moto_server for s3://, gcp-storage-emulator for
+gs://), real 2- and 3-rank torchrun jobs that only get the servers' env vars, real SIGKILL.
+TINY model, 8 steps, a checkpoint every 2 steps, dropout 0.1 (so the RNG state matters).
+
+    ref      s3://ckpt/ref      uninterrupted, 2 ranks: the reference of every comparison
+    stop     s3://ckpt/stop     2 ranks --stop_at_step 4, data read from s3://data/synth;
+                                then --auto_resume to 8 (2 ranks) and --resume step 4 at 3 ranks
+    gcs      gs://ckpt/run      stop at 4 then --auto_resume, --keep_last_n_checkpoints 2
+    kill     s3://ckpt/kill     SIGKILL while step 6 is a temp dir being uploaded, then
+                                --auto_resume (--keep_last_n_checkpoints 2)
+    outage   s3://ckpt/outage   server.stop() while step 6 is being saved, restart, --auto_resume
+    startup  unreachable endpoint / missing bucket / missing data URL: one error line, no step
+
+Run: .venv/bin/python -m pytest tests/test_buckets.py -q
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from helpers import (REPO, TINY, assert_same_tensors, child_env, digests, free_port, kill_job,
+                     load_checkpoint, losses, metrics, run_train, start_train, torchrun_cmd,
+                     wait_for, write_shards)
+from servers import start_gcs_server, start_s3_server
+
+MAX_STEPS = 8
+ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", str(MAX_STEPS),
+        "--batch_size", "2", "--total_batch_size", "384", "--seed", "4321"]  # 12 samples/step
+LATEST = "latest"
+
+
+def step(n: int) -> str:
+    return f"step_{n:08d}"
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("s3fs")
+    with start_s3_server() as srv:
+        srv.make_bucket("ckpt")
+        srv.make_bucket("data")
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    pytest.importorskip("gcsfs")
+    with start_gcs_server() as srv:
+        srv.make_bucket("ckpt")
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("buckets")
+
+
+@pytest.fixture(scope="module")
+def data(base) -> Path:
+    return write_shards(base / "data")
+
+
+def s3fs_of(s3):
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.invalidate_cache()
+    return fs
+
+
+def listing(fs, path: str) -> list[str]:
+    """Names directly under bucket path `path` (fresh, no listing cache)."""
+    try:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, refresh=True))
+    except FileNotFoundError:
+        return []
+
+
+def committed(fs, path: str) -> dict[str, dict[str, int]]:
+    """{step dir: {file: size}} of the committed step dirs (with manifest.json) under path."""
+    out = {}
+    for name in listing(fs, path):
+        if re.fullmatch(r"step_\d{8}", name) and fs.exists(f"{path}/{name}/manifest.json"):
+            found = fs.find(f"{path}/{name}", detail=True)
+            out[name] = {f.rsplit("/", 1)[-1]: info["size"] for f, info in found.items()}
+    return out
+
+
+def read_latest(fs, path: str) -> str | None:
+    try:
+        return fs.cat_file(f"{path}/{LATEST}").decode().strip()
+    except FileNotFoundError:
+        return None
+
+
+def download_step(fs, url: str, dest: Path, tmp: Path) -> dict:
+    """A remote step dir as a flat dict of full tensors (downloaded, then dcp_to_torch_save)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    fs.get(url.rstrip("/") + "/", str(dest) + "/", recursive=True)
+    return load_checkpoint(dest, tmp)
+
+
+def run(nproc, args, env, log, ckpt, check=True):
+    return run_train(nproc, [*ARGS, "--log_dir", str(log), "--checkpoint_dir", ckpt, *args],
+                     env=env, check=check)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dcp_train: error:")]
+
+
+def assert_one_error(stderr: str, *expected: str) -> str:
+    lines = error_lines(stderr)
+    assert lines and len(set(lines)) == 1, stderr[-4000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+class Ref:
+    def __init__(self, log: Path, final: dict):
+        self.log, self.final = log, final
+
+
+@pytest.fixture(scope="module")
+def ref(s3, data, base) -> Ref:
+    """The uninterrupted 2-rank run (checkpoints in s3://ckpt/ref, local data)."""
+    log = base / "ref" / "log"
+    run(2, ["--data_dir", str(data)], s3.env, log, "s3://ckpt/ref")
+    fs = s3fs_of(s3)
+    assert read_latest(fs, "ckpt/ref") == step(MAX_STEPS)
+    assert sorted(committed(fs, "ckpt/ref")) == [step(s) for s in (2, 4, 6, 8)]
+    final = download_step(fs, f"s3://ckpt/ref/{step(MAX_STEPS)}", base / "ref" / "final", base)
+    return Ref(log, final)
+
+
+@pytest.fixture(scope="module")
+def stopped(s3, data, base) -> dict:
+    """2 ranks, --stop_at_step 4 into s3://ckpt/stop, token shards read from s3://data/synth."""
+    fs = s3fs_of(s3)
+    for f in sorted(data.iterdir()):
+        fs.put_file(str(f), f"data/synth/{f.name}")
+    env = {**s3.env, "DCP_TRAIN_CACHE_DIR": str(base / "cache")}
+    log = base / "stop" / "log"
+    run(2, ["--data_dir", "s3://data/synth", "--stop_at_step", "4"], env, log, "s3://ckpt/stop")
+    assert read_latest(fs, "ckpt/stop") == step(4)
+    return {"env": env, "log": log}
+
+
+# -------------------------------------------------------------------- 1. S3, bit-exact resume
+def test_s3_stop_and_auto_resume_is_bit_exact(s3, ref, stopped, base, data):
+    run(2, ["--data_dir", "s3://data/synth", "--auto_resume"], stopped["env"], stopped["log"],
+        "s3://ckpt/stop")
+    assert losses(stopped["log"]) == losses(ref.log)  # steps 1-4 and 5-8, bit for bit
+    [resume] = [r for r in metrics(stopped["log"]) if r["kind"] == "resume"]
+    assert resume["path"] == f"s3://ckpt/stop/{step(4)}" and resume["step"] == 4
+    fs = s3fs_of(s3)
+    assert read_latest(fs, "ckpt/stop") == step(MAX_STEPS)
+    final = download_step(fs, f"s3://ckpt/stop/{step(MAX_STEPS)}", base / "stop" / "final", base)
+    assert_same_tensors(ref.final, final)
+    # the shards came through the local cache: same files as the local data dir
+    [cached] = list((base / "cache" / "data").iterdir())
+    assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in data.iterdir())
+
+
+def test_s3_save_at_2_resume_at_3(s3, ref, stopped, base, data):
+    log = base / "w3" / "log"
+    run(3, ["--data_dir", str(data), "--resume", "--checkpoint_path",
+            f"s3://ckpt/stop/{step(4)}"], s3.env, log, "s3://ckpt/w3")
+    ref_digests = digests(ref.log)
+    assert digests(log) == {s: ref_digests[s] for s in range(5, MAX_STEPS + 1)}
+    [resume] = [r for r in metrics(log) if r["kind"] == "resume"]
+    assert (resume["world_size_saved"], resume["world_size"]) == (2, 3)
+    assert read_latest(s3fs_of(s3), "ckpt/w3") == step(MAX_STEPS)
+
+
+# ----------------------------------------------------- 2. GCS: save, resume, retention, speed
+def test_gcs_auto_resume_retention_and_save_time(gcs, ref, base, data):
+    log, url = base / "gcs" / "log", "gs://ckpt/run"
+    keep = ["--data_dir", str(data), "--keep_last_n_checkpoints", "2"]
+    run(2, [*keep, "--stop_at_step", "4"], gcs.env, log, url)
+    run(2, [*keep, "--auto_resume"], gcs.env, log, url)
+    assert losses(log) == losses(ref.log)
+    fs = fsspec.filesystem("gcs", **gcs.storage_options)
+    fs.invalidate_cache()
+    assert listing(fs, "ckpt/run") == [LATEST, step(6), step(8)]  # no temp dirs either
+    assert fs.cat_file(f"ckpt/run/{LATEST}").decode() == step(8) + "\n"
+    final = download_step(fs, f"{url}/{step(8)}", base / "gcs" / "final", base)
+    assert_same_tensors(ref.final, final)
+    saves = [r for r in metrics(log) if r["kind"] == "checkpoint"]
+    assert [r["step"] for r in saves] == [2, 4, 6, 8]
+    # gcsfs' rename (moveTo) would retry for ~30 s against the emulator: never on our path
+    assert max(r["seconds"] for r in saves) < 5, saves
+
+
+# ------------------------------------------------------- 3. SIGKILL in the middle of an upload
+def test_s3_sigkill_mid_upload_resumes_from_previous(s3, ref, base, data):
+    """Killed as soon as step 6's temp dir appears (its first shard uploaded). A save stays a
+    temp dir for ~0.2-0.4 s before the commit; the poll sees it within ~0.05 s."""
+    log, url, path = base / "kill" / "log", "s3://ckpt/kill", "ckpt/kill"
+    args = [*ARGS, "--data_dir", str(data), "--keep_last_n_checkpoints", "2",
+            "--log_dir", str(log), "--checkpoint_dir", url]
+    fs = s3fs_of(s3)
+    proc = start_train(2, args, s3.env)
+    try:
+        tmp6 = []
+
+        def step6_uploading():
+            tmp6[:] = [n for n in listing(fs, path) if n.startswith(step(6) + ".tmp-")]
+            return bool(tmp6) or proc.poll() is not None
+
+        wait_for(step6_uploading, timeout=240, interval=0.02)
+    finally:
+        kill_job(proc)
+    assert tmp6, f"the run ended before saving step 6:\n{proc.stdout.read()[-3000:]}"
+    # the kill hit while step 6 was a temp dir, before it was committed
+    names = listing(fs, path)
+    assert tmp6[0] in names and step(6) not in committed(fs, path), names
+    assert read_latest(fs, path) == step(4)
+
+    run_train(2, [*args, "--auto_resume"], env=s3.env)
+    [resume] = [r for r in metrics(log) if r["kind"] == "resume"]
+    assert resume["path"] == f"{url}/{step(4)}" and resume["step"] == 4
+    assert losses(log) == losses(ref.log)
+    # retention removed the abandoned temp dir and all but the 2 newest committed
+    assert listing(fs, path) == [LATEST, step(6), step(8)]
+    assert read_latest(fs, path) == step(8)
+    final = download_step(fs, f"{url}/{step(8)}", base / "kill" / "final", base)
+    assert_same_tensors(ref.final, final)
+
+
+# ------------------------------------------------------------- 4. endpoint down during a save
+def test_s3_outage_during_save_fails_cleanly_then_resumes(s3, ref, base, data):
+    log, url, path = base / "outage" / "log", "s3://ckpt/outage", "ckpt/outage"
+    fs = s3fs_of(s3)
+    out, err = open(base / "outage.out", "w+"), open(base / "outage.err", "w+")
+    proc = subprocess.Popen(
+        torchrun_cmd(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(log),
+                         "--checkpoint_dir", url]),
+        cwd=REPO, env=child_env(s3.env), stdout=out, stderr=err, text=True,
+        start_new_session=True)
+    before = {}
+    try:
+        wait_for(lambda: read_latest(fs, path) == step(4) or proc.poll() is not None, timeout=240)
+        before = committed(fs, path)  # all that is committed until step 6's save commits
+        wait_for(lambda: any(n.startswith(step(6) + ".tmp-") for n in listing(fs, path))
+                 or proc.poll() is not None, timeout=120, interval=0.02)
+        s3.stop()  # endpoint down while step 6 is uploading
+        t0 = time.monotonic()
+        proc.wait(timeout=120)
+        seconds = time.monotonic() - t0
+    finally:
+        s3.restart()
+        kill_job(proc)
+    err.seek(0)
+    stderr = err.read()
+    out.close(), err.close()
+    assert proc.returncode != 0 and sorted(before) == [step(2), step(4)], stderr[-3000:]
+    line = assert_one_error(stderr, url, "step 6")
+    # what the ranks wrote: all before torchrun's own report (its log lines and traceback)
+    ours = [x for x in stderr.split("Traceback (most recent call last)")[0].splitlines()
+            if "torch/distributed/elastic" not in x]
+    assert set(ours) == {line}, stderr[-3000:]
+    print(f"\nfailed {seconds:.1f} s after the outage: {line}")
+
+    fs = s3fs_of(s3)
+    after = committed(fs, path)
+    assert {k: after.get(k) for k in before} == before  # nothing committed was lost
+    assert read_latest(fs, path) == max(after)
+
+    run(2, ["--data_dir", str(data), "--auto_resume"], s3.env, log, url)
+    assert losses(log) == losses(ref.log)
+    final = download_step(fs, f"{url}/{step(MAX_STEPS)}", base / "outage" / "final", base)
+    assert_same_tensors(ref.final, final)
+
+
+# --------------------------------------------------- 5. unreachable endpoint, missing bucket
+def test_startup_with_unreachable_endpoint_or_missing_bucket(s3, base, data):
+    dead = {**s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    cases = {  # name: env, --checkpoint_dir, --data_dir, what the error line says
+        "unreachable": (dead, "s3://ckpt/run", str(data), ["s3://ckpt/run", "connect"]),
+        "nobucket": (s3.env, "s3://no-such-bucket/run", str(data),
+                     ["s3://no-such-bucket", "no such bucket"]),
+        "nodata": (s3.env, "s3://ckpt/nodata", "s3://no-such-bucket/shards",
+                   ["data dir s3://no-such-bucket/shards does not exist"]),
+    }
+    for name, (env, url, data_dir, expected) in cases.items():  # plain processes, world of one
+        args = [*ARGS, "--data_dir", data_dir, "--log_dir", str(base / name),
+                "--checkpoint_dir", url, "--auto_resume"]
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "dcp_train.main", *args], cwd=REPO,
+                              env=child_env({**env, "DCP_TRAIN_CACHE_DIR": str(base)}),
+                              capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - t0
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = assert_one_error(proc.stderr, *expected)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]  # nothing else
+        assert "step" not in proc.stdout and not losses(base / name), proc.stdout  # no training
+        assert seconds < 20, f"{name}: {seconds:.1f} s"
+        print(f"\n{name}: {seconds:.1f} s: {line}")
+    assert listing(s3fs_of(s3), "ckpt/nodata") == []  # nothing written before the checks
