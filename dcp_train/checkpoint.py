@@ -33,27 +33,29 @@ with an anchored pattern, never from file times) and say why.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import posixpath
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_train import distributed as D
+from dcp_train import manifest as M
 from dcp_train import state as S
+from dcp_train.faults import fault_point
+from dcp_train.lease import LeaseError, WriterLease
+from dcp_train.manifest import MANIFEST, STEP_RE
 from dcp_train.storage import Storage
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
 TMP_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-z]+$")
-MANIFEST = "manifest.json"
 LATEST = "latest"
-HASH_CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -86,13 +88,18 @@ def _reading(method):
 
 
 class Checkpointer:
-    def __init__(self, root: str, storage_options: dict, keep_last_n: int = -1):
+    def __init__(self, root: str, storage_options: dict, keep_last_n: int = -1,
+                 verify: bool = True):
         try:
             self.storage = Storage(root, storage_options)
         except Exception as e:  # unknown protocol, s3fs/gcsfs not installed, a bad option
             raise CheckpointError(f"cannot open checkpoint dir {root}: {_cause(e)}") from e
         self.root = self.storage.root
         self.keep_last_n = keep_last_n
+        self.verify = verify
+        self.lease = WriterLease(self.storage)
+        self._group = self._stager = self._executor = self._pending = None
+        self._done: list[dict] = []
 
     def probe(self) -> None:
         """Rank 0 at start-up: fail before any training, not at the first save, when the
@@ -106,67 +113,123 @@ class Checkpointer:
     def step_path(self, step: int) -> str:
         return self.storage.join(step_name(step))
 
+    # ---------------------------------------------------------------- the lease
+    def acquire_lease(self) -> None:
+        """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""
+        try:
+            self.lease.acquire()
+        except LeaseError as e:
+            raise CheckpointError(str(e)) from e
+        except Exception as e:  # read-only or unwritable dir, missing permissions
+            raise CheckpointError(f"cannot write to checkpoint dir {self.root}: "
+                                  f"{_cause(e)}") from e
+
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, state_dict: dict, rank: int) -> dict:
-        """Write, commit and point `latest` at step `step`. Collective. Returns the record."""
+    def save(self, step: int, state_dict: dict, rank: int, asynchronous: bool = False) -> None:
+        """Write, commit and point `latest` at step `step`. Collective.
+
+        Synchronous: returns once committed. Asynchronous: copies the state into reused
+        staging buffers (the only part that blocks the loop), then writes and commits on a
+        background thread that talks over its own gloo group (collectives of a background
+        save on the training's group deadlock against FSDP's). At most one save is in flight:
+        a new save first waits for the previous one. The `checkpoint` record of each committed
+        save is handed out by `records()`."""
+        self.wait()
         t0 = time.perf_counter()
+        if not asynchronous:
+            self._done.append(self._write_and_commit(step, state_dict, rank, None, t0, None))
+            return
+        if self._group is None:
+            self._group = D.new_cpu_group()
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                use_async_staging=False, use_non_blocking_copy=False))
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-save")
+        staged = self._stager.stage(state_dict)
+        blocked = time.perf_counter() - t0
+        self._pending = self._executor.submit(self._write_and_commit, step, staged, rank,
+                                              self._group, t0, blocked)
+
+    def poll(self) -> None:
+        """Collect the save in flight if every rank has finished it. Collective (all ranks
+        call it at the same point), so all ranks agree on when it is done."""
+        if self._pending is not None and all(D.all_gather_objects(self._pending.done())):
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; raises its CheckpointError."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._done.append(pending.result())
+
+    def records(self) -> list[dict]:
+        """`checkpoint` records of the saves committed since the last call."""
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._stager.close()
+
+    def _write_and_commit(self, step, state_dict, rank, group, t0, blocked) -> dict:
         final = self.step_path(step)
-        tmp = D.broadcast_object(f"{final}.tmp-{secrets.token_hex(4)}" if rank == 0 else None)
+        tmp = D.broadcast_object(f"{final}.tmp-{secrets.token_hex(4)}" if rank == 0 else None,
+                                 group=group)
         my_files, error = None, None
         try:
-            dcp.save(state_dict, storage_writer=self.storage.dcp_writer(tmp))
-            my_files = self._hash_own_files(tmp, rank)
+            dcp.save(state_dict, storage_writer=self.storage.dcp_writer(tmp), process_group=group)
+            fault_point("after_shards", rank, step)
+            names = [n for n in self.storage.listdir(tmp)
+                     if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
+            my_files = M.hash_files(self.storage, tmp, names)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             error = f"saving step {step} to {tmp} failed: {_cause(e)}"
         # every rank learns of any rank's failure, so all stop with the same message
-        gathered = D.all_gather_objects((my_files, error))
+        gathered = D.all_gather_objects((my_files, error), group=group)
         errors = [err for _, err in gathered if err]
         if errors:
             raise CheckpointError(errors[0])
-        all_files = [files for files, _ in gathered]
+        size = None
         if rank == 0:
             try:
-                size = self._commit(tmp, final, step, all_files)
+                size = self._commit(tmp, final, step, [files for files, _ in gathered])
             except (Exception, CheckpointException) as e:
                 error = f"committing step {step} to {final} failed: {_cause(e)}"
-        error = D.broadcast_object(error)
+        error = D.broadcast_object(error, group=group)
         if error:
             raise CheckpointError(error)
-        return {"step": step, "path": final, "seconds": time.perf_counter() - t0,
-                "bytes": size if rank == 0 else None}
-
-    def _hash_own_files(self, tmp: str, rank: int) -> dict:
-        """name -> [size, sha256] of the shard files this rank wrote (and .metadata on rank 0)."""
-        names = [n for n in self.storage.listdir(tmp)
-                 if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
-        return {n: self._hash(posixpath.join(tmp, n)) for n in names}
-
-    def _hash(self, path: str) -> list:
-        h, size = hashlib.sha256(), 0
-        with self.storage.fs.open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        return [size, h.hexdigest()]
+        seconds = time.perf_counter() - t0
+        record = {"step": step, "path": final, "seconds": seconds,
+                  "blocked_s": seconds if blocked is None else blocked,
+                  "async": blocked is not None, "bytes": size}
+        if size is not None:
+            record["mb_per_s"] = size / seconds / 1e6
+        return record
 
     def _commit(self, tmp: str, final: str, step: int, per_rank_files: list[dict]) -> int:
+        """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
         on_disk = set(self.storage.listdir(tmp))
         if set(files) != on_disk:
-            raise CheckpointError(f"files of {tmp} changed while hashing: {sorted(on_disk ^ set(files))}")
-        manifest = {"step": step, "world_size": len(per_rank_files),
-                    "files": {n: {"size": s, "sha256": h} for n, (s, h) in sorted(files.items())}}
+            raise CheckpointError(f"files of {tmp} changed while hashing: "
+                                  f"{sorted(on_disk ^ set(files))}")
         self.storage.write_atomic(posixpath.join(tmp, MANIFEST),
-                                  json.dumps(manifest, indent=1).encode())
+                                  M.build(step, len(per_rank_files), files))
+        fault_point("before_commit", 0, step)
         if self.storage.exists(final):  # committed by a run that crashed before `latest`,
             self.storage.rm_tree(final)  # or ahead of an explicit older --resume: replace it
         self.storage.rename_dir(tmp, final, last=(MANIFEST,))
-        self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
-        self.apply_retention()
+        fault_point("after_commit", 0, step)
+        self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode(),
+                                  before_replace=lambda: fault_point("mid_latest", 0, step))
+        self.apply_retention(step)
+        self.lease.refresh()
         return sum(s for s, _ in files.values())
 
     # --------------------------------------------------------------- retention
-    def apply_retention(self) -> list[str]:
+    def apply_retention(self, step: Optional[int] = None) -> list[str]:
         """Rank 0: delete old committed dirs beyond N, abandoned temps, uncommitted step dirs."""
         committed, leftovers = self._scan()
         keep = set(committed)
@@ -178,8 +241,10 @@ class Checkpointer:
             if step not in keep and name != latest:
                 removed.append(name)
         removed += leftovers
-        for name in removed:
+        for i, name in enumerate(removed):
             self.storage.rm_tree(self.storage.join(name))
+            if i == 0:
+                fault_point("during_retention", 0, step)
         return removed
 
     def _scan(self) -> tuple[dict[int, str], list[str]]:
@@ -236,25 +301,10 @@ class Checkpointer:
         return Found(path=path, step=int(meta["step"]), meta=meta, note=note)
 
     def check(self, path: str) -> Optional[str]:
-        """None if `path` is a complete committed checkpoint, else what is wrong with it."""
-        storage = self.storage
-        mpath = posixpath.join(path, MANIFEST)
-        if not storage.exists(mpath):
-            return "no manifest.json, so it was never committed"
-        try:
-            manifest = json.loads(storage.read_bytes(mpath))
-            files = manifest["files"]
-        except (ValueError, KeyError, TypeError) as e:
-            return f"manifest.json is unreadable ({e})"
-        if ".metadata" not in files:
-            return "manifest.json lists no .metadata"
-        for name, want in files.items():
-            fpath = posixpath.join(path, name)
-            if not storage.exists(fpath):
-                return f"file {name} is missing"
-            if storage.size(fpath) != want["size"]:
-                return f"file {name} has {storage.size(fpath)} bytes, manifest says {want['size']}"
-        return None
+        """None if `path` is a complete, intact committed checkpoint, else what is wrong.
+        With verification on (the default) every file's sha256 is checked too."""
+        found = M.problems(self.storage, path, deep=self.verify)
+        return "; ".join(found) if found else None
 
     @_reading
     def open_checkpoint(self, path: str) -> Found:
@@ -265,11 +315,13 @@ class Checkpointer:
             raise CheckpointError(f"--checkpoint_path {path} does not exist")
         if storage.exists(storage.join(LATEST)) and not storage.exists(storage.join(MANIFEST)):
             # a checkpoint dir was given: resolve its `latest`
-            found = Checkpointer(path, self.storage.storage_options).find_latest()
+            found = Checkpointer(path, self.storage.storage_options,
+                                 verify=self.verify).find_latest()
             if found is None:
                 raise CheckpointError(f"--checkpoint_path {path} holds no committed checkpoint")
             return found
-        problem = Checkpointer(path, self.storage.storage_options).check(storage.root)
+        problem = Checkpointer(path, self.storage.storage_options, verify=self.verify).check(
+            storage.root)
         if problem is not None:
             raise CheckpointError(f"--checkpoint_path {path} is not a usable checkpoint: {problem}")
         meta = S.read_meta(storage.dcp_reader(storage.root))

@@ -20,7 +20,6 @@ process, without torch.distributed and without knowing the saved world size. Bad
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import posixpath
@@ -30,10 +29,10 @@ import warnings
 from dcp_train.checkpoint import LATEST, MANIFEST, STEP_RE, TMP_RE
 from dcp_train.export import DTYPES, ExportError, export_tensors, hf_config, load_model_weights
 from dcp_train.export import write_export
+from dcp_train.manifest import problems as manifest_problems
 from dcp_train.state import read_meta
 from dcp_train.storage import Storage
 
-HASH_CHUNK = 8 << 20
 
 
 class ToolError(RuntimeError):
@@ -123,42 +122,7 @@ def verify(storage: Storage, path: str) -> list[str]:
     """Problems of step dir `path` against its manifest.json; [] means intact."""
     if not storage.exists(path):
         return [f"{path} does not exist"]
-    try:
-        manifest = _manifest(storage, path)
-    except ValueError as e:
-        return [f"manifest.json is unreadable ({e})"]
-    if manifest is None:
-        return ["no manifest.json: the checkpoint was never committed"]
-    problems = []
-    files = manifest.get("files", {})
-    if ".metadata" not in files:
-        problems.append("manifest.json lists no .metadata")
-    name = posixpath.basename(path.rstrip("/"))
-    if STEP_RE.match(name) and int(STEP_RE.match(name).group(1)) != manifest.get("step"):
-        problems.append(f"manifest.json says step {manifest.get('step')}, the dir is {name}")
-    present = set(storage.listdir(path)) - {MANIFEST}
-    for extra in sorted(present - set(files)):
-        problems.append(f"extra file {extra} (not in manifest.json)")
-    for fname, want in sorted(files.items()):
-        if fname not in present:
-            problems.append(f"missing file {fname}")
-            continue
-        size, digest = _hash(storage, posixpath.join(path, fname))
-        if size != want["size"]:
-            problems.append(f"file {fname} has {size} bytes, manifest.json says {want['size']}")
-        elif digest != want["sha256"]:
-            problems.append(f"file {fname} is corrupt: sha256 {digest[:16]}..., "
-                            f"manifest.json says {want['sha256'][:16]}...")
-    return problems
-
-
-def _hash(storage: Storage, path: str) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with storage.fs.open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
+    return manifest_problems(storage, path, deep=True)
 
 
 # ------------------------------------------------------------------------------ printing

@@ -112,6 +112,14 @@ class Config:
     resume: bool = _help("resume from --checkpoint_path (an error if it is not a checkpoint)",
                          default=False)
     checkpoint_path: str = _help("checkpoint step dir to resume from, with --resume", default="")
+    async_checkpoint: bool = _help("write checkpoints in the background (dcp.async_save "
+                                   "style): the loop only waits for a copy of the state",
+                                   default=False)
+    verify_checkpoint: bool = _help("check every file's sha256 against manifest.json before "
+                                    "resuming (false: sizes only)", default=True)
+    preempt_timeout: float = _help("after SIGTERM/SIGUSR1, exit without a checkpoint if the "
+                                   "stop has not finished within this many seconds",
+                                   default=120.0)
     storage_options: str = _help("JSON dict of fsspec options for --checkpoint_dir/--data_dir",
                                  default="{}")
 

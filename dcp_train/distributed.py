@@ -97,21 +97,31 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj, src: int = 0, group=None):
     """Rank `src` decides, every rank gets the same Python object."""
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=_cpu_group())
+    dist.broadcast_object_list(box, src=src, group=group or _cpu_group())
     return box[0]
 
 
-def all_gather_objects(obj) -> list:
+def all_gather_objects(obj, group=None) -> list:
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=_cpu_group())
+    dist.all_gather_object(out, obj, group=group or _cpu_group())
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank."""
+    return any(all_gather_objects(bool(flag)))
 
 
 def barrier() -> None:
     dist.barrier(group=_cpu_group())
+
+
+def new_cpu_group():
+    """A new gloo group over all ranks (collective: every rank must call it)."""
+    return dist.new_group(backend="gloo")
 
 
 _CPU_GROUP = None
@@ -121,8 +131,5 @@ def _cpu_group():
     """A gloo group for CPU-side coordination (the default group already is gloo on CPU)."""
     global _CPU_GROUP
     if _CPU_GROUP is None:
-        if dist.get_backend() == "gloo":
-            _CPU_GROUP = dist.group.WORLD
-        else:
-            _CPU_GROUP = dist.new_group(backend="gloo")
+        _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else new_cpu_group()
     return _CPU_GROUP

@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     info = D.setup(cfg.device)
     code = 0
     try:
-        train(cfg, info)
+        code = train(cfg, info)
     except user_errors as e:
         error_line(str(e))
         code = EXIT_BAD_INPUT
-    D.teardown(clean=code == 0)
+    D.teardown(clean=code != EXIT_BAD_INPUT)
     # Leave without Python's interpreter shutdown: gloo's background threads may still be
     # releasing their last work items, and a thread that needs the GIL during finalization
     # aborts the whole process ("terminate called without an active exception").

@@ -18,7 +18,7 @@ import io
 import pickle
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
@@ -65,3 +65,16 @@ def load_metadata(data: bytes, source: str) -> Metadata:
         raise UnsafeCheckpointError(f"{source} has pickled byte entries {byte_entries[:3]}, "
                                     "which dcp_train never writes and will not unpickle")
     return metadata
+
+
+class SafeMetadataReader:
+    """Mixin for DCP's FileSystemReader/FsspecReader: read_metadata through load_metadata."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = load_metadata(f.read(), str(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

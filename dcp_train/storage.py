@@ -57,6 +57,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
+from dcp_train.safe_metadata import SafeMetadataReader
+
 
 class Storage:
     def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
@@ -158,9 +160,12 @@ class Storage:
     def write_text(self, path: str, text: str) -> None:
         self.write_bytes(path, text.encode("utf-8"))
 
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Readers see the old content or the new one, never a mix or nothing."""
+    def write_atomic(self, path: str, data: bytes, before_replace=None) -> None:
+        """Readers see the old content or the new one, never a mix or nothing.
+        `before_replace()` runs when the new content is ready but not yet visible."""
         if not self.is_local:
+            if before_replace:
+                before_replace()
             self.fs.pipe_file(path, data)  # one PUT: atomic per object
             return
         d = os.path.dirname(os.path.abspath(path))
@@ -171,6 +176,8 @@ class Storage:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            if before_replace:
+                before_replace()
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -227,9 +234,10 @@ class Storage:
         return _RemoteWriter(path, self.storage_options, **kwargs)
 
     def dcp_reader(self, path: str):
-        """A DCP StorageReader for directory `path`."""
+        """A DCP StorageReader for directory `path` that never unpickles anything but DCP's
+        own metadata classes (safe_metadata.py)."""
         if self.is_local:
-            return FileSystemReader(path)
+            return _LocalReader(path)
         return _RemoteReader(path, self.storage_options)
 
 
@@ -265,7 +273,11 @@ class _RemoteWriter(FsspecWriter):
         self.fs = _RemoteFS(self.fs.fs, storage_options)
 
 
-class _RemoteReader(FsspecReader):
+class _LocalReader(SafeMetadataReader, FileSystemReader):
+    pass
+
+
+class _RemoteReader(SafeMetadataReader, FsspecReader):
     def __init__(self, path: str, storage_options: dict):
         super().__init__(path, **storage_options)
         self.fs = _RemoteFS(self.fs.fs, storage_options)

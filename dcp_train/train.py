@@ -18,7 +18,7 @@ from torch.nn.utils import clip_grad_norm_
 from dcp_train import distributed as D
 from dcp_train import rng
 from dcp_train import state as S
-from dcp_train.checkpoint import Checkpointer, Found
+from dcp_train.checkpoint import CheckpointError, Checkpointer, Found
 from dcp_train.config import Config, ConfigError, grad_accum_steps
 from dcp_train.data import DataError, build_train_loader, find_shards, val_batches
 from dcp_train.data.remote import cache_dir, fetch_shards, is_remote
@@ -29,6 +29,7 @@ from dcp_train.hellaswag import hellaswag_accuracy
 from dcp_train.metrics import Metrics
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer, lr_at
+from dcp_train.preempt import EXIT_PREEMPTED, Preemption
 from dcp_train.tokenizer import get_tokenizer
 
 
@@ -81,13 +82,9 @@ def local_data_dir(cfg: Config, info: D.DistInfo) -> str:
     return local
 
 
-def train(cfg: Config, info: D.DistInfo) -> None:
-    metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
-    accum = grad_accum_steps(cfg, info.world_size)
-    samples_per_step = cfg.total_batch_size // cfg.seq_len
-    device, dtype_note = info.device, "bf16" if info.device_type == "cuda" else "fp32"
-
-    # data: the embedded default corpus is written on first use of the default --data_dir
+def prepare_inputs(cfg: Config, info: D.DistInfo, metrics: Metrics):
+    """(train shard files, val shard files, tokenizer or None, HellaSwag interval in effect)."""
+    # the embedded default corpus is written on first use of the default --data_dir
     if cfg.data_dir == Config.data_dir and info.is_main:
         ensure_default_data(cfg.data_dir, cfg.tokenizer_file)
     D.barrier()
@@ -104,8 +101,15 @@ def train(cfg: Config, info: D.DistInfo) -> None:
     enc = None
     if cfg.generate_interval > 0 or hellaswag_interval > 0:
         enc = get_tokenizer(cfg.tokenizer_file)
+    return train_files, val_files, enc, hellaswag_interval
 
-    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.storage_options_dict, cfg.keep_last_n_checkpoints)
+
+def open_checkpoints(cfg: Config, info: D.DistInfo, samples_per_step: int):
+    """(Checkpointer, checkpoint to resume from or None). Everything that can be wrong with
+    the flags or the checkpoint is found here, before anything is written or loaded; then
+    rank 0 takes the writer lease of --checkpoint_dir."""
+    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.storage_options_dict,
+                        cfg.keep_last_n_checkpoints, verify=cfg.verify_checkpoint)
     found = find_resume_point(cfg, ckpt, info)
     if found is not None:
         check_compatible(found.meta, cfg)
@@ -113,6 +117,28 @@ def train(cfg: Config, info: D.DistInfo) -> None:
             raise ConfigError(f"checkpoint used {found.meta['samples_per_step']} samples per "
                               f"step, the flags give {samples_per_step}; keep --total_batch_size "
                               "and --seq_len of the saved run")
+    error = None
+    if info.is_main:
+        try:
+            ckpt.acquire_lease()
+        except CheckpointError as e:
+            error = e
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise error
+    return ckpt, found
+
+
+def train(cfg: Config, info: D.DistInfo) -> int:
+    """Run to --max_steps (or --stop_at_step); returns the exit code: 0, or EXIT_PREEMPTED
+    after a stop with a checkpoint on SIGTERM/SIGUSR1."""
+    metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
+    preempt = Preemption(cfg.preempt_timeout)
+    accum = grad_accum_steps(cfg, info.world_size)
+    samples_per_step = cfg.total_batch_size // cfg.seq_len
+    device, dtype_note = info.device, "bf16" if info.device_type == "cuda" else "fp32"
+    train_files, val_files, enc, hellaswag_interval = prepare_inputs(cfg, info, metrics)
+    ckpt, found = open_checkpoints(cfg, info, samples_per_step)
 
     # model: identical init on every rank, then sharded
     torch.manual_seed(cfg.seed)
@@ -154,13 +180,18 @@ def train(cfg: Config, info: D.DistInfo) -> None:
 
     config_dict = dataclasses.asdict(cfg)
 
+    def log_checkpoints() -> None:
+        for record in ckpt.records():
+            metrics.log("checkpoint", **record)
+            metrics.say(f"step {record['step']:6d} | checkpoint {record['path']} committed "
+                        f"({record['seconds']:.2f}s, loop blocked {record['blocked_s']:.2f}s, "
+                        f"{record['bytes'] or 0:,} bytes)")
+
     def save() -> int:
         sd = S.build(model, optimizer, progress, loader, info.rank, info.world_size,
                      samples_per_step, config_dict)
-        record = ckpt.save(progress.step, sd, info.rank)
-        metrics.log("checkpoint", **record)
-        metrics.say(f"step {progress.step:6d} | checkpoint {record['path']} "
-                    f"({record['seconds']:.2f}s, {record['bytes'] or 0:,} bytes)")
+        ckpt.save(progress.step, sd, info.rank, asynchronous=cfg.async_checkpoint)
+        log_checkpoints()
         return progress.step
 
     # the step whose state is already committed in --checkpoint_dir
@@ -168,6 +199,7 @@ def train(cfg: Config, info: D.DistInfo) -> None:
     batches = iter(loader)
     t_start = time.perf_counter()
     final_step = cfg.max_steps if cfg.stop_at_step < 0 else min(cfg.stop_at_step, cfg.max_steps)
+    stopping = False
     for step in range(progress.step + 1, final_step + 1):
         last = step == final_step
         t0 = time.perf_counter()
@@ -189,7 +221,10 @@ def train(cfg: Config, info: D.DistInfo) -> None:
         optimizer.step()
         loss_mean = D.mean_over_ranks(loss_sum).item()
         norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
-        all_ids = sorted(i for ids in D.all_gather_objects(sample_ids) for i in ids)
+        # one small gather per step: the step's sample ids, and whether a rank got a signal
+        gathered = D.all_gather_objects((sample_ids, preempt.requested))
+        all_ids = sorted(i for ids, _ in gathered for i in ids)
+        stopping = any(flag for _, flag in gathered)
         if info.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -217,8 +252,21 @@ def train(cfg: Config, info: D.DistInfo) -> None:
             for i, text in enumerate(generate(model, enc, cfg.prompt, rank=info.rank,
                                               device=device)):
                 metrics.say(f"sample {i}: {text!r}")
-        if _due(cfg.checkpoint_interval, step, last) or last:
+        ckpt.poll()  # an async save that every rank has finished is logged now
+        log_checkpoints()
+        if info.is_main:
+            ckpt.lease.refresh()
+        if _due(cfg.checkpoint_interval, step, last) or last or stopping:
             saved_step = save()
+        if stopping:
+            metrics.say(f"preempted: stopped after step {step} with a checkpoint; exit code "
+                        f"{EXIT_PREEMPTED} (continue with --auto_resume)")
+            break
     if saved_step != progress.step:  # resumed at the final step from another dir/world size
         save()
+    ckpt.close()  # waits for a save still in flight: the last step is always committed
+    log_checkpoints()
+    if info.is_main:
+        ckpt.lease.release()
     metrics.close()
+    return EXIT_PREEMPTED if stopping else 0
