@@ -58,6 +58,16 @@ class Metrics:
             self._tb = None
 
 
+def resident_mb() -> float | None:
+    """This process's resident memory (VmRSS) in MiB; None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(l for l in f if l.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
 def read_metrics(log_dir: str) -> list[dict]:
     with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -26,7 +26,7 @@ from dcp_train.data.prepare import ensure_default_data
 from dcp_train.evaluate import val_loss
 from dcp_train.generate import generate
 from dcp_train.hellaswag import hellaswag_accuracy
-from dcp_train.metrics import Metrics
+from dcp_train.metrics import Metrics, resident_mb
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer, lr_at
 from dcp_train.preempt import EXIT_PREEMPTED, Preemption
@@ -182,7 +182,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
 
     def log_checkpoints() -> None:
         for record in ckpt.records():
-            metrics.log("checkpoint", **record)
+            metrics.log("checkpoint", **record, rss_mb=resident_mb())
             metrics.say(f"step {record['step']:6d} | checkpoint {record['path']} committed "
                         f"({record['seconds']:.2f}s, loop blocked {record['blocked_s']:.2f}s, "
                         f"{record['bytes'] or 0:,} bytes)")
