@@ -75,9 +75,9 @@ class Config:
     seed: int = _help("seed of model init, data order and per-rank RNG streams", default=1337)
 
     # data
-    data_dir: str = _help("folder with *_train_*.npy / *_val_*.npy uint16 token shards; "
-                          "if it holds none, the embedded default corpus is written there",
-                          default="data/default")
+    data_dir: str = _help("folder or fsspec URL with *_train_*.npy / *_val_*.npy uint16 token "
+                          "shards (URLs are cached under $DCP_TRAIN_CACHE_DIR); the default "
+                          "folder gets the embedded corpus on first use", default="data/default")
     num_workers: int = _help("data loader worker processes per rank", default=0)
 
     # evaluation

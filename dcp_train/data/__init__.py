@@ -4,6 +4,7 @@
     sampler.py  global_permutation, global_batch, GlobalOrderSampler (the data-order contract)
     loader.py   build_train_loader (StatefulDataLoader), val_batches
     prepare.py  python -m dcp_train.data.prepare: write shards; ensure_default_data
+    remote.py   --data_dir as an fsspec URL: shards downloaded to a local cache
 """
 
 from .loader import build_train_loader, val_batches
