@@ -10,7 +10,7 @@ Saving step s (every rank calls `save`; rank 0 does the single-writer parts):
 
 1. rank 0 picks a random <id> and broadcasts it; every rank writes its own shards into
    `step_XXXXXXXX.tmp-<id>/` with dcp.save (DCP writes `.metadata` last, after all ranks).
-2. every rank hashes the files it wrote; rank 0 writes `manifest.json` (name, size, sha256 of
+2. every rank hashes the files it wrote; rank 0 writes `manifest.json` (name, size, CRC-32 of
    every file, plus step and world size) into the temp dir.
 3. commit. A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds
    `manifest.json`.
@@ -114,6 +114,15 @@ class Checkpointer:
         return self.storage.join(step_name(step))
 
     # ---------------------------------------------------------------- the lease
+    @_reading
+    def check_lease(self) -> None:
+        """Rank 0, before reading any checkpoint: refuse a dir that another live run is
+        writing to (its retention may delete what we are reading). Writes nothing."""
+        try:
+            self.lease.check()
+        except LeaseError as e:
+            raise CheckpointError(str(e)) from e
+
     def acquire_lease(self) -> None:
         """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""
         try:
@@ -302,7 +311,7 @@ class Checkpointer:
 
     def check(self, path: str) -> Optional[str]:
         """None if `path` is a complete, intact committed checkpoint, else what is wrong.
-        With verification on (the default) every file's sha256 is checked too."""
+        With verification on (the default) every file's CRC-32 is checked too."""
         found = M.problems(self.storage, path, deep=self.verify)
         return "; ".join(found) if found else None
 
@@ -336,8 +345,10 @@ def _cause(e: BaseException) -> str:
     while True:
         if isinstance(e, CheckpointException) and e.failures:  # DCP: {rank: (exc, traceback)}
             e = next(iter(e.failures.values()))[0]
-        elif e.__cause__ is not None or e.__context__ is not None:
-            e = e.__cause__ or e.__context__
+        elif e.__cause__ is not None:
+            e = e.__cause__
+        elif e.__context__ is not None and not e.__suppress_context__:
+            e = e.__context__  # `raise X from None` means X is the whole story: keep X
         else:
             break
     return _one_line(e)

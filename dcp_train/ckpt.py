@@ -3,7 +3,7 @@
     dcp-ckpt ls DIR                  committed checkpoints (step, size, world size, val loss),
                                      which one `latest` names, abandoned temp/uncommitted dirs
     dcp-ckpt inspect CKPT            every entry (shape, dtype, shards), per-rank entries, config
-    dcp-ckpt verify CKPT             sizes and sha256 of every file against manifest.json,
+    dcp-ckpt verify CKPT             sizes and CRC-32 of every file against manifest.json,
                                      missing and extra files; exit code 0 (ok) or 1 (problems)
     dcp-ckpt export CKPT --out FILE [--format safetensors|torch] [--dtype fp32|bf16] [--hf]
                                      consolidated model weights in one file (see export.py);
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("dir", help="checkpoint dir (--checkpoint_dir of the run)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     for name, text in (("inspect", "entries, shapes, dtypes, config"),
-                       ("verify", "sizes + sha256 against manifest.json; exit 1 on problems"),
+                       ("verify", "sizes + CRC-32 against manifest.json; exit 1 on problems"),
                        ("export", "consolidated model weights in one file")):
         sp = sub.add_parser(name, parents=[common], help=text)
         sp.add_argument("ckpt", help="step dir, or checkpoint dir (uses `latest`)")
