@@ -8,3 +8,29 @@ from helpers import SHARED_TIKTOKEN  # noqa: E402
 
 # Tests never download: the GPT-2 BPE ranks come from ../shared/tiktoken_cache.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with the buckets `ckpt` and `data` (per test module)."""
+    pytest.importorskip("s3fs")
+    from servers import start_s3_server
+
+    with start_s3_server() as srv:
+        srv.make_bucket("ckpt")
+        srv.make_bucket("data")
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A GCS emulator on 127.0.0.1 with the bucket `ckpt` (per test module)."""
+    pytest.importorskip("gcsfs")
+    from servers import start_gcs_server
+
+    with start_gcs_server() as srv:
+        srv.make_bucket("ckpt")
+        yield srv

@@ -30,7 +30,6 @@ import pytest
 from helpers import (REPO, TINY, assert_same_tensors, child_env, digests, free_port, kill_job,
                      load_checkpoint, losses, metrics, run_train, start_train, torchrun_cmd,
                      wait_for, write_shards)
-from servers import start_gcs_server, start_s3_server
 
 MAX_STEPS = 8
 ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", str(MAX_STEPS),
@@ -43,23 +42,6 @@ def step(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("s3fs")
-    with start_s3_server() as srv:
-        srv.make_bucket("ckpt")
-        srv.make_bucket("data")
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    pytest.importorskip("gcsfs")
-    with start_gcs_server() as srv:
-        srv.make_bucket("ckpt")
-        yield srv
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("buckets")

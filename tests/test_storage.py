@@ -12,23 +12,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dcp_train.storage import Storage
-from servers import start_gcs_server, start_s3_server
-
-
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("s3fs")
-    with start_s3_server() as srv:
-        srv.make_bucket("ckpt")
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    pytest.importorskip("gcsfs")
-    with start_gcs_server() as srv:
-        srv.make_bucket("ckpt")
-        yield srv
 
 
 @pytest.fixture(params=["local", "s3", "gs"])

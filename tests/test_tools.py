@@ -266,16 +266,6 @@ def test_tensorboard_scalars(tmp_path):
 
 
 # ---------------------------------------------------------------------------- S3 (moto)
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("s3fs")
-    from servers import start_s3_server
-
-    with start_s3_server() as srv:
-        srv.make_bucket("ckpt")
-        yield srv
-
-
 def test_s3_checkpoint(run, reference, s3, tmp_path, capsys):
     import fsspec
 
