@@ -282,19 +282,21 @@ class Checkpointer:
         if not self.storage.exists(self.root):
             return None
         committed, _ = self._scan()
-        note = ""
+        note, checked = "", None
         latest = self._read_latest_name()
         if latest is not None:
             if STEP_RE.match(latest) and latest in committed.values():
                 problem = self.check(self.storage.join(latest))
                 if problem is None:
                     return self._found(self.storage.join(latest), "")
-                note = f"`latest` names {latest}, which is invalid ({problem})"
+                note, checked = f"`latest` names {latest}, which is invalid ({problem})", latest
             else:
                 note = f"`latest` holds {latest[:60]!r}, which is not a committed step dir"
         elif committed:
             note = "`latest` is missing"
         for step in sorted(committed, reverse=True):
+            if committed[step] == checked:
+                continue  # just found invalid (a full verification re-reads every byte)
             path = self.storage.join(committed[step])
             problem = self.check(path)
             if problem is None:

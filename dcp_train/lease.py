@@ -33,7 +33,9 @@ class LeaseError(RuntimeError):
 
 def run_id() -> str:
     for var in ("DCP_TRAIN_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        if os.environ.get(var):
+        # plain `torchrun --nproc_per_node=N` (no --rdzv_id) sets TORCHELASTIC_RUN_ID=none for
+        # every job: that names no run, and would let a second job take a live run's lease
+        if os.environ.get(var) and os.environ[var] != "none":
             return f"{var}={os.environ[var]}"
     return f"pid={os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -47,6 +49,11 @@ class WriterLease:
         self._last_refresh = 0.0
 
     def acquire(self) -> None:
+        self.check()
+        self._write()
+
+    def check(self) -> None:
+        """LeaseError if another run that is alive holds the lease (reads only)."""
         holder = self._read()
         if holder is not None and self._alive(holder):
             raise LeaseError(
@@ -54,7 +61,6 @@ class WriterLease:
                 f"(pid {holder.get('pid')} on {holder.get('host')}, heartbeat "
                 f"{time.time() - holder.get('heartbeat', 0):.0f}s ago); use another "
                 f"--checkpoint_dir, or if that run is dead delete {self.path}")
-        self._write()
 
     def refresh(self) -> None:
         """Renew the heartbeat, at most every timeout/4 seconds (cheap to call every step)."""

@@ -20,7 +20,8 @@ from dcp_train import rng
 from dcp_train import state as S
 from dcp_train.checkpoint import CheckpointError, Checkpointer, Found
 from dcp_train.config import Config, ConfigError, grad_accum_steps
-from dcp_train.data import DataError, build_train_loader, find_shards, val_batches
+from dcp_train.data import (DataError, TokenShards, build_train_loader, find_shards,
+                            val_batches)
 from dcp_train.data.remote import cache_dir, fetch_shards, is_remote
 from dcp_train.data.prepare import ensure_default_data
 from dcp_train.evaluate import val_loss
@@ -53,6 +54,7 @@ def find_resume_point(cfg: Config, ckpt: Checkpointer, info: D.DistInfo) -> Foun
     if info.is_main:
         try:
             ckpt.probe()  # an unreachable endpoint or a missing bucket fails here, not at a save
+            ckpt.check_lease()  # another live run writes here: refuse before reading its dirs
             if cfg.resume:
                 answer = ckpt.open_checkpoint(cfg.checkpoint_path)
             elif cfg.auto_resume:
@@ -90,6 +92,11 @@ def prepare_inputs(cfg: Config, info: D.DistInfo, metrics: Metrics):
     D.barrier()
     data_dir = local_data_dir(cfg, info)
     train_files, val_files = find_shards(data_dir, "train"), find_shards(data_dir, "val")
+    # open every shard now (header and length only): a bad shard fails before the writer
+    # lease is taken, so a failed start leaves nothing in --checkpoint_dir
+    TokenShards(train_files, cfg.seq_len)
+    if cfg.eval_interval > 0:
+        TokenShards(val_files, cfg.seq_len)
     hellaswag_interval = cfg.hellaswag_interval
     if hellaswag_interval > 0 and not os.path.isfile(cfg.hellaswag_path):
         if cfg.hellaswag_path != Config.hellaswag_path:
