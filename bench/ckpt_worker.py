@@ -1,0 +1,414 @@
+"""torchrun worker: save and load one FSDP2-sharded GPT + AdamW state in several ways, side by side.
+
+    torchrun --nproc_per_node N -m bench.ckpt_worker --model gpt2-124m --root DIR --out R.json
+
+Every repetition runs each way once, in a rotated order, on the same state and filesystem:
+
+  writes  raw     each rank writes its bytes (as many as its DCP shard file) with one buffered
+                  write + fsync (object store: one fsspec pipe_file per rank)
+          dcp     bare dcp.save with the writer our Storage hands out (FileSystemWriter,
+                  sync_files=True; the fsspec writer for URLs)
+          ours    dcp_train.checkpoint.Checkpointer.save: temp dir, dcp.save, sha256 of every
+                  file, manifest, rename, `latest`, retention
+          async   (if Checkpointer.save takes asynchronous=) the same save in the background:
+                  `blocked` is the time save() held the caller (staging copy), `total` the
+                  time until it was committed; one Checkpointer over all repetitions, so its
+                  staging buffers are reused as in training (an untimed warm-up save first)
+          inline_sha256, inline_crc32  (--whatif) bare dcp.save through bench/whatif.py's
+                  writer, which checksums each file while writing it (no second pass)
+          gather  (--gather) the original guide's way: full state dict gathered to rank 0
+                  (get_state_dict full_state_dict + cpu_offload), one torch.save + fsync
+  reads   raw     each rank reads its raw file back with one readinto (local only)
+          dcp     bare dcp.load into the model/optimizer state dict (local only)
+          ours    the trainer's resume path: Checkpointer.find_latest on rank 0 (with its
+                  default verification, which may re-hash every file), broadcast, state.load
+                  (get_state_dict templates, dcp.load, set_state_dict)
+          ours_noverify  the same with Checkpointer(verify=False), if it has that option
+
+A time is wall clock from a barrier before the operation to a barrier after it (the slowest
+rank). Before every timed operation rank 0 syncs and drops the page cache if it can, so reads
+are cold-cache reads (the result says whether that worked). Rank 0 writes the result JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.tensor import DTensor
+
+from bench.common import drop_page_cache, model_config
+from bench.whatif import HashingFileSystemWriter
+from dcp_train import distributed as D
+from dcp_train import state as S
+from dcp_train.checkpoint import Checkpointer
+from dcp_train.model import GPT
+from dcp_train.optim import build_optimizer
+from dcp_train.storage import Storage
+
+
+class _NoLoader:
+    """state.build asks the loader for its state; the benchmark has none."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+# Phase timers, reset before each timed operation. sha256 hashing is timed where it happens:
+# Checkpointer._hash_own_files (older checkpoint.py) or dcp_train.manifest.hash_files (newer;
+# used for hashing after a save and for verification on load). The wrapper is put on the
+# module attribute in this benchmark process only; no file of dcp_train is changed.
+PHASES: dict[str, float] = {}
+
+
+def _timing(name: str, fn):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - t
+    return wrapper
+
+
+try:
+    from dcp_train import manifest as _manifest
+    _manifest.hash_files = _timing("hash", _manifest.hash_files)
+except (ImportError, AttributeError):
+    pass
+
+HAS_ASYNC = "asynchronous" in inspect.signature(Checkpointer.save).parameters  # local dirs only
+HAS_VERIFY = "verify" in inspect.signature(Checkpointer.__init__).parameters
+
+
+class TimedCheckpointer(Checkpointer):
+    """Our Checkpointer, unchanged, with phases timed where its methods still exist (a renamed
+    method simply leaves its phase unmeasured)."""
+
+    if hasattr(Checkpointer, "_hash_own_files"):
+        def _hash_own_files(self, *args, **kwargs):
+            return _timing("hash", super()._hash_own_files)(*args, **kwargs)
+
+    def _commit(self, *args, **kwargs):
+        return _timing("commit", super()._commit)(*args, **kwargs)
+
+    def check(self, *args, **kwargs):
+        return _timing("check", super().check)(*args, **kwargs)
+
+
+def make_checkpointer(root: str, so: dict, rank: int, verify=None) -> TimedCheckpointer:
+    kw = {"verify": verify} if verify is not None and HAS_VERIFY else {}
+    ckpt = TimedCheckpointer(root, so, **kw)
+    if rank == 0 and hasattr(ckpt, "acquire_lease"):  # as the trainer does before saving
+        ckpt.acquire_lease()
+    return ckpt
+
+
+def last_record(ckpt, returned):
+    """The checkpoint record of the save that just finished (returned, or via records())."""
+    if isinstance(returned, dict):
+        return returned
+    if hasattr(ckpt, "wait"):
+        ckpt.wait()
+    recs = ckpt.records() if hasattr(ckpt, "records") else []
+    return recs[-1] if recs else {}
+
+
+def local_tensors(sd) -> list[torch.Tensor]:
+    out = []
+    for v in sd.values():
+        if isinstance(v, dict):
+            out += local_tensors(v)
+        elif isinstance(v, DTensor):
+            out.append(v.to_local())
+        elif isinstance(v, torch.Tensor):
+            out.append(v)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="gpt2-124m")
+    p.add_argument("--root", required=True, help="local dir or fsspec URL to work in (emptied)")
+    p.add_argument("--storage_options", default="{}")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gather", action="store_true", help="also gather + torch.save on rank 0")
+    p.add_argument("--no_load", action="store_true", help="writes only")
+    p.add_argument("--hash_probe", action="store_true", help="time sha256/blake2b/crc32 in memory")
+    p.add_argument("--whatif", action="store_true",
+                   help="also bare dcp.save with sha256 / crc32 computed while writing")
+    args = p.parse_args()
+
+    t_setup = time.perf_counter()
+    info = D.setup(args.device)
+    rank, ws, dev = info.rank, info.world_size, info.device
+    so = json.loads(args.storage_options)
+    st = Storage(args.root, so)
+    local = st.is_local
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[ckpt ws={ws}] {msg}", flush=True)
+
+    def sync_dev() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def fresh() -> bool:
+        """Untimed: flush everything and drop the page cache (rank 0), then meet."""
+        dropped = False
+        sync_dev()
+        if rank == 0 and local:
+            dropped = drop_page_cache()
+        D.barrier()
+        return dropped
+
+    def timed(fn) -> float:
+        dist.barrier()
+        t = time.perf_counter()
+        fn()
+        sync_dev()
+        dist.barrier()
+        return time.perf_counter() - t
+
+    def clean(keep=()) -> None:
+        """Empty the work dir, except the dirs in `keep` (whose old step dirs are removed)."""
+        D.barrier()
+        if rank == 0:
+            for name in st.listdir(st.root):
+                path = st.join(name)
+                if path in keep:
+                    for sub in st.listdir(path):
+                        if sub.startswith("step_"):
+                            st.rm_tree(st.join(name, sub))
+                elif local and not os.path.isdir(path):
+                    os.remove(path)
+                else:
+                    st.rm_tree(path)
+        D.barrier()
+
+    # ---- the state: real model, FSDP2-sharded, AdamW state from one real step
+    mcfg = model_config(args.model)
+    torch.manual_seed(0)
+    model = D.shard_model(GPT(mcfg), info)
+    opt = build_optimizer(model, 6e-4, 0.1, info.device_type)
+    T = min(64, mcfg.block_size)
+    x = torch.randint(0, mcfg.vocab_size, (1, T + 1), device=dev)
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sd = S.build(model, opt, S.Progress(step=1, tokens=T), _NoLoader(), rank, ws, 1,
+                 {"bench_model": args.model})
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model {args.model}: {n_params:,} params, setup {time.perf_counter() - t_setup:.1f}s")
+
+    # ---- bytes per rank: the size of this rank's DCP file(s), from one untimed warm-up save
+    clean()
+    warm = st.join("warmup")
+    dcp.save(sd, storage_writer=st.dcp_writer(warm))
+    D.barrier()
+    files = st.find(warm)
+    my_bytes = sum(s for n, s in files.items() if n.startswith(f"__{rank}_"))
+    per_rank = D.all_gather_objects(my_bytes)
+    meta_bytes = files.get(".metadata", 0)
+    clean()
+
+    # the raw payload: this rank's tensor bytes in one contiguous buffer of my_bytes bytes
+    buf = torch.zeros(my_bytes, dtype=torch.uint8, device=dev)
+    pos = 0
+    for t in local_tensors(sd):
+        b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        n = min(b.numel(), my_bytes - pos)
+        buf[pos:pos + n] = b[:n]
+        pos += n
+        if pos >= my_bytes:
+            break
+    rbuf = torch.empty(my_bytes, dtype=torch.uint8)  # host buffer for raw reads
+    payload = None if local else buf.cpu().numpy().tobytes()
+
+    raw_path = st.join("raw", f"rank_{rank:05d}.bin")
+    ours_root = st.join("ours")
+
+    def raw_write() -> None:
+        if local:
+            host = buf.cpu().numpy()
+            os.makedirs(os.path.dirname(raw_path), exist_ok=True)
+            with open(raw_path, "wb") as f:  # buffered
+                f.write(memoryview(host))
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            st.fs.pipe_file(raw_path, payload)
+
+    def raw_read() -> None:
+        with open(raw_path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(rbuf.numpy()))
+        assert got == my_bytes, (got, my_bytes)
+        if dev.type == "cuda":
+            rbuf.to(dev)
+
+    result = {"world_size": ws, "model": args.model, "n_params": n_params,
+              "device": str(dev.type), "root_is_local": local,
+              "bytes": {"per_rank": per_rank, "metadata": meta_bytes,
+                        "total": sum(per_rank) + meta_bytes},
+              "write": {"raw": [], "dcp": [], "ours": []}, "read": {},
+              "ours_record": [], "phases": {}, "cache_dropped": [], "gather_bytes": None,
+              "has_async": HAS_ASYNC and local, "has_verify": HAS_VERIFY}
+    if args.gather:
+        result["write"]["gather"] = []
+    if HAS_ASYNC and local:
+        result["write"]["async_blocked"] = []
+        result["write"]["async_total"] = []
+    whatif = ["inline_sha256", "inline_crc32"] if args.whatif and local else []
+    for name in whatif:
+        result["write"][name] = []
+    reads = ["raw", "dcp", "ours"] + (["ours_noverify"] if HAS_VERIFY else [])
+    if local and not args.no_load:
+        result["read"] = {name: [] for name in reads}
+
+    def note_phases(name: str, extra: dict | None = None) -> None:
+        """Each phase's maximum over ranks (the slowest rank holds everyone at the end)."""
+        per_rank = D.all_gather_objects({**PHASES, **(extra or {})})
+        for key in set().union(*per_rank):
+            vals = [ph.get(key, 0.0) for ph in per_rank]
+            result["phases"].setdefault(name, {}).setdefault(key, []).append(max(vals))
+
+    # the async Checkpointer lives across repetitions (reused staging buffers, as in training)
+    async_root = st.join("async")
+    async_ckpt = None
+    if HAS_ASYNC and local:
+        async_ckpt = make_checkpointer(async_root, so, rank)
+        async_ckpt.save(10_000, sd, rank, asynchronous=True)  # untimed warm-up
+        last_record(async_ckpt, None)
+        D.barrier()
+
+    for rep in range(args.reps):
+        dcp_dir = st.join(f"dcp_bare_{rep}")
+        ckpt = make_checkpointer(ours_root, so, rank)
+        box = {}
+
+        def dcp_save() -> None:
+            dcp.save(sd, storage_writer=st.dcp_writer(dcp_dir))
+
+        def ours_save() -> None:
+            box["record"] = last_record(ckpt, ckpt.save(rep + 1, sd, rank))
+
+        def async_save() -> None:
+            t = time.perf_counter()
+            async_ckpt.save(10_001 + rep, sd, rank, asynchronous=True)
+            box["blocked"] = time.perf_counter() - t
+            box["async_record"] = last_record(async_ckpt, None)  # waits for the commit
+
+        def gather_save() -> None:
+            msd, osd = get_state_dict(model, opt, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                path = st.join("gathered.pt")
+                with open(path, "wb") as f:
+                    torch.save({"model": msd, "optimizer": osd, "step": rep + 1}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                result["gather_bytes"] = os.path.getsize(path)
+
+        def inline_save(algo: str) -> None:
+            path = st.join(f"inline_{algo}")
+            writer = HashingFileSystemWriter(path, algo)
+            dcp.save(sd, storage_writer=writer)
+            if rep == 0 and algo == "sha256":  # the digests must be those of the files
+                for name, (size, digest) in writer.digests.items():
+                    with open(os.path.join(path, name), "rb") as f:
+                        assert hashlib.sha256(f.read()).hexdigest() == digest, name
+                    assert os.path.getsize(os.path.join(path, name)) == size, name
+
+        writes = [("raw", raw_write), ("dcp", dcp_save), ("ours", ours_save)]
+        writes += [(name, functools.partial(inline_save, name.split("_")[1])) for name in whatif]
+        if HAS_ASYNC and local:
+            writes.append(("async", async_save))
+        if args.gather:
+            writes.append(("gather", gather_save))
+        k = rep % len(writes)
+        for name, fn in writes[k:] + writes[:k]:
+            result["cache_dropped"].append(fresh())
+            PHASES.clear()
+            dt = timed(fn)
+            if name == "async":
+                blocked = max(D.all_gather_objects(box["blocked"]))
+                result["write"]["async_blocked"].append(blocked)
+                result["write"]["async_total"].append(dt)
+                note_phases("async_save", {"blocked": box["blocked"]})
+                log(f"rep {rep} write {'async':13s} {dt:7.2f}s (blocked {blocked:.3f}s)")
+                continue
+            result["write"][name].append(dt)
+            if name == "ours":
+                note_phases("ours_save")
+            log(f"rep {rep} write {name:13s} {dt:7.2f}s")
+        result["ours_record"].append({k: v for k, v in box["record"].items() if k != "path"})
+
+        if local and not args.no_load:
+            tpl_model, tpl_optim = get_state_dict(model, opt)
+            tpl = {"model": tpl_model, "optim": tpl_optim["state"]}
+
+            def dcp_load() -> None:
+                dcp.load(tpl, storage_reader=st.dcp_reader(dcp_dir))
+
+            def resume(verify) -> None:
+                reader_ckpt = make_checkpointer(ours_root, so, rank=-1, verify=verify)
+                found = reader_ckpt.find_latest() if rank == 0 else None
+                found = D.broadcast_object(found)
+                assert found is not None, "no checkpoint found"
+                S.load(reader_ckpt.reader(found.path), model, opt, rank, with_rank_entry=True)
+
+            loads = {"raw": raw_read, "dcp": dcp_load, "ours": lambda: resume(None),
+                     "ours_noverify": lambda: resume(False)}
+            k = rep % len(reads)
+            for name in reads[k:] + reads[:k]:
+                result["cache_dropped"].append(fresh())
+                PHASES.clear()
+                dt = timed(loads[name])
+                result["read"][name].append(dt)
+                if name.startswith("ours"):
+                    note_phases(f"{name}_load")
+                log(f"rep {rep} read  {name:13s} {dt:7.2f}s")
+        clean(keep=[async_root])
+
+    if async_ckpt is not None and hasattr(async_ckpt, "close"):
+        async_ckpt.close()
+
+    if args.hash_probe and rank == 0:
+        data = buf[: min(my_bytes, 256 << 20)].cpu().numpy().tobytes()
+        probe = {}
+        for name, fn in [("sha256", lambda d: hashlib.sha256(d).digest()),
+                         ("blake2b", lambda d: hashlib.blake2b(d).digest()),
+                         ("crc32", lambda d: zlib.crc32(d)),
+                         ("memcpy", lambda d: bytearray(d))]:
+            t = time.perf_counter()
+            fn(data)
+            probe[name] = len(data) / (time.perf_counter() - t)
+        result["hash_probe_bytes_per_s"] = probe
+        log("in-memory B/s: " + ", ".join(f"{k} {v / 1e6:.0f} MB/s" for k, v in probe.items()))
+
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    D.barrier()
+    if rank == 0 and local:
+        shutil.rmtree(st.root, ignore_errors=True)
+    D.teardown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Small helpers shared by the benchmark parts: model sizes, statistics, child processes.
+
+Nothing here is imported by dcp_train; the benchmark only imports from dcp_train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Model sizes used by the benchmark (nanoGPT GPTConfig names, as in dcp_train.config).
+#  gpt2-124m : the real thing, 124M params; params + AdamW exp_avg + exp_avg_sq = 1.49 GB fp32
+#  small     : 4 x 256 dims, block 256: 16M params, ~245 MB per checkpoint (an option)
+#  tiny      : dcp_train's --preset tiny (2 x 64 dims, block 64): 3.3M params, ~40 MB
+#  micro     : tiny with a 512-token vocab: 0.1M params, ~1.5 MB (--quick save/S3 sections;
+#              too small a vocab for the GPT-2 token data, so not for training)
+MODELS = {
+    "gpt2-124m": dict(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768),
+    "small": dict(block_size=256, vocab_size=50304, n_layer=4, n_head=4, n_embd=256),
+    "tiny": dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64),
+    "micro": dict(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=64),
+}
+
+
+def model_config(name: str):
+    from dcp_train.config import ModelConfig
+    return ModelConfig(**MODELS[name])
+
+
+def model_flags(name: str) -> list[str]:
+    """dcp_train.main flags for a bench model (on top of --preset tiny's run defaults)."""
+    m = MODELS[name]
+    return ["--preset", "tiny", *[x for k, v in m.items() for x in (f"--{k}", str(v))],
+            "--seq_len", str(m["block_size"])]
+
+
+def stats(values: list[float]) -> dict:
+    """min / median / max (and the raw values) of a list of measurements."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"min": None, "median": None, "max": None, "n": 0, "values": []}
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals),
+            "n": len(vals), "values": vals}
+
+
+def ratios(num: list[float], den: list[float]) -> dict:
+    """Per-repetition ratio num[i]/den[i] (paired: both measured in the same repetition)."""
+    return stats([a / b for a, b in zip(num, den) if a is not None and b])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def threads_per_rank(nproc: int) -> int:
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+def child_env(nproc: int, extra: dict | None = None) -> dict:
+    """Environment of a benchmark child: the repo importable, the cores split over the ranks
+    (the same rule for our trainer and for the plain loop), no inherited torchrun variables."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(threads_per_rank(nproc))
+    shared_tiktoken = REPO.parent / "shared" / "tiktoken_cache"
+    if shared_tiktoken.is_dir():
+        env.setdefault("TIKTOKEN_CACHE_DIR", str(shared_tiktoken))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+def torchrun(nproc: int, module_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *module_args]
+
+
+class ChildFailed(RuntimeError):
+    pass
+
+
+def run_child(cmd: list[str], nproc: int, timeout: float, env: dict | None = None,
+              log=None) -> subprocess.CompletedProcess:
+    """Run a child (torchrun or python) from the repo root; raise ChildFailed with its tail."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(nproc, env), capture_output=True,
+                          text=True, timeout=timeout)
+    if log is not None:
+        log(f"    ({time.perf_counter() - t0:.1f}s) {' '.join(cmd[-12:])[:160]}")
+    if proc.returncode != 0:
+        raise ChildFailed(failure_text(cmd, proc.returncode, proc.stdout + proc.stderr))
+    return proc
+
+
+def failure_text(cmd: list[str], rc: int, output: str) -> str:
+    """The command, the first rank's traceback (torchrun prints it among much else), the tail."""
+    lines = output.splitlines()
+    first = next((line for line in lines if line.startswith("[rank")), None)
+    tb = []
+    if first is not None:
+        prefix = first.split("]")[0] + "]"
+        tb = [line for line in lines if line.startswith(prefix)][-40:]
+    tail = lines[-25:]
+    return "\n".join([f"exit {rc}: {' '.join(cmd)[:300]}", *tb, "--- tail:", *tail])
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def drop_page_cache() -> bool:
+    """sync + echo 3 > /proc/sys/vm/drop_caches. True if it worked (root, writable /proc)."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def describe_model(name: str) -> dict:
+    return {"name": name, **MODELS[name]}
