@@ -1,7 +1,7 @@
 """Reading DCP checkpoints without running code from them.
 
 DCP stores `.metadata` as a pickle and reads it with `pickle.load`; it reads byte entries with
-`torch.load(weights_only=False)`. A checkpoint from a bucket that someone else can write to
+`torch.load` with weights_only off. A checkpoint from a bucket that someone else can write to
 could therefore run arbitrary code on load. Our readers (see storage.py) instead:
 
 - unpickle `.metadata` with `RestrictedUnpickler`, which resolves only an allow-list of the

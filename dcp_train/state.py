@@ -14,7 +14,7 @@ The DCP state dict of a checkpoint (DCP flattens nested dicts into dotted keys):
 
 Per-rank keys contain the rank: DCP keeps one copy of identical keys across ranks, so a shared
 key would silently keep one rank's value. Everything that is not a tensor is JSON inside a uint8
-tensor, so loading never needs pickle (no `torch.load(weights_only=False)`).
+tensor, so loading never needs pickle (no `torch.load` with weights_only off).
 """
 
 from __future__ import annotations
