@@ -286,8 +286,9 @@ def test_flipped_byte_in_each_kind_of_file_is_detected(stopped, tmp_path):
 
 def test_verify_false_checks_sizes_only(stopped, tmp_path):
     """--verify_checkpoint false: the manifest no longer catches a flipped shard byte (the
-    tensor is then loaded silently wrong: the price of skipping the CRC-32s), while a flipped
-    `.metadata` byte is still refused by the safe unpickler, and the manifest checks itself."""
+    tensor is then loaded silently wrong: the price of skipping the CRC-32s); a flipped first
+    byte of `.metadata` is still refused by the safe unpickler (for flips anywhere in it see
+    `tests/soak.py --metadata_flips`); the manifest still checks itself."""
     ckpt = copy_stopped(stopped, tmp_path)
     step4 = ckpt / step_name(4)
     original = load_checkpoint(step4, tmp_path)
