@@ -370,7 +370,7 @@ def main() -> None:
                 found = reader_ckpt.find_latest() if rank == 0 else None
                 found = D.broadcast_object(found)
                 assert found is not None, "no checkpoint found"
-                S.load(reader_ckpt.reader(found.path), model, opt, rank, with_rank_entry=True)
+                reader_ckpt.load(found, model, opt, rank, with_rank_entry=True)
 
             loads = {"raw": raw_read, "dcp": dcp_load, "ours": lambda: resume(None),
                      "ours_noverify": lambda: resume(False)}

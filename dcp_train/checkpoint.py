@@ -338,8 +338,14 @@ class Checkpointer:
         meta = S.read_meta(storage.dcp_reader(storage.root))
         return Found(path=storage.root, step=int(meta["step"]), meta=meta)
 
-    def reader(self, path: str):
-        return Storage(path, self.storage.storage_options).dcp_reader(path)
+    def load(self, found: Found, model, optimizer, rank: int, with_rank_entry: bool):
+        """state.load from a found checkpoint; any failure is one CheckpointError (DCP reports
+        a failure on every rank, so all ranks stop with the same message)."""
+        try:
+            reader = Storage(found.path, self.storage.storage_options).dcp_reader(found.path)
+            return S.load(reader, model, optimizer, rank, with_rank_entry)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"loading {found.path} failed: {_cause(e)}") from e
 
 
 def _cause(e: BaseException) -> str:

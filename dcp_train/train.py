@@ -155,7 +155,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     entry = None
     if found is not None:
         same_world = found.meta["world_size"] == info.world_size
-        entry = S.load(ckpt.reader(found.path), model, optimizer, info.rank, same_world)
+        entry = ckpt.load(found, model, optimizer, info.rank, same_world)
         meta = found.meta
         progress = S.Progress(meta["step"], meta["tokens"], meta["val_loss"])
 
