@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 from bench.common import (MODELS, REPO, ChildFailed, describe_model, drop_page_cache,  # noqa: E402
                           model_flags, ratios, read_json, run_child, stats, torchrun)
 from bench.procwatch import run_watched  # noqa: E402
+from dcp_train.metrics import read_metrics  # noqa: E402
 
 GB = 1e9
 
@@ -262,11 +263,6 @@ def has_async_flag() -> bool:
     return "--async_checkpoint" in proc.stdout
 
 
-def read_metrics(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def segments(s) -> list[tuple[int, int]]:
     """Measured segments as (from step line, to step line). Segment j runs from the line of
     step k*j+1 to the line of step k*(j+1)+1: k steps and the save after step k*(j+1). The
@@ -335,7 +331,7 @@ def part_train(a, s, work: Path, results: dict) -> None:
                 marks[name].append(run_watched(torchrun(1, ["-m", "dcp_train.main", *flags]), 1,
                                                a.child_timeout, skip_root=True, env=omp,
                                                log=log))
-                metrics[name].append(read_metrics(d / "log" / "metrics.jsonl"))
+                metrics[name].append(read_metrics(str(d / "log")))
             shutil.rmtree(d, ignore_errors=True)
     results["raw"]["train"] = {"marks": marks, "metrics": metrics, "segments": segments(s),
                                "async_flag": async_ok, "omp_wait_policy": a.omp_wait_policy}

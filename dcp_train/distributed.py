@@ -110,11 +110,6 @@ def all_gather_objects(obj, group=None) -> list:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank."""
-    return any(all_gather_objects(bool(flag)))
-
-
 def barrier() -> None:
     dist.barrier(group=_cpu_group())
 

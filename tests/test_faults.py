@@ -41,7 +41,7 @@ from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_ref
                   run_with_kills)
 
 from dcp_train import manifest as M
-from dcp_train.checkpoint import CheckpointError, Checkpointer
+from dcp_train.checkpoint import CheckpointError, Checkpointer, step_name
 from dcp_train.faults import POINTS
 from dcp_train.safe_metadata import UnsafeCheckpointError, load_metadata
 from dcp_train.storage import Storage
@@ -51,10 +51,6 @@ FAULT_STEP = 4
 ARGS = [*TINY, "--dropout", "0.1", "--batch_size", "4", "--total_batch_size", "512",
         "--max_steps", str(N), "--checkpoint_interval", "2", "--keep_last_n_checkpoints", "1"]
 KEEP_ALL = ["--keep_last_n_checkpoints", "-1"]
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -93,16 +89,6 @@ def stopped(base, data) -> Path:
                   "--log_dir", str(out / "log"), "--checkpoint_dir", str(out / "ckpt")])
     assert sorted(os.listdir(out / "ckpt")) == ["latest", step_name(2), step_name(4)]
     return out / "ckpt"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("s3fs")
-    from servers import start_s3_server
-
-    with start_s3_server() as srv:
-        srv.make_bucket("ckpt")
-        yield srv
 
 
 # ------------------------------------------------------------------------------- helpers
