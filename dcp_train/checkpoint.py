@@ -10,8 +10,9 @@ Saving step s (every rank calls `save`; rank 0 does the single-writer parts):
 
 1. rank 0 picks a random <id> and broadcasts it; every rank writes its own shards into
    `step_XXXXXXXX.tmp-<id>/` with dcp.save (DCP writes `.metadata` last, after all ranks).
-2. every rank hashes the files it wrote; rank 0 writes `manifest.json` (name, size, CRC-32 of
-   every file, plus step and world size) into the temp dir.
+2. every rank has the size and CRC-32 of each file it wrote (computed while writing, see
+   storage.py); rank 0 checks them against a listing of the temp dir and writes
+   `manifest.json` (name, size, CRC-32 of every file, plus step and world size) into it.
 3. commit. A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds
    `manifest.json`.
    - local/file://: `os.rename` of the temp dir (atomic; the manifest is already inside);
@@ -188,11 +189,10 @@ class Checkpointer:
                                  group=group)
         my_files, error = None, None
         try:
-            dcp.save(state_dict, storage_writer=self.storage.dcp_writer(tmp), process_group=group)
+            writer = self.storage.dcp_writer(tmp)
+            dcp.save(state_dict, storage_writer=writer, process_group=group)
             fault_point("after_shards", rank, step)
-            names = [n for n in self.storage.listdir(tmp)
-                     if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
-            my_files = M.hash_files(self.storage, tmp, names)
+            my_files = writer.checksums  # computed while writing (storage.py)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             error = f"saving step {step} to {tmp} failed: {_cause(e)}"
         # every rank learns of any rank's failure, so all stop with the same message
@@ -220,10 +220,10 @@ class Checkpointer:
     def _commit(self, tmp: str, final: str, step: int, per_rank_files: list[dict]) -> int:
         """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
-        on_disk = set(self.storage.listdir(tmp))
-        if set(files) != on_disk:
-            raise CheckpointError(f"files of {tmp} changed while hashing: "
-                                  f"{sorted(on_disk ^ set(files))}")
+        on_disk = self.storage.find(tmp)  # {name: size}: a listing, no file is read
+        if on_disk != {n: size for n, (size, _) in files.items()}:
+            raise CheckpointError(f"files of {tmp} differ from what was written: "
+                                  f"{sorted(set(on_disk.items()) ^ {(n, v[0]) for n, v in files.items()})}")
         self.storage.write_atomic(posixpath.join(tmp, MANIFEST),
                                   M.build(step, len(per_rank_files), files))
         fault_point("before_commit", 0, step)

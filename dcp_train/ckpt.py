@@ -194,8 +194,8 @@ def print_inspect(info: dict) -> None:
             shape = "bytes" if e["shape"] is None else str(e["shape"])
             shards = f"{e['shards']} shards" if e["shards"] > 1 else ""
             print(f"  {key.ljust(width)}  {shape:<14} {e['dtype']:<9} {shards}".rstrip())
-    if "model.lm_head.weight" in entries:
-        print("  (model.lm_head.weight is tied to model.transformer.wte.weight)")
+    if "model.transformer.wte.weight" in entries and "model.lm_head.weight" not in entries:
+        print("  (model.lm_head.weight is tied to model.transformer.wte.weight: stored once)")
     if meta:
         print("\nconfig:")
         print(json.dumps(meta.get("config"), indent=2))

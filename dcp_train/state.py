@@ -2,7 +2,9 @@
 
 The DCP state dict of a checkpoint (DCP flattens nested dicts into dotted keys):
 
-    model.<fqn>                 FSDP2 DTensor shards (get_model_state_dict), reshardable
+    model.<fqn>                 FSDP2 DTensor shards (get_model_state_dict), reshardable; a
+                                parameter reachable under two names (GPT-2's lm_head.weight is
+                                transformer.wte.weight) is stored once, under its first name
     optim.<fqn>.{step,exp_avg,exp_avg_sq}
                                 AdamW state (get_optimizer_state_dict); param_groups are not
                                 saved: hyperparameters come from the flags, the LR from the step
@@ -53,10 +55,23 @@ def tensor_json(t: torch.Tensor):
     return json.loads(bytes(t.numpy().tobytes()).decode())
 
 
+def tied_aliases(model) -> dict[str, str]:
+    """{alias: name} of parameters registered under more than one name (weight tying)."""
+    first, aliases = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def build(model, optimizer, progress: Progress, loader, rank: int, world_size: int,
           samples_per_step: int, config: dict) -> dict:
     """The state dict this rank hands to dcp.save."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    for alias in tied_aliases(model):
+        del model_sd[alias]
     rng_tensors, rng_plain = rng.capture()
     meta = {"format_version": FORMAT_VERSION, **asdict(progress), "world_size": world_size,
             "samples_per_step": samples_per_step, "global_sample_cursor":
@@ -89,14 +104,17 @@ def load(reader, model, optimizer, rank: int, with_rank_entry: bool) -> Optional
     RNG/loader entry (train.py reseeds and rebuilds the loader from the global position).
     """
     model_sd, optim_sd = get_state_dict(model, optimizer)  # templates; initialises AdamW state
-    sd = {"model": model_sd, "optim": optim_sd["state"]}
+    aliases = tied_aliases(model)
+    sd = {"model": {k: v for k, v in model_sd.items() if k not in aliases},
+          "optim": optim_sd["state"]}
     entry_keys = []
     if with_rank_entry:
         metadata = reader.read_metadata()
         prefix = rank_key(rank) + "."
         entry_keys = [k[len(prefix):] for k in metadata.state_dict_metadata if k.startswith(prefix)]
         sd[rank_key(rank)] = {k: _template(metadata, prefix + k) for k in entry_keys}
-    dcp.load(sd, storage_reader=reader)
+    dcp.load(sd, storage_reader=reader)  # an older checkpoint's stored alias is not read
+    sd["model"].update({alias: sd["model"][name] for alias, name in aliases.items()})
     set_state_dict(model, optimizer, model_state_dict=sd["model"],
                    optim_state_dict={"state": sd["optim"],
                                      "param_groups": optim_sd["param_groups"]})

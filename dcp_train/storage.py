@@ -24,7 +24,12 @@ Atomicity.
   existence check, because other processes (ranks) write to the same prefix.
 
 DCP (torch 2.13). Local paths use FileSystemWriter/FileSystemReader (sync_files=True:
-each file is fsynced). Remote paths use subclasses of the fsspec ones in
+each file is fsynced). Every writer checksums what it writes on the way out: DCP opens each
+file through its FileSystem's `create_stream`, and ours wraps that stream so every byte is
+fed to CRC-32 as it is written, on a helper thread that runs while the write itself does
+(zlib and file writes both release the GIL). `writer.checksums` then maps each file this
+process wrote to [size, crc32 hex], which is what manifest.json records; no second pass over
+the bytes. Remote paths use subclasses of the fsspec ones in
 torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
 - storage options: DCP calls `writer.reset(checkpoint_id)`, which rebuilds the
   filesystem from the URL alone and drops options given to the writer; ours keeps them,
@@ -49,13 +54,18 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import threading
 import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS
 
 from dcp_train.safe_metadata import SafeMetadataReader
 
@@ -228,9 +238,10 @@ class Storage:
 
     def dcp_writer(self, path: str, **kwargs):
         """A DCP StorageWriter for directory `path`; kwargs go to the writer
-        (thread_count, single_file_per_rank, ...)."""
+        (thread_count, single_file_per_rank, ...). After dcp.save, `writer.checksums` is
+        {file name: [size, crc32 hex]} of the files this process wrote."""
         if self.is_local:
-            return FileSystemWriter(path, sync_files=True, **kwargs)
+            return _LocalWriter(path, **kwargs)
         return _RemoteWriter(path, self.storage_options, **kwargs)
 
     def dcp_reader(self, path: str):
@@ -247,6 +258,83 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_CRC_INLINE = 1 << 20  # smaller writes are checksummed on the writing thread
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
+
+
+def _crc_executor() -> ThreadPoolExecutor:
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(4, thread_name_prefix="dcp_train-crc")
+        return _crc_pool
+
+
+class _CrcStream:
+    """A write-only file wrapper that computes the CRC-32 of everything written through it.
+    A large write is checksummed on a helper thread while the underlying write runs; both
+    finish before write() returns, so the caller may reuse its buffer at once."""
+
+    def __init__(self, stream):
+        self._stream, self.crc, self.size = stream, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes < _CRC_INLINE:
+            self.crc = zlib.crc32(view, self.crc)
+            written = self._stream.write(data)
+        else:
+            crc = _crc_executor().submit(zlib.crc32, view, self.crc)
+            written = self._stream.write(data)
+            self.crc = crc.result()
+        self.size += view.nbytes
+        return written
+
+    def __getattr__(self, name):  # tell, flush, fileno, close, ...
+        return getattr(self._stream, name)
+
+
+class _Checksums:
+    """Mixin for DCP's FileSystem classes: `checksums` {file name: [size, crc32 hex]} of
+    every file written through create_stream (recorded once the file is closed)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checksums: dict[str, list] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            wrapped = _CrcStream(stream)
+            yield wrapped
+        self.checksums[posixpath.basename(str(path))] = [wrapped.size, f"{wrapped.crc:08x}"]
+
+    def rename(self, path, new_path) -> None:  # DCP: .metadata.tmp -> .metadata
+        super().rename(path, new_path)
+        old = posixpath.basename(str(path))
+        if old in self.checksums:
+            self.checksums[posixpath.basename(str(new_path))] = self.checksums.pop(old)
+
+
+class _ChecksummingLocalFS(_Checksums, _LocalFS):
+    pass
+
+
+class _LocalWriter(FileSystemWriter):
+    def __init__(self, path: str, **kwargs):
+        super().__init__(path, sync_files=True, **kwargs)
+        self.fs = _ChecksummingLocalFS()
+
+    @property
+    def checksums(self) -> dict[str, list]:
+        return self.fs.checksums
 
 
 class _RemoteFS(_FsspecFS):
@@ -266,11 +354,19 @@ class _RemoteFS(_FsspecFS):
         self.fs.rm_file(path)
 
 
+class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
+    pass
+
+
 class _RemoteWriter(FsspecWriter):
     def __init__(self, path: str, storage_options: dict, **kwargs):
         kwargs.setdefault("sync_files", False)
         super().__init__(path, **kwargs, **storage_options)
-        self.fs = _RemoteFS(self.fs.fs, storage_options)
+        self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
+
+    @property
+    def checksums(self) -> dict[str, list]:
+        return self.fs.checksums
 
 
 class _LocalReader(SafeMetadataReader, FileSystemReader):

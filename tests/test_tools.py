@@ -121,7 +121,7 @@ def test_inspect(run, capsys):
 
     rc, out = tool(capsys, "inspect", run / "ckpt" / STEP3)
     assert rc == 0 and out.startswith(f"checkpoint {run / 'ckpt' / STEP3}\nstep 3 |")
-    for text in ("model: 29 entries", "per-rank: 4 entries", "rank_00001.torch_cpu",
+    for text in ("model: 28 entries", "per-rank: 4 entries", "rank_00001.torch_cpu",
                  "tied to model.transformer.wte.weight", "config:", '"max_steps": 6'):
         assert text in out
 
@@ -283,7 +283,8 @@ def test_s3_checkpoint(run, reference, s3, tmp_path, capsys):
     rc, out = tool(capsys, *opts, "inspect", url, "--json")
     info = json.loads(out)
     assert rc == 0 and info["path"] == f"{url}/{STEP6}" and info["meta"]["step"] == 6
-    assert info["entries"]["model.lm_head.weight"]["shape"] == [512, 64]
+    assert info["entries"]["model.transformer.wte.weight"]["shape"] == [512, 64]
+    assert "model.lm_head.weight" not in info["entries"]  # tied: stored once
 
     model, cfg = reference
     rc, text = tool(capsys, *opts, "export", url, "--out", tmp_path / "m.pt")
