@@ -8,21 +8,20 @@ Every repetition runs each way once, in a rotated order, on the same state and f
                   write + fsync (object store: one fsspec pipe_file per rank)
           dcp     bare dcp.save with the writer our Storage hands out (FileSystemWriter,
                   sync_files=True; the fsspec writer for URLs)
-          ours    dcp_train.checkpoint.Checkpointer.save: temp dir, dcp.save, sha256 of every
-                  file, manifest, rename, `latest`, retention
+          ours    dcp_train.checkpoint.Checkpointer.save: temp dir, dcp.save (CRC-32 of every
+                  file computed while writing), manifest, rename, `latest`, retention
           async   (if Checkpointer.save takes asynchronous=) the same save in the background:
                   `blocked` is the time save() held the caller (staging copy), `total` the
                   time until it was committed; one Checkpointer over all repetitions, so its
                   staging buffers are reused as in training (an untimed warm-up save first)
-          inline_sha256, inline_crc32  (--whatif) bare dcp.save through bench/whatif.py's
-                  writer, which checksums each file while writing it (no second pass)
           gather  (--gather) the original guide's way: full state dict gathered to rank 0
                   (get_state_dict full_state_dict + cpu_offload), one torch.save + fsync
   reads   raw     each rank reads its raw file back with one readinto (local only)
           dcp     bare dcp.load into the model/optimizer state dict (local only)
-          ours    the trainer's resume path: Checkpointer.find_latest on rank 0 (with its
-                  default verification, which may re-hash every file), broadcast, state.load
-                  (get_state_dict templates, dcp.load, set_state_dict)
+          ours    the trainer's resume path: Checkpointer.find_latest(defer=True) on rank 0
+                  (manifest, sizes, CRC-32 of .metadata), broadcast, Checkpointer.load
+                  (dcp.load into the model and optimizer while each rank checks the CRC-32s
+                  of its share of the files)
           ours_noverify  the same with Checkpointer(verify=False), if it has that option
 
 A time is wall clock from a barrier before the operation to a barrier after it (the slowest
@@ -33,7 +32,6 @@ are cold-cache reads (the result says whether that worked). Rank 0 writes the re
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import inspect
 import json
@@ -49,7 +47,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from bench.common import drop_page_cache, model_config
-from bench.whatif import HashingFileSystemWriter
 from dcp_train import distributed as D
 from dcp_train import state as S
 from dcp_train.checkpoint import Checkpointer
@@ -65,10 +62,10 @@ class _NoLoader:
         return {}
 
 
-# Phase timers, reset before each timed operation. sha256 hashing is timed where it happens:
-# Checkpointer._hash_own_files (older checkpoint.py) or dcp_train.manifest.hash_files (newer;
-# used for hashing after a save and for verification on load). The wrapper is put on the
-# module attribute in this benchmark process only; no file of dcp_train is changed.
+# Phase timers, reset before each timed operation. CRC-32 verification is timed where it
+# happens, in dcp_train.manifest.hash_files (on resume it runs at the same time as the load).
+# The wrapper is put on the module attribute in this benchmark process only; no file of
+# dcp_train is changed.
 PHASES: dict[str, float] = {}
 
 
@@ -82,23 +79,15 @@ def _timing(name: str, fn):
     return wrapper
 
 
-try:
-    from dcp_train import manifest as _manifest
-    _manifest.hash_files = _timing("hash", _manifest.hash_files)
-except (ImportError, AttributeError):
-    pass
+from dcp_train import manifest as _manifest
+_manifest.hash_files = _timing("hash", _manifest.hash_files)
 
 HAS_ASYNC = "asynchronous" in inspect.signature(Checkpointer.save).parameters  # local dirs only
 HAS_VERIFY = "verify" in inspect.signature(Checkpointer.__init__).parameters
 
 
 class TimedCheckpointer(Checkpointer):
-    """Our Checkpointer, unchanged, with phases timed where its methods still exist (a renamed
-    method simply leaves its phase unmeasured)."""
-
-    if hasattr(Checkpointer, "_hash_own_files"):
-        def _hash_own_files(self, *args, **kwargs):
-            return _timing("hash", super()._hash_own_files)(*args, **kwargs)
+    """Our Checkpointer, unchanged, with phases timed."""
 
     def _commit(self, *args, **kwargs):
         return _timing("commit", super()._commit)(*args, **kwargs)
@@ -148,8 +137,6 @@ def main() -> None:
     p.add_argument("--gather", action="store_true", help="also gather + torch.save on rank 0")
     p.add_argument("--no_load", action="store_true", help="writes only")
     p.add_argument("--hash_probe", action="store_true", help="time sha256/blake2b/crc32 in memory")
-    p.add_argument("--whatif", action="store_true",
-                   help="also bare dcp.save with sha256 / crc32 computed while writing")
     args = p.parse_args()
 
     t_setup = time.perf_counter()
@@ -273,9 +260,6 @@ def main() -> None:
     if HAS_ASYNC and local:
         result["write"]["async_blocked"] = []
         result["write"]["async_total"] = []
-    whatif = ["inline_sha256", "inline_crc32"] if args.whatif and local else []
-    for name in whatif:
-        result["write"][name] = []
     reads = ["raw", "dcp", "ours"] + (["ours_noverify"] if HAS_VERIFY else [])
     if local and not args.no_load:
         result["read"] = {name: [] for name in reads}
@@ -324,18 +308,7 @@ def main() -> None:
                     os.fsync(f.fileno())
                 result["gather_bytes"] = os.path.getsize(path)
 
-        def inline_save(algo: str) -> None:
-            path = st.join(f"inline_{algo}")
-            writer = HashingFileSystemWriter(path, algo)
-            dcp.save(sd, storage_writer=writer)
-            if rep == 0 and algo == "sha256":  # the digests must be those of the files
-                for name, (size, digest) in writer.digests.items():
-                    with open(os.path.join(path, name), "rb") as f:
-                        assert hashlib.sha256(f.read()).hexdigest() == digest, name
-                    assert os.path.getsize(os.path.join(path, name)) == size, name
-
         writes = [("raw", raw_write), ("dcp", dcp_save), ("ours", ours_save)]
-        writes += [(name, functools.partial(inline_save, name.split("_")[1])) for name in whatif]
         if HAS_ASYNC and local:
             writes.append(("async", async_save))
         if args.gather:
@@ -367,10 +340,11 @@ def main() -> None:
 
             def resume(verify) -> None:
                 reader_ckpt = make_checkpointer(ours_root, so, rank=-1, verify=verify)
-                found = reader_ckpt.find_latest() if rank == 0 else None
+                found = reader_ckpt.find_latest(defer=True) if rank == 0 else None
                 found = D.broadcast_object(found)
                 assert found is not None, "no checkpoint found"
-                reader_ckpt.load(found, model, opt, rank, with_rank_entry=True)
+                _, problem = reader_ckpt.load(found, model, opt, rank, ws, with_rank_entry=True)
+                assert problem is None, problem
 
             loads = {"raw": raw_read, "dcp": dcp_load, "ours": lambda: resume(None),
                      "ours_noverify": lambda: resume(False)}

@@ -121,7 +121,6 @@ def part_save(a, s, work: Path, results: dict) -> None:
             args.append("--gather")
         if ws == s["world_sizes"][0]:
             args.append("--hash_probe")
-        args.append("--whatif")
         log(f"[save/load] {s['ckpt_model']} at {ws} rank(s), {s['reps']} reps")
         run_child(torchrun(ws, args), ws, timeout=a.child_timeout, log=log)
         results["raw"][f"ckpt_ws{ws}"] = read_json(out)
@@ -141,18 +140,11 @@ def save_rows(s, results: dict) -> list:
         raw_w = t_and_bw(w["raw"], n_data)
         rows.append(row("1 save", f"Checkpointer.save vs raw write, {tag}", w["ours"], w["raw"],
                         ">=", 0.8, raw_w, t_and_bw(w["ours"], n),
-                        f"write {fmt_bytes(n)} + re-read {fmt_bytes(n)} (sha256)",
+                        f"write {fmt_bytes(n)} (CRC-32 while writing)",
                         note=phase_note(r, "ours_save")))
         rows.append(row("1 save", f"bare dcp.save vs raw write, {tag}", w["dcp"], w["raw"],
                         ">=", 0.8, raw_w, t_and_bw(w["dcp"], n), f"write {fmt_bytes(n)}",
                         note="reference: DCP itself"))
-        for algo in ("sha256", "crc32"):
-            if w.get(f"inline_{algo}"):
-                rows.append(row("1 save", f"what-if: dcp.save with {algo} computed while writing "
-                                f"vs raw write, {tag}", w[f"inline_{algo}"], w["raw"], ">=", 0.8,
-                                raw_w, t_and_bw(w[f"inline_{algo}"], n), f"write {fmt_bytes(n)}",
-                                note="what a hash-on-write Checkpointer would cost "
-                                     "(bench/whatif.py)"))
         if w.get("async_blocked"):
             rows.append(row("3 async", f"async Checkpointer.save: seconds blocked / sync "
                             f"Checkpointer.save, {tag}", w["async_blocked"], w["ours"], "<=",
@@ -165,11 +157,10 @@ def save_rows(s, results: dict) -> list:
         if rd:
             cache = "cold page cache" if cold else "WARM page cache (drop_caches failed)"
             raw_r = t_and_bw(rd["raw"], n_data)
-            rows.append(row("2 load", f"resume (find_latest + state.load) vs raw read, {tag}",
+            rows.append(row("2 load", f"resume with verification vs raw read, {tag}",
                             rd["ours"], rd["raw"], ">=", 0.8, raw_r, t_and_bw(rd["ours"], n),
-                            f"read {fmt_bytes(n)}" + (f" + {fmt_bytes(n)} again (verify)"
-                                                      if has_phase(r, "ours_load", "hash") else ""),
-                            note=f"{cache}; " + phase_note(r, "ours_load")))
+                            f"read {fmt_bytes(n)} by dcp.load and, at the same time, by the "
+                            "CRC-32 check", note=f"{cache}; " + phase_note(r, "ours_load")))
             if rd.get("ours_noverify"):
                 rows.append(row("2 load", f"resume with verify=False vs raw read, {tag}",
                                 rd["ours_noverify"], rd["raw"], ">=", 0.8, raw_r,
@@ -193,14 +184,11 @@ def save_rows(s, results: dict) -> list:
     return rows
 
 
-def has_phase(r: dict, op: str, key: str) -> bool:
-    return any(v > 0 for v in r.get("phases", {}).get(op, {}).get(key, []))
-
-
 def phase_note(r: dict, op: str) -> str:
-    """'of which sha256 1.7 s, commit 0.01 s' (medians of the slowest rank's phase times)."""
+    """'of which commit 0.01 s, ...' (medians of the slowest rank's phase times)."""
     ph = r.get("phases", {}).get(op, {})
-    names = {"hash": "sha256", "commit": "commit", "check": "find_latest check"}
+    names = {"hash": "CRC-32 check (overlaps the load)", "commit": "commit",
+             "check": "discovery"}
     parts = [f"{names[k]} {statistics.median(ph[k]):.2f} s" for k in ("hash", "check", "commit")
              if ph.get(k)]
     return ("of which " + ", ".join(parts)) if parts else ""
@@ -248,8 +236,7 @@ def s3_rows(s, results: dict) -> list:
     return [
         row("4 S3", "Checkpointer.save to S3 vs fsspec put, 1 rank", w["ours"], w["raw"], ">=",
             0.7, t_and_bw(w["raw"], n_data), t_and_bw(w["ours"], n),
-            f"upload {fmt_bytes(n)}, download {fmt_bytes(n)} (sha256), server-side copy "
-            f"{fmt_bytes(n)} (rename), delete", note=f"model {s['s3_model']}: moto_server "
+            f"upload {fmt_bytes(n)}, server-side copy {fmt_bytes(n)} (rename), delete", note=f"model {s['s3_model']}: moto_server "
             "is a single Python process, ~20 MB/s here"),
         row("4 S3", "bare dcp.save to S3 vs fsspec put, 1 rank", w["dcp"], w["raw"], ">=", 0.7,
             t_and_bw(w["raw"], n_data), t_and_bw(w["dcp"], n), f"upload {fmt_bytes(n)}",
@@ -424,18 +411,19 @@ def profile_lines(results: dict) -> list[str]:
         med = statistics.median
         save = ph.get("ours_save", {})
         if w.get("ours"):
-            tot, h, c = med(w["ours"]), med(save.get("hash", [0])), med(save.get("commit", [0]))
+            tot, c = med(w["ours"]), med(save.get("commit", [0]))
             lines.append(f"- {key} ({r['model']}, {fmt_bytes(r['bytes']['total'])}): "
-                         f"Checkpointer.save {tot:.2f} s = dcp.save + collectives "
-                         f"{tot - h - c:.2f} s + sha256 re-read {h:.2f} s + commit (manifest, "
+                         f"Checkpointer.save {tot:.2f} s = dcp.save with CRC-32 + collectives "
+                         f"{tot - c:.2f} s + commit (manifest, "
                          f"rename, latest, retention) {c:.2f} s; bare dcp.save "
                          f"{med(w['dcp']):.2f} s; raw write {med(w['raw']):.2f} s")
         load = ph.get("ours_load", {})
         if r.get("read", {}).get("ours"):
             tot, chk = med(r["read"]["ours"]), med(load.get("check", [0]))
-            lines.append(f"  resume {tot:.2f} s = find_latest check {chk:.2f} s (of which "
-                         f"sha256 {med(load.get('hash', [0])):.2f} s) + state.load and the rest "
-                         f"{tot - chk:.2f} s; bare dcp.load {med(r['read']['dcp']):.2f} s; raw "
+            lines.append(f"  resume {tot:.2f} s = discovery {chk:.2f} s + Checkpointer.load "
+                         f"{tot - chk:.2f} s (its CRC-32 check, at the same time, "
+                         f"{med(load.get('hash', [0])):.2f} s); bare dcp.load "
+                         f"{med(r['read']['dcp']):.2f} s; raw "
                          f"read {med(r['read']['raw']):.2f} s")
         if r.get("hash_probe_bytes_per_s"):
             p = r["hash_probe_bytes_per_s"]

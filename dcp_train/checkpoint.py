@@ -29,6 +29,14 @@ Saving step s (every rank calls `save`; rank 0 does the single-writer parts):
 Discovery (rank 0 decides, every rank gets the same answer): trust `latest` if it names a valid
 committed dir; otherwise fall back to the highest committed `step_XXXXXXXX` (parsed from the name
 with an anchored pattern, never from file times) and say why.
+
+Verification on resume. "Valid" means the manifest checks itself, names exactly the files present
+with their sizes, and every file's CRC-32 matches. Reading every byte only to check it would
+double the cost of a resume, so the trainer splits the work: discovery (`defer=True`) checks
+everything but the CRC-32s of the shard files, then `load` checks those while DCP reads the same
+files (the page cache serves both), each rank a share of the files. If that finds damage, the
+trainer loads the next candidate that discovery offers (or stops, for an explicit
+--checkpoint_path); the state loaded from the damaged dir is overwritten.
 """
 
 from __future__ import annotations
@@ -68,7 +76,9 @@ class Found:
     path: str  # full path/URL of the step dir
     step: int
     meta: dict
+    files: dict  # manifest.json's {name: {"size", "crc32"}}
     note: str = ""  # why this one was chosen, when it was not simply `latest`
+    discovered: bool = True  # chosen by discovery (so it may fall back), not named by the user
 
 
 def step_name(step: int) -> str:
@@ -277,18 +287,26 @@ class Checkpointer:
         return self.storage.read_bytes(path).decode(errors="replace").strip()
 
     @_reading
-    def find_latest(self) -> Optional[Found]:
-        """Rank 0: the checkpoint to auto-resume from, or None if there is none."""
+    def find_latest(self, defer: bool = False, rejected: Optional[dict] = None
+                    ) -> Optional[Found]:
+        """Rank 0: the checkpoint to auto-resume from, or None if there is none.
+        defer: see `check`. rejected: {dir name: problem} of dirs that `load` found damaged;
+        they are passed over (and named in the note)."""
         if not self.storage.exists(self.root):
             return None
+        rejected = rejected or {}
+
+        def problem_of(name: str) -> Optional[str]:
+            return rejected.get(name) or self.check(self.storage.join(name), defer)
+
         committed, _ = self._scan()
         note, checked = "", None
         latest = self._read_latest_name()
         if latest is not None:
             if STEP_RE.match(latest) and latest in committed.values():
-                problem = self.check(self.storage.join(latest))
+                problem = problem_of(latest)
                 if problem is None:
-                    return self._found(self.storage.join(latest), "")
+                    return self._found(self.storage, self.storage.join(latest), "")
                 note, checked = f"`latest` names {latest}, which is invalid ({problem})", latest
             else:
                 note = f"`latest` holds {latest[:60]!r}, which is not a committed step dir"
@@ -297,29 +315,41 @@ class Checkpointer:
         for step in sorted(committed, reverse=True):
             if committed[step] == checked:
                 continue  # just found invalid (a full verification re-reads every byte)
-            path = self.storage.join(committed[step])
-            problem = self.check(path)
+            problem = problem_of(committed[step])
             if problem is None:
-                return self._found(path, note + f"; falling back to {committed[step]}")
+                return self._found(self.storage, self.storage.join(committed[step]),
+                                   note + f"; falling back to {committed[step]}")
             note += f"; {committed[step]} is invalid ({problem})"
         if note:
             raise CheckpointError(f"no valid checkpoint in {self.root}: {note.lstrip('; ')}; "
                                   "move the directory away to start fresh")
         return None
 
-    def _found(self, path: str, note: str) -> Found:
-        meta = S.read_meta(self.storage.dcp_reader(path))
-        return Found(path=path, step=int(meta["step"]), meta=meta, note=note)
+    @_reading
+    def fall_back(self, found: Found, rejected: dict) -> Found:
+        """Rank 0: after `load` found the discovered `found` damaged, the next checkpoint that
+        discovery offers in its dir; rejected: {dir name: problem} of all found damaged."""
+        return Checkpointer(posixpath.dirname(found.path), self.storage.storage_options,
+                            verify=self.verify).find_latest(defer=True, rejected=rejected)
 
-    def check(self, path: str) -> Optional[str]:
+    @staticmethod
+    def _found(storage: Storage, path: str, note: str, discovered: bool = True) -> Found:
+        meta = S.read_meta(storage.dcp_reader(path))
+        return Found(path=path, step=int(meta["step"]), meta=meta,
+                     files=M.read(storage, path)["files"], note=note, discovered=discovered)
+
+    def check(self, path: str, defer: bool = False) -> Optional[str]:
         """None if `path` is a complete, intact committed checkpoint, else what is wrong.
-        With verification on (the default) every file's CRC-32 is checked too."""
-        found = M.problems(self.storage, path, deep=self.verify)
+        With verification on (the default) every file's CRC-32 is checked too; with `defer`,
+        only `.metadata`'s (the small file read first), the others are left to `load`."""
+        deep = self.verify and ((METADATA,) if defer else True)
+        found = M.problems(self.storage, path, deep=deep)
         return "; ".join(found) if found else None
 
     @_reading
-    def open_checkpoint(self, path: str) -> Found:
-        """Rank 0: a checkpoint the user named with --checkpoint_path; errors if invalid."""
+    def open_checkpoint(self, path: str, defer: bool = False) -> Found:
+        """Rank 0: a checkpoint the user named with --checkpoint_path; errors if invalid.
+        defer: see `check`."""
         path = path.rstrip("/")
         storage = Storage(path, self.storage.storage_options)
         if not storage.exists(storage.root):
@@ -327,25 +357,67 @@ class Checkpointer:
         if storage.exists(storage.join(LATEST)) and not storage.exists(storage.join(MANIFEST)):
             # a checkpoint dir was given: resolve its `latest`
             found = Checkpointer(path, self.storage.storage_options,
-                                 verify=self.verify).find_latest()
+                                 verify=self.verify).find_latest(defer)
             if found is None:
                 raise CheckpointError(f"--checkpoint_path {path} holds no committed checkpoint")
             return found
         problem = Checkpointer(path, self.storage.storage_options, verify=self.verify).check(
-            storage.root)
+            storage.root, defer)
         if problem is not None:
-            raise CheckpointError(f"--checkpoint_path {path} is not a usable checkpoint: {problem}")
-        meta = S.read_meta(storage.dcp_reader(storage.root))
-        return Found(path=storage.root, step=int(meta["step"]), meta=meta)
+            raise CheckpointError(unusable(path, problem))
+        return self._found(storage, storage.root, "", discovered=False)
 
-    def load(self, found: Found, model, optimizer, rank: int, with_rank_entry: bool):
-        """state.load from a found checkpoint; any failure is one CheckpointError (DCP reports
-        a failure on every rank, so all ranks stop with the same message)."""
+    def load(self, found: Found, model, optimizer, rank: int, world_size: int,
+             with_rank_entry: bool) -> tuple[Optional[dict], Optional[str]]:
+        """Collective: load model and optimizer in place from `found`, and with verification
+        on check every file's CRC-32 meanwhile, each rank a share of the files on background
+        threads. Returns (this rank's entry (state.load), None), or (None, what is damaged):
+        then the model and optimizer hold whatever was read and the caller loads another
+        checkpoint or stops. Any other failure is one CheckpointError on every rank."""
+        storage = Storage(found.path, self.storage.storage_options)
+        checking = None
+        if self.verify:
+            mine = {n: found.files[n] for n in _share(found.files, world_size)[rank]}
+            checking = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-verify").submit(
+                M.corrupt, storage, found.path, mine)
+        entry, error = None, None
         try:
-            reader = Storage(found.path, self.storage.storage_options).dcp_reader(found.path)
-            return S.load(reader, model, optimizer, rank, with_rank_entry)
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading {found.path} failed: {_cause(e)}") from e
+            entry = S.load(storage.dcp_reader(found.path), model, optimizer, rank,
+                           with_rank_entry)
+        except (Exception, CheckpointException) as e:  # on every rank: DCP's load is collective
+            error = f"loading {found.path} failed: {_cause(e)}"
+        problems = []
+        if checking is not None:
+            try:
+                problems = checking.result()
+            except Exception as e:
+                error = error or f"verifying {found.path} failed: {_cause(e)}"
+        gathered = D.all_gather_objects((problems, error))
+        problems = sorted(p for ps, _ in gathered for p in ps)
+        if problems:  # damage explains a failed load too
+            return None, "; ".join(problems)
+        errors = [err for _, err in gathered if err]
+        if errors:
+            raise CheckpointError(errors[0])
+        return entry, None
+
+
+METADATA = ".metadata"  # DCP's small index file, read before any shard
+
+
+def unusable(path: str, problem: str) -> str:
+    return f"--checkpoint_path {path} is not a usable checkpoint: {problem}"
+
+
+def _share(files: dict, world_size: int) -> list[list[str]]:
+    """Split the files of a step dir into `world_size` lists of about equal bytes (largest
+    first, each to the least loaded rank); the same answer on every rank."""
+    shares, loads = [[] for _ in range(world_size)], [0] * world_size
+    for name in sorted(files, key=lambda n: (-files[n]["size"], n)):
+        r = loads.index(min(loads))
+        shares[r].append(name)
+        loads[r] += files[name]["size"]
+    return shares
 
 
 def _cause(e: BaseException) -> str:

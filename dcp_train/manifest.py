@@ -15,8 +15,9 @@ checkpoint: with sha256 the re-read cost 40% of a save). A cryptographic hash wo
 nothing against a deliberate attacker: the manifest is not signed, so whoever can rewrite a
 shard can rewrite the manifest too; the defence there is safe_metadata.py (nothing in a
 checkpoint is ever unpickled beyond DCP's metadata classes). zlib releases the GIL, so the
-files of a step dir are checked on several threads at once. Each rank checksums the files it
-wrote right after writing them; verification on load reads every file once more.
+files of a step dir are checked on several threads at once. Each rank computes the checksums
+of the files it writes while writing them (storage.py); on resume, verification reads every
+file once more, shared across ranks and at the same time as DCP's own read (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -85,15 +86,28 @@ def read(storage: Storage, dir_path: str) -> dict:
     return manifest
 
 
-def problems(storage: Storage, dir_path: str, deep: bool = True) -> list[str]:
+def corrupt(storage: Storage, dir_path: str, files: dict[str, dict]) -> list[str]:
+    """A line for each of `files` ({name: manifest entry}) whose CRC-32 differs."""
+    found = []
+    for n, (_, digest) in hash_files(storage, dir_path, sorted(files)).items():
+        if digest != files[n]["crc32"]:
+            found.append(f"file {n} is corrupt (crc32 {digest}, manifest.json says "
+                         f"{files[n]['crc32']})")
+    return found
+
+
+def problems(storage: Storage, dir_path: str, deep=True, manifest: dict | None = None
+             ) -> list[str]:
     """What is wrong with committed step dir `dir_path`; [] means intact.
 
     Always: the manifest itself, its step against the dir name, missing/extra files, sizes.
-    deep=True also recomputes every file's CRC-32 (a flipped byte anywhere is found)."""
-    try:
-        manifest = read(storage, dir_path)
-    except ManifestError as e:
-        return [str(e)]
+    deep=True also recomputes every file's CRC-32 (a flipped byte anywhere is found); a
+    collection of names recomputes those files' only. `manifest`: already read by the caller."""
+    if manifest is None:
+        try:
+            manifest = read(storage, dir_path)
+        except ManifestError as e:
+            return [str(e)]
     files, found = manifest["files"], []
     name = posixpath.basename(dir_path.rstrip("/"))
     m = STEP_RE.match(name)
@@ -109,9 +123,6 @@ def problems(storage: Storage, dir_path: str, deep: bool = True) -> list[str]:
     found += [f"file {n} has {sizes[n]} bytes, manifest.json says {files[n]['size']}"
               for n in names if sizes[n] != files[n]["size"]]
     if deep:
-        same_size = [n for n in names if sizes[n] == files[n]["size"]]
-        for n, (_, digest) in hash_files(storage, dir_path, same_size).items():
-            if digest != files[n]["crc32"]:
-                found.append(f"file {n} is corrupt (crc32 {digest}, manifest.json says "
-                             f"{files[n]['crc32']})")
+        found += corrupt(storage, dir_path, {n: files[n] for n in names if sizes[n] ==
+                                             files[n]["size"] and (deep is True or n in deep)})
     return found

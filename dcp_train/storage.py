@@ -200,8 +200,8 @@ class Storage:
     def rename_dir(self, src: str, dst: str, last: tuple[str, ...] = ()) -> None:
         """Move directory `src` to `dst`, which must not exist.
 
-        Local: one atomic os.rename. Object store: copy each object (files named in
-        `last`, relative to src, go after all others), then delete the sources.
+        Local: one atomic os.rename. Object store: copy each object server side (files named
+        in `last`, relative to src, go after all others), then delete the sources.
         """
         if self.is_local:
             if os.path.exists(dst):
@@ -214,7 +214,11 @@ class Storage:
             raise FileNotFoundError(src)
         if self.find(dst):
             raise FileExistsError(dst)
-        for rel in sorted(files, key=lambda r: (r in last, r)):
+        first = sorted(r for r in files if r not in last)
+        if first:  # one call: async stores (s3fs, gcsfs) run the copies concurrently
+            self.fs.copy([posixpath.join(src, r) for r in first],
+                         [posixpath.join(dst, r) for r in first])
+        for rel in [r for r in last if r in files]:
             self.fs.cp_file(posixpath.join(src, rel), posixpath.join(dst, rel))
         self._rm_remote(src, files)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import posixpath
 import time
 
 import torch
@@ -18,7 +19,7 @@ from torch.nn.utils import clip_grad_norm_
 from dcp_train import distributed as D
 from dcp_train import rng
 from dcp_train import state as S
-from dcp_train.checkpoint import CheckpointError, Checkpointer, Found
+from dcp_train.checkpoint import CheckpointError, Checkpointer, Found, unusable
 from dcp_train.config import Config, ConfigError, grad_accum_steps
 from dcp_train.data import (DataError, TokenShards, build_train_loader, find_shards,
                             val_batches)
@@ -48,23 +49,60 @@ def check_compatible(saved: dict, cfg: Config) -> None:
                           "); pass the same --preset/dimension flags or another --checkpoint_dir")
 
 
-def find_resume_point(cfg: Config, ckpt: Checkpointer, info: D.DistInfo) -> Found | None:
-    """Rank 0 decides which checkpoint to resume from; every rank gets the same answer."""
+def check_resumable(found: Found, cfg: Config, samples_per_step: int) -> None:
+    check_compatible(found.meta, cfg)
+    if found.meta["samples_per_step"] != samples_per_step:
+        raise ConfigError(f"checkpoint used {found.meta['samples_per_step']} samples per "
+                          f"step, the flags give {samples_per_step}; keep --total_batch_size "
+                          "and --seq_len of the saved run")
+
+
+def on_rank0(info: D.DistInfo, fn):
+    """fn() on rank 0 only; every rank gets its result, or raises its exception."""
     answer = None
     if info.is_main:
         try:
-            ckpt.probe()  # an unreachable endpoint or a missing bucket fails here, not at a save
-            ckpt.check_lease()  # another live run writes here: refuse before reading its dirs
-            if cfg.resume:
-                answer = ckpt.open_checkpoint(cfg.checkpoint_path)
-            elif cfg.auto_resume:
-                answer = ckpt.find_latest()
+            answer = fn()
         except Exception as e:
             answer = e
     answer = D.broadcast_object(answer)
     if isinstance(answer, Exception):
         raise answer
     return answer
+
+
+def find_resume_point(cfg: Config, ckpt: Checkpointer, info: D.DistInfo) -> Found | None:
+    """Rank 0 decides which checkpoint to resume from; every rank gets the same answer. The
+    CRC-32s of its shard files are checked later, while loading (Checkpointer.load)."""
+    def decide():
+        ckpt.probe()  # an unreachable endpoint or a missing bucket fails here, not at a save
+        ckpt.check_lease()  # another live run writes here: refuse before reading its dirs
+        if cfg.resume:
+            return ckpt.open_checkpoint(cfg.checkpoint_path, defer=True)
+        if cfg.auto_resume:
+            return ckpt.find_latest(defer=True)
+        return None
+    return on_rank0(info, decide)
+
+
+def load_resume_point(cfg: Config, ckpt: Checkpointer, info: D.DistInfo, found: Found, model,
+                      optimizer, samples_per_step: int) -> tuple[Found, dict | None]:
+    """Load `found` into model and optimizer: (the checkpoint loaded, this rank's entry or
+    None). If verification during the load finds it damaged, a discovered checkpoint falls
+    back to the next one that discovery offers (its note says why); one named with
+    --checkpoint_path is an error."""
+    rejected = {}
+    while True:
+        same_world = found.meta["world_size"] == info.world_size
+        entry, problem = ckpt.load(found, model, optimizer, info.rank, info.world_size,
+                                   same_world)
+        if problem is None:
+            return found, entry
+        if not found.discovered:
+            raise CheckpointError(unusable(cfg.checkpoint_path, problem))
+        rejected[posixpath.basename(found.path)] = problem
+        found = on_rank0(info, lambda: ckpt.fall_back(found, rejected))
+        check_resumable(found, cfg, samples_per_step)
 
 
 def local_data_dir(cfg: Config, info: D.DistInfo) -> str:
@@ -113,26 +151,13 @@ def prepare_inputs(cfg: Config, info: D.DistInfo, metrics: Metrics):
 
 def open_checkpoints(cfg: Config, info: D.DistInfo, samples_per_step: int):
     """(Checkpointer, checkpoint to resume from or None). Everything that can be wrong with
-    the flags or the checkpoint is found here, before anything is written or loaded; then
-    rank 0 takes the writer lease of --checkpoint_dir."""
+    the flags or the checkpoint short of a damaged shard file is found here, before the
+    model is built."""
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.storage_options_dict,
                         cfg.keep_last_n_checkpoints, verify=cfg.verify_checkpoint)
     found = find_resume_point(cfg, ckpt, info)
     if found is not None:
-        check_compatible(found.meta, cfg)
-        if found.meta["samples_per_step"] != samples_per_step:
-            raise ConfigError(f"checkpoint used {found.meta['samples_per_step']} samples per "
-                              f"step, the flags give {samples_per_step}; keep --total_batch_size "
-                              "and --seq_len of the saved run")
-    error = None
-    if info.is_main:
-        try:
-            ckpt.acquire_lease()
-        except CheckpointError as e:
-            error = e
-    error = D.broadcast_object(error)
-    if error is not None:
-        raise error
+        check_resumable(found, cfg, samples_per_step)
     return ckpt, found
 
 
@@ -154,10 +179,12 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     progress = S.Progress()
     entry = None
     if found is not None:
-        same_world = found.meta["world_size"] == info.world_size
-        entry = ckpt.load(found, model, optimizer, info.rank, same_world)
+        found, entry = load_resume_point(cfg, ckpt, info, found, model, optimizer,
+                                         samples_per_step)
         meta = found.meta
         progress = S.Progress(meta["step"], meta["tokens"], meta["val_loss"])
+    # nothing is written to --checkpoint_dir before here: then rank 0 takes its writer lease
+    on_rank0(info, ckpt.acquire_lease)
 
     loader = build_train_loader(train_files, cfg.seq_len, cfg.batch_size, samples_per_step,
                                 info.rank, info.world_size, cfg.seed, cfg.num_workers,

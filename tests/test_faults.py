@@ -41,7 +41,7 @@ from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_ref
                   run_with_kills)
 
 from dcp_train import manifest as M
-from dcp_train.checkpoint import CheckpointError, Checkpointer, step_name
+from dcp_train.checkpoint import CheckpointError, Checkpointer, _share, step_name
 from dcp_train.faults import POINTS
 from dcp_train.safe_metadata import UnsafeCheckpointError, load_metadata
 from dcp_train.storage import Storage
@@ -231,6 +231,8 @@ def test_five_random_sigkills_then_finish_is_bit_exact(base, data, tmp_path):
 # ===================================================================== 3. flipped bytes
 CORRUPT = {  # kind: (file under the checkpoint dir, what the message says)
     "shard": (f"{step_name(4)}/__0_0.distcp", "file __0_0.distcp is corrupt"),
+    # at 2 ranks the two shards are CRC-checked by different ranks while loading
+    "shard1": (f"{step_name(4)}/__1_0.distcp", "file __1_0.distcp is corrupt"),
     "metadata": (f"{step_name(4)}/.metadata", "file .metadata is corrupt"),
     "manifest": (f"{step_name(4)}/manifest.json", "manifest.json is "),
 }
@@ -268,6 +270,15 @@ def test_flipped_byte_in_each_kind_of_file_is_detected(stopped, tmp_path):
                 assert "`latest` holds" in found.note and "falling back to step_00000004" in \
                     found.note, found.note
     assert harmless == [b"step_00000004\x0b"]  # \n -> \v: strip() still reads the same name
+
+
+def test_verification_is_shared_across_ranks():
+    """Checkpointer.load splits the CRC-32 checks: each file once, about equal bytes per rank."""
+    files = {n: {"size": size} for n, size in
+             [(".metadata", 10), ("__0_0.distcp", 100), ("__1_0.distcp", 90), ("__2_0.distcp", 95)]}
+    assert _share(files, 1) == [["__0_0.distcp", "__2_0.distcp", "__1_0.distcp", ".metadata"]]
+    assert _share(files, 2) == [["__0_0.distcp", ".metadata"], ["__2_0.distcp", "__1_0.distcp"]]
+    assert sorted(n for share in _share(files, 8) for n in share) == sorted(files)
 
 
 def test_verify_false_checks_sizes_only(stopped, tmp_path):
