@@ -333,7 +333,9 @@ def main() -> None:
 
         if local and not args.no_load:
             tpl_model, tpl_optim = get_state_dict(model, opt)
-            tpl = {"model": tpl_model, "optim": tpl_optim["state"]}
+            aliases = S.tied_aliases(model)  # stored once, as the trainer's save does
+            tpl = {"model": {k: v for k, v in tpl_model.items() if k not in aliases},
+                   "optim": tpl_optim["state"]}
 
             def dcp_load() -> None:
                 dcp.load(tpl, storage_reader=st.dcp_reader(dcp_dir))

@@ -3,7 +3,7 @@
 Layout under --checkpoint_dir (DESIGN.md section 2)::
 
     latest                     one line: the name of the newest committed step dir
-    step_00000020/             committed: DCP files (.metadata, __<rank>_0.distcp) + manifest.json
+    step_00000020/             committed: DCP files (.metadata, __<rank>_<n>.distcp) + manifest.json
     step_00000025.tmp-<id>/    a save in progress, or abandoned by a crash
 
 Saving step s (every rank calls `save`; rank 0 does the single-writer parts):
@@ -23,7 +23,7 @@ Saving step s (every rank calls `save`; rank 0 does the single-writer parts):
 4. `latest` is replaced atomically (local: temp file + fsync + os.replace; object stores: one
    PUT, atomic per object). `latest` only ever names a committed dir.
 5. retention (rank 0): keep the N newest committed dirs, never the one `latest` names, and
-   remove abandoned temp dirs and uncommitted step dirs.
+   remove abandoned temp dirs, uncommitted step dirs and a `latest` temp file left by a crash.
 6. rank 0 broadcasts success or its error, so every rank stops with the same message.
 
 Discovery (rank 0 decides, every rank gets the same answer): trust `latest` if it names a valid
@@ -64,6 +64,7 @@ from dcp_train.manifest import MANIFEST, STEP_RE
 from dcp_train.storage import Storage
 
 TMP_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-z]+$")
+LATEST_TMP_RE = re.compile(r"^\.latest\.tmp-[0-9a-f]+$")  # Storage.write_atomic's, locally
 LATEST = "latest"
 
 
@@ -249,7 +250,8 @@ class Checkpointer:
 
     # --------------------------------------------------------------- retention
     def apply_retention(self, step: Optional[int] = None) -> list[str]:
-        """Rank 0: delete old committed dirs beyond N, abandoned temps, uncommitted step dirs."""
+        """Rank 0: delete old committed dirs beyond N, abandoned temps, uncommitted step dirs
+        (one writer per dir, the lease: a temp that is not ours now is abandoned)."""
         committed, leftovers = self._scan()
         keep = set(committed)
         if self.keep_last_n > 0:
@@ -267,10 +269,10 @@ class Checkpointer:
         return removed
 
     def _scan(self) -> tuple[dict[int, str], list[str]]:
-        """(committed {step: name}, names of temp dirs and uncommitted step dirs)."""
+        """(committed {step: name}, names of temp dirs/files and uncommitted step dirs)."""
         committed, leftovers = {}, []
         for name in self.storage.listdir(self.root):
-            if TMP_RE.match(name):
+            if TMP_RE.match(name) or LATEST_TMP_RE.match(name):
                 leftovers.append(name)
             elif m := STEP_RE.match(name):
                 if self.storage.exists(self.storage.join(name, MANIFEST)):

@@ -70,6 +70,9 @@ from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS
 from dcp_train.safe_metadata import SafeMetadataReader
 
 
+WRITE_THREADS = 2
+
+
 class Storage:
     def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
         self.storage_options = dict(storage_options or {})
@@ -223,10 +226,12 @@ class Storage:
         self._rm_remote(src, files)
 
     def rm_tree(self, path: str) -> None:
-        """Delete a directory and everything under it; nothing if it is missing."""
+        """Delete a directory and everything under it (or a file); nothing if it is missing."""
         if self.is_local:
-            if os.path.exists(path):
+            if os.path.isdir(path):
                 shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
             return
         self._rm_remote(path, self.find(path))
 
@@ -243,7 +248,13 @@ class Storage:
     def dcp_writer(self, path: str, **kwargs):
         """A DCP StorageWriter for directory `path`; kwargs go to the writer
         (thread_count, single_file_per_rank, ...). After dcp.save, `writer.checksums` is
-        {file name: [size, crc32 hex]} of the files this process wrote."""
+        {file name: [size, crc32 hex]} of the files this process wrote.
+
+        Each rank writes WRITE_THREADS files (`__<rank>_0.distcp`, `__<rank>_1.distcp`) on as
+        many threads, so one file's serialization overlaps the other's I/O. Measured here
+        (1.58 GB at 1 rank, local ext4, page cache dropped): 1.85-2.0 s with one thread,
+        1.2-1.5 s with two (raw write ~1.2 s); at 2 ranks on 2 cores no difference."""
+        kwargs.setdefault("thread_count", WRITE_THREADS)
         if self.is_local:
             return _LocalWriter(path, **kwargs)
         return _RemoteWriter(path, self.storage_options, **kwargs)

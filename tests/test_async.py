@@ -89,7 +89,8 @@ def test_resident_memory_stays_flat_over_async_saves(tmp_path, data):
     assert len(records) == steps and all(r["async"] for r in records)
     per_rank_mb = records[-1]["bytes"] / 2 / 2**20
     rss = [r["rss_mb"] for r in records]
-    # flat: less than one staged copy over 12 saves (a small creep, ~1 MB per save, is seen with
-    # synchronous saves too: allocator and DCP bookkeeping, not staging buffers)
-    assert max(rss[12:]) - rss[11] < per_rank_mb, (rss, per_rank_mb)
+    # flat: less than 3 staged copies over 12 saves, where the leak adds 12 (~260 MB). A creep
+    # of 4-25 MB over these 12 saves was measured in five runs, with 1 or 2 writer threads
+    # alike: allocator arenas of the writer threads and DCP bookkeeping, not staging buffers
+    assert max(rss[12:]) - rss[11] < 3 * per_rank_mb, (rss, per_rank_mb)
     assert rss[-1] - rss[0] < 5 * per_rank_mb, (rss, per_rank_mb)  # bounded warm-up

@@ -209,7 +209,7 @@ def test_sigkill_at_fault_point_then_auto_resume_is_bit_exact(point, where, requ
     final = dir_state(st)
     final.check()
     assert final.latest == step_name(N) and sorted(final.committed) == [step_name(N)]
-    assert final.partial == []  # retention removed the abandoned temp dir
+    assert final.partial == [] and final.other == []  # retention removed what was abandoned
     assert_same_tensors(reference.final, fetch_step(st, step_name(N), tmp_path))
 
 
