@@ -29,7 +29,9 @@ import warnings
 from dcp_train.checkpoint import LATEST, MANIFEST, STEP_RE, TMP_RE
 from dcp_train.export import DTYPES, ExportError, export_tensors, hf_config, load_model_weights
 from dcp_train.export import write_export
+from dcp_train.manifest import ManifestError
 from dcp_train.manifest import problems as manifest_problems
+from dcp_train.manifest import read as read_manifest
 from dcp_train.state import read_meta
 from dcp_train.storage import Storage
 
@@ -59,8 +61,10 @@ def resolve(storage: Storage) -> str:
 
 
 def _manifest(storage: Storage, path: str) -> dict | None:
-    mpath = posixpath.join(path, MANIFEST)
-    return json.loads(storage.read_bytes(mpath)) if storage.exists(mpath) else None
+    """manifest.json of step dir `path`; None if it has none; ManifestError if damaged."""
+    if not storage.exists(posixpath.join(path, MANIFEST)):
+        return None
+    return read_manifest(storage, path)
 
 
 def list_checkpoints(storage: Storage) -> dict:
@@ -75,8 +79,8 @@ def list_checkpoints(storage: Storage) -> dict:
         path = storage.join(name)
         try:
             manifest = _manifest(storage, path) if STEP_RE.match(name) else None
-        except ValueError:
-            manifest = {"files": {}, "world_size": None, "error": "manifest.json is unreadable"}
+        except ManifestError as e:
+            manifest = {"files": {}, "world_size": None, "error": str(e)}
         if manifest is not None:
             item = {"name": name, "path": path, "step": int(STEP_RE.match(name).group(1)),
                     "bytes": sum(f["size"] for f in manifest["files"].values()),
@@ -115,7 +119,11 @@ def inspect(storage: Storage, path: str) -> dict:
                             "shards": len(md.chunks)}
         else:
             entries[key] = {"shape": None, "dtype": "bytes", "shards": 1}
-    return {"path": path, "manifest": _manifest(storage, path), "meta": meta, "entries": entries}
+    try:
+        manifest = _manifest(storage, path)
+    except ManifestError as e:  # still inspectable: say what is wrong with it
+        manifest = {"files": {}, "error": str(e)}
+    return {"path": path, "manifest": manifest, "meta": meta, "entries": entries}
 
 
 def verify(storage: Storage, path: str) -> list[str]:
@@ -175,6 +183,8 @@ def print_inspect(info: dict) -> None:
           f"format {meta.get('format_version')}")
     if manifest is None:
         print("manifest.json: missing (never committed)")
+    elif "error" in manifest:
+        print(manifest["error"])
     else:
         files = manifest["files"].items()
         print("files: " + ", ".join(f"{n} {human(f['size'])}" for n, f in files))
