@@ -1,14 +1,13 @@
 """Checkpoint and training benchmark: ratios measured side by side in one run.
 
-    python -m bench.run              # full run, GPT-2 124M checkpoints (~6-7 min on 2 CPU cores)
+    python -m bench.run              # full run, GPT-2 124M checkpoints (4-7 min on 2 CPU cores)
     python -m bench.run --quick      # smoke run, small models (~1 min)
     python -m bench.run --device cuda   # the same on GPUs (one per rank; 2 ranks need 2 GPUs)
 
 Prints a table and writes bench/results.json and bench/results.md (override with --out).
 Not part of the test suite. Sections (run any subset with --parts):
 
-  save   1. sync save (our Checkpointer.save; bare dcp.save) vs raw write, 1 and 2 ranks,
-            plus what-if rows: dcp.save with a checksum computed while writing
+  save   1. sync save (our Checkpointer.save; bare dcp.save) vs raw write, 1 and 2 ranks
          2. load (our resume path; bare dcp.load) vs raw read, cold page cache if possible
          3. async Checkpointer.save of the same state: seconds blocked vs the sync save
          6. sharded save vs rank-0 gather + torch.save, 2 ranks

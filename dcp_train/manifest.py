@@ -10,8 +10,8 @@ The manifest carries a checksum of itself, so a flipped byte anywhere in it is d
 Why CRC-32 (zlib) per file: the manifest guards against accidents (bit rot, truncated or
 partial uploads, a half-copied dir), and CRC-32 detects every error of 1-3 flipped bits and
 every burst up to 32 bits, and other random damage with probability 1 - 2^-32. It runs at
-~4 GB/s per core here against ~1.4 GB/s for sha256 (bench/ measures both on a GPT-2 124M
-checkpoint: with sha256 the re-read cost 40% of a save). A cryptographic hash would add
+~4 GB/s per core here against ~1.5 GB/s for sha256 (bench/ measures both; when the manifest
+used sha256, computed in a second pass after the write, it cost 40% of a GPT-2 124M save). A cryptographic hash would add
 nothing against a deliberate attacker: the manifest is not signed, so whoever can rewrite a
 shard can rewrite the manifest too; the defence there is safe_metadata.py (nothing in a
 checkpoint is ever unpickled beyond DCP's metadata classes). zlib releases the GIL, so the
