@@ -232,9 +232,10 @@ class Checkpointer:
         """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
         on_disk = self.storage.find(tmp)  # {name: size}: a listing, no file is read
-        if on_disk != {n: size for n, (size, _) in files.items()}:
+        written = {n: size for n, (size, _) in files.items()}
+        if on_disk != written:
             raise CheckpointError(f"files of {tmp} differ from what was written: "
-                                  f"{sorted(set(on_disk.items()) ^ {(n, v[0]) for n, v in files.items()})}")
+                                  f"{sorted(set(on_disk.items()) ^ set(written.items()))}")
         self.storage.write_atomic(posixpath.join(tmp, MANIFEST),
                                   M.build(step, len(per_rank_files), files))
         fault_point("before_commit", 0, step)
@@ -377,23 +378,20 @@ class Checkpointer:
         then the model and optimizer hold whatever was read and the caller loads another
         checkpoint or stops. Any other failure is one CheckpointError on every rank."""
         storage = Storage(found.path, self.storage.storage_options)
-        checking = None
-        if self.verify:
-            mine = {n: found.files[n] for n in _share(found.files, world_size)[rank]}
-            checking = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-verify").submit(
-                M.corrupt, storage, found.path, mine)
-        entry, error = None, None
-        try:
-            entry = S.load(storage.dcp_reader(found.path), model, optimizer, rank,
-                           with_rank_entry)
-        except (Exception, CheckpointException) as e:  # on every rank: DCP's load is collective
-            error = f"loading {found.path} failed: {_cause(e)}"
-        problems = []
-        if checking is not None:
+        mine = {n: found.files[n] for n in _share(found.files, world_size)[rank]}
+        entry, error, problems = None, None, []
+        with ThreadPoolExecutor(1, thread_name_prefix="dcp_train-verify") as pool:
+            checking = pool.submit(M.corrupt, storage, found.path, mine) if self.verify else None
             try:
-                problems = checking.result()
-            except Exception as e:
-                error = error or f"verifying {found.path} failed: {_cause(e)}"
+                entry = S.load(storage.dcp_reader(found.path), model, optimizer, rank,
+                               with_rank_entry)
+            except (Exception, CheckpointException) as e:  # on every rank: a collective load
+                error = f"loading {found.path} failed: {_cause(e)}"
+            if checking is not None:
+                try:
+                    problems = checking.result()
+                except Exception as e:
+                    error = error or f"verifying {found.path} failed: {_cause(e)}"
         gathered = D.all_gather_objects((problems, error))
         problems = sorted(p for ps, _ in gathered for p in ps)
         if problems:  # damage explains a failed load too

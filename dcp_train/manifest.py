@@ -96,18 +96,16 @@ def corrupt(storage: Storage, dir_path: str, files: dict[str, dict]) -> list[str
     return found
 
 
-def problems(storage: Storage, dir_path: str, deep=True, manifest: dict | None = None
-             ) -> list[str]:
+def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:
     """What is wrong with committed step dir `dir_path`; [] means intact.
 
     Always: the manifest itself, its step against the dir name, missing/extra files, sizes.
     deep=True also recomputes every file's CRC-32 (a flipped byte anywhere is found); a
-    collection of names recomputes those files' only. `manifest`: already read by the caller."""
-    if manifest is None:
-        try:
-            manifest = read(storage, dir_path)
-        except ManifestError as e:
-            return [str(e)]
+    collection of names recomputes those files' only."""
+    try:
+        manifest = read(storage, dir_path)
+    except ManifestError as e:
+        return [str(e)]
     files, found = manifest["files"], []
     name = posixpath.basename(dir_path.rstrip("/"))
     m = STEP_RE.match(name)
