@@ -312,13 +312,35 @@ class _CrcStream:
         return getattr(self._stream, name)
 
 
+class _Discard:
+    """Stands in for a file that could not be opened; what is written is dropped."""
+
+    def __init__(self):
+        self.position = 0
+
+    def write(self, data) -> int:
+        self.position += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _Checksums:
     """Mixin for DCP's FileSystem classes: `checksums` {file name: [size, crc32 hex]} of
-    every file written through create_stream (recorded once the file is closed)."""
+    every file written through create_stream (recorded once the file is closed), and
+    `errors`, what failed while writing one (raised by _CheckedWriter.write_data)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.checksums: dict[str, list] = {}
+        self.errors: list[Exception] = []
 
     @contextmanager
     def create_stream(self, path, mode):
@@ -326,9 +348,18 @@ class _Checksums:
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with super().create_stream(path, mode) as stream:
-            wrapped = _CrcStream(stream)
-            yield wrapped
+        # an error is kept for write_data, not raised: on DCP's extra writer threads it would
+        # be lost (see _CheckedWriter)
+        wrapped = None
+        try:
+            with super().create_stream(path, mode) as stream:
+                wrapped = _CrcStream(stream)
+                yield wrapped
+        except Exception as e:
+            self.errors.append(e)
+            if wrapped is None:  # the file could not even be opened: DCP writes into nothing
+                yield _Discard()
+            return
         self.checksums[posixpath.basename(str(path))] = [wrapped.size, f"{wrapped.crc:08x}"]
 
     def rename(self, path, new_path) -> None:  # DCP: .metadata.tmp -> .metadata
@@ -338,18 +369,38 @@ class _Checksums:
             self.checksums[posixpath.basename(str(new_path))] = self.checksums.pop(old)
 
 
-class _ChecksummingLocalFS(_Checksums, _LocalFS):
-    pass
+class _CheckedWriter:
+    """Mixin for DCP's writers (whose `fs` is a _Checksums): `checksums` of the files written,
+    and a write_data that fails when any of its threads failed.
 
-
-class _LocalWriter(FileSystemWriter):
-    def __init__(self, path: str, **kwargs):
-        super().__init__(path, sync_files=True, **kwargs)
-        self.fs = _ChecksummingLocalFS()
+    torch 2.13's FileSystemWriter with thread_count > 1 loses an exception raised on one of
+    its extra threads: it only reaches threading.excepthook, and the save is reported complete
+    with a `.metadata` that names data never written (pytorch/pytorch#191391). Here every
+    failure inside a file's stream is kept and raised once all threads are done, and a write
+    that returns fewer results than it had items fails too."""
 
     @property
     def checksums(self) -> dict[str, list]:
         return self.fs.checksums
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        if self.fs.errors:
+            raise self.fs.errors[0]
+        if len(future.wait()) != len(plan.items):
+            raise OSError(f"DCP wrote {len(future.wait())} of {len(plan.items)} items of "
+                          f"{self.path}: a writer thread failed")
+        return future
+
+
+class _ChecksummingLocalFS(_Checksums, _LocalFS):
+    pass
+
+
+class _LocalWriter(_CheckedWriter, FileSystemWriter):
+    def __init__(self, path: str, **kwargs):
+        super().__init__(path, sync_files=True, **kwargs)
+        self.fs = _ChecksummingLocalFS()
 
 
 class _RemoteFS(_FsspecFS):
@@ -373,15 +424,11 @@ class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
     pass
 
 
-class _RemoteWriter(FsspecWriter):
+class _RemoteWriter(_CheckedWriter, FsspecWriter):
     def __init__(self, path: str, storage_options: dict, **kwargs):
         kwargs.setdefault("sync_files", False)
         super().__init__(path, **kwargs, **storage_options)
         self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
-
-    @property
-    def checksums(self) -> dict[str, list]:
-        return self.fs.checksums
 
 
 class _LocalReader(SafeMetadataReader, FileSystemReader):

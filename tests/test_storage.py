@@ -4,6 +4,7 @@ the file API, and DCP save/load through the writers/readers it hands out."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -84,3 +85,29 @@ def test_dcp_save_load(storage, process_group):
     again = {"w": torch.zeros(10), "opt": {"step": torch.tensor(0), "m": torch.zeros(2, 3)}}
     dcp.load(again, storage_reader=st.dcp_reader(final), checkpoint_id=final)
     assert torch.equal(again["w"], state["w"])
+
+
+@pytest.mark.parametrize("failing", ["extra thread", "calling thread"])
+def test_a_failed_writer_thread_fails_the_save(storage, process_group, monkeypatch, capfd,
+                                               failing):
+    """torch 2.13's FileSystemWriter loses an exception raised on one of its extra writer
+    threads and reports the save complete (pytorch/pytorch#191391). Our writers (two threads
+    per rank) raise it, and nothing is printed by the thread."""
+    from dcp_train import storage as storage_module
+
+    base = storage_module._LocalFS if storage.is_local else storage_module._FsspecFS
+    original, caller = base.create_stream, threading.get_ident()
+
+    def create_stream(self, path, mode):
+        on_extra_thread = threading.get_ident() != caller
+        if "w" in mode and str(path).endswith(".distcp") and \
+                on_extra_thread == (failing == "extra thread"):
+            raise OSError("disk full (injected)")
+        return original(self, path, mode)
+
+    monkeypatch.setattr(base, "create_stream", create_stream)
+    state = {f"t{i}": torch.randn(1 << 20) for i in range(4)}  # 2 files of 8 MB
+    with pytest.raises(BaseException) as failed:  # DCP's CheckpointException
+        dcp.save(state, storage_writer=storage.dcp_writer(storage.join("x")))
+    assert "disk full (injected)" in str(failed.value)
+    assert "Exception in thread" not in capfd.readouterr().err
