@@ -11,7 +11,7 @@ Saving step s (every rank calls `save`; rank 0 does the single-writer parts):
 1. rank 0 picks a random <id> and broadcasts it; every rank writes its own shards into
    `step_XXXXXXXX.tmp-<id>/` with dcp.save (DCP writes `.metadata` last, after all ranks).
 2. every rank has the size and CRC-32 of each file it wrote (computed while writing, see
-   storage.py); rank 0 checks them against a listing of the temp dir and writes
+   dcp_io.py); rank 0 checks them against a listing of the temp dir and writes
    `manifest.json` (name, size, CRC-32 of every file, plus step and world size) into it.
 3. commit. A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds
    `manifest.json`.
@@ -203,7 +203,7 @@ class Checkpointer:
             writer = self.storage.dcp_writer(tmp)
             dcp.save(state_dict, storage_writer=writer, process_group=group)
             fault_point("after_shards", rank, step)
-            my_files = writer.checksums  # computed while writing (storage.py)
+            my_files = writer.checksums  # computed while writing (dcp_io.py)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             error = f"saving step {step} to {tmp} failed: {_cause(e)}"
         # every rank learns of any rank's failure, so all stop with the same message

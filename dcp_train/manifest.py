@@ -16,7 +16,7 @@ nothing against a deliberate attacker: the manifest is not signed, so whoever ca
 shard can rewrite the manifest too; the defence there is safe_metadata.py (nothing in a
 checkpoint is ever unpickled beyond DCP's metadata classes). zlib releases the GIL, so the
 files of a step dir are checked on several threads at once. Each rank computes the checksums
-of the files it writes while writing them (storage.py); on resume, verification reads every
+of the files it writes while writing them (dcp_io.py); on resume, verification reads every
 file once more, shared across ranks and at the same time as DCP's own read (checkpoint.py).
 """
 

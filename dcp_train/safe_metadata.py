@@ -2,7 +2,7 @@
 
 DCP stores `.metadata` as a pickle and reads it with `pickle.load`; it reads byte entries with
 `torch.load` with weights_only off. A checkpoint from a bucket that someone else can write to
-could therefore run arbitrary code on load. Our readers (see storage.py) instead:
+could therefore run arbitrary code on load. Our readers (see dcp_io.py) instead:
 
 - unpickle `.metadata` with `RestrictedUnpickler`, which resolves only an allow-list of the
   classes DCP's metadata is made of (plus torch dtypes/Size/layouts and pathlib paths) and

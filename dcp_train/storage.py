@@ -23,22 +23,8 @@ Atomicity.
 - Listing caches of s3fs/gcsfs are dropped before every read of a listing or an
   existence check, because other processes (ranks) write to the same prefix.
 
-DCP (torch 2.13). Local paths use FileSystemWriter/FileSystemReader (sync_files=True:
-each file is fsynced). Every writer checksums what it writes on the way out: DCP opens each
-file through its FileSystem's `create_stream`, and ours wraps that stream so every byte is
-fed to CRC-32 as it is written, on a helper thread that runs while the write itself does
-(zlib and file writes both release the GIL). `writer.checksums` then maps each file this
-process wrote to [size, crc32 hex], which is what manifest.json records; no second pass over
-the bytes. Remote paths use subclasses of the fsspec ones in
-torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
-- storage options: DCP calls `writer.reset(checkpoint_id)`, which rebuilds the
-  filesystem from the URL alone and drops options given to the writer; ours keeps them,
-  so passing `checkpoint_id=` to dcp.save/load as well is harmless.
-- sync_files=False: with True DCP falls back to os.sync() for files without fileno();
-  an object is durable once its upload returned.
-- `.metadata`: DCP writes `.metadata.tmp` and renames it. gcsfs renames with the
-  `moveTo` API, which the GCS emulator lacks, and retries for ~30 s before falling back.
-  Ours rewrites the small file as one PUT of `.metadata` and deletes the temp object.
+DCP. `dcp_writer`/`dcp_reader` hand out the StorageWriter/StorageReader of dcp_io.py for a
+local directory or a URL (checksums while writing, the traps of DCP's fsspec classes).
 
 Errors when the endpoint is down (measured with s3fs 2026.9.0, gcsfs 2026.10.1):
 - s3fs raises botocore.exceptions.EndpointConnectionError ("Could not connect to the
@@ -54,23 +40,12 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
-import threading
 import uuid
-import zlib
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS
 
-from dcp_train.safe_metadata import SafeMetadataReader
-
-
-WRITE_THREADS = 2
+from dcp_train import dcp_io
 
 
 class Storage:
@@ -250,21 +225,16 @@ class Storage:
         (thread_count, single_file_per_rank, ...). After dcp.save, `writer.checksums` is
         {file name: [size, crc32 hex]} of the files this process wrote.
 
-        Each rank writes WRITE_THREADS files (`__<rank>_0.distcp`, `__<rank>_1.distcp`) on as
-        many threads, so one file's serialization overlaps the other's I/O. Measured here
+        Each rank writes dcp_io.WRITE_THREADS files (`__<rank>_0.distcp`, `__<rank>_1.distcp`)
+        on as many threads, so one file's serialization overlaps the other's I/O. Measured here
         (1.58 GB at 1 rank, local ext4, page cache dropped): 1.85-2.0 s with one thread,
         1.2-1.5 s with two (raw write ~1.2 s); at 2 ranks on 2 cores no difference."""
-        kwargs.setdefault("thread_count", WRITE_THREADS)
-        if self.is_local:
-            return _LocalWriter(path, **kwargs)
-        return _RemoteWriter(path, self.storage_options, **kwargs)
+        return dcp_io.writer(path, None if self.is_local else self.storage_options, **kwargs)
 
     def dcp_reader(self, path: str):
         """A DCP StorageReader for directory `path` that never unpickles anything but DCP's
         own metadata classes (safe_metadata.py)."""
-        if self.is_local:
-            return _LocalReader(path)
-        return _RemoteReader(path, self.storage_options)
+        return dcp_io.reader(path, None if self.is_local else self.storage_options)
 
 
 def _fsync_dir(path: str) -> None:
@@ -273,169 +243,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_CRC_INLINE = 1 << 20  # smaller writes are checksummed on the writing thread
-_crc_pool: ThreadPoolExecutor | None = None
-_crc_pool_lock = threading.Lock()
-
-
-def _crc_executor() -> ThreadPoolExecutor:
-    global _crc_pool
-    with _crc_pool_lock:
-        if _crc_pool is None:
-            _crc_pool = ThreadPoolExecutor(4, thread_name_prefix="dcp_train-crc")
-        return _crc_pool
-
-
-class _CrcStream:
-    """A write-only file wrapper that computes the CRC-32 of everything written through it.
-    A large write is checksummed on a helper thread while the underlying write runs; both
-    finish before write() returns, so the caller may reuse its buffer at once."""
-
-    def __init__(self, stream):
-        self._stream, self.crc, self.size = stream, 0, 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes < _CRC_INLINE:
-            self.crc = zlib.crc32(view, self.crc)
-            written = self._stream.write(data)
-        else:
-            crc = _crc_executor().submit(zlib.crc32, view, self.crc)
-            written = self._stream.write(data)
-            self.crc = crc.result()
-        self.size += view.nbytes
-        return written
-
-    def __getattr__(self, name):  # tell, flush, fileno, close, ...
-        return getattr(self._stream, name)
-
-
-class _Discard:
-    """Stands in for a file that could not be opened; what is written is dropped."""
-
-    def __init__(self):
-        self.position = 0
-
-    def write(self, data) -> int:
-        self.position += memoryview(data).nbytes
-        return memoryview(data).nbytes
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _Checksums:
-    """Mixin for DCP's FileSystem classes: `checksums` {file name: [size, crc32 hex]} of
-    every file written through create_stream (recorded once the file is closed), and
-    `errors`, what failed while writing one (raised by _CheckedWriter.write_data)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.checksums: dict[str, list] = {}
-        self.errors: list[Exception] = []
-
-    @contextmanager
-    def create_stream(self, path, mode):
-        if "w" not in mode:
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        # an error is kept for write_data, not raised: on DCP's extra writer threads it would
-        # be lost (see _CheckedWriter)
-        wrapped = None
-        try:
-            with super().create_stream(path, mode) as stream:
-                wrapped = _CrcStream(stream)
-                yield wrapped
-        except Exception as e:
-            self.errors.append(e)
-            if wrapped is None:  # the file could not even be opened: DCP writes into nothing
-                yield _Discard()
-            return
-        self.checksums[posixpath.basename(str(path))] = [wrapped.size, f"{wrapped.crc:08x}"]
-
-    def rename(self, path, new_path) -> None:  # DCP: .metadata.tmp -> .metadata
-        super().rename(path, new_path)
-        old = posixpath.basename(str(path))
-        if old in self.checksums:
-            self.checksums[posixpath.basename(str(new_path))] = self.checksums.pop(old)
-
-
-class _CheckedWriter:
-    """Mixin for DCP's writers (whose `fs` is a _Checksums): `checksums` of the files written,
-    and a write_data that fails when any of its threads failed.
-
-    torch 2.13's FileSystemWriter with thread_count > 1 loses an exception raised on one of
-    its extra threads: it only reaches threading.excepthook, and the save is reported complete
-    with a `.metadata` that names data never written (pytorch/pytorch#191391). Here every
-    failure inside a file's stream is kept and raised once all threads are done, and a write
-    that returns fewer results than it had items fails too."""
-
-    @property
-    def checksums(self) -> dict[str, list]:
-        return self.fs.checksums
-
-    def write_data(self, plan, planner):
-        future = super().write_data(plan, planner)
-        if self.fs.errors:
-            raise self.fs.errors[0]
-        if len(future.wait()) != len(plan.items):
-            raise OSError(f"DCP wrote {len(future.wait())} of {len(plan.items)} items of "
-                          f"{self.path}: a writer thread failed")
-        return future
-
-
-class _ChecksummingLocalFS(_Checksums, _LocalFS):
-    pass
-
-
-class _LocalWriter(_CheckedWriter, FileSystemWriter):
-    def __init__(self, path: str, **kwargs):
-        super().__init__(path, sync_files=True, **kwargs)
-        self.fs = _ChecksummingLocalFS()
-
-
-class _RemoteFS(_FsspecFS):
-    """torch's fsspec FileSystem that keeps the storage options across reset() and
-    replaces rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT."""
-
-    def __init__(self, fs, storage_options: dict):
-        super().__init__()
-        self.fs = fs
-        self.storage_options = storage_options
-
-    def init_path(self, path, **kwargs):
-        return super().init_path(path, **{**self.storage_options, **kwargs})
-
-    def rename(self, path, new_path) -> None:
-        self.fs.pipe_file(new_path, self.fs.cat_file(path))
-        self.fs.rm_file(path)
-
-
-class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
-    pass
-
-
-class _RemoteWriter(_CheckedWriter, FsspecWriter):
-    def __init__(self, path: str, storage_options: dict, **kwargs):
-        kwargs.setdefault("sync_files", False)
-        super().__init__(path, **kwargs, **storage_options)
-        self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
-
-
-class _LocalReader(SafeMetadataReader, FileSystemReader):
-    pass
-
-
-class _RemoteReader(SafeMetadataReader, FsspecReader):
-    def __init__(self, path: str, storage_options: dict):
-        super().__init__(path, **storage_options)
-        self.fs = _RemoteFS(self.fs.fs, storage_options)

@@ -3,7 +3,6 @@ the file API, and DCP save/load through the writers/readers it hands out."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -93,9 +92,9 @@ def test_a_failed_writer_thread_fails_the_save(storage, process_group, monkeypat
     """torch 2.13's FileSystemWriter loses an exception raised on one of its extra writer
     threads and reports the save complete (pytorch/pytorch#191391). Our writers (two threads
     per rank) raise it, and nothing is printed by the thread."""
-    from dcp_train import storage as storage_module
+    from dcp_train import dcp_io
 
-    base = storage_module._LocalFS if storage.is_local else storage_module._FsspecFS
+    base = dcp_io._LocalFS if storage.is_local else dcp_io._FsspecFS
     original, caller = base.create_stream, threading.get_ident()
 
     def create_stream(self, path, mode):
