@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -82,8 +81,6 @@ def _timing(name: str, fn):
 from dcp_train import manifest as _manifest
 _manifest.hash_files = _timing("hash", _manifest.hash_files)
 
-HAS_ASYNC = "asynchronous" in inspect.signature(Checkpointer.save).parameters  # local dirs only
-HAS_VERIFY = "verify" in inspect.signature(Checkpointer.__init__).parameters
 
 
 class TimedCheckpointer(Checkpointer):
@@ -96,21 +93,17 @@ class TimedCheckpointer(Checkpointer):
         return _timing("check", super().check)(*args, **kwargs)
 
 
-def make_checkpointer(root: str, so: dict, rank: int, verify=None) -> TimedCheckpointer:
-    kw = {"verify": verify} if verify is not None and HAS_VERIFY else {}
-    ckpt = TimedCheckpointer(root, so, **kw)
-    if rank == 0 and hasattr(ckpt, "acquire_lease"):  # as the trainer does before saving
+def make_checkpointer(root: str, so: dict, rank: int, verify: bool = True) -> TimedCheckpointer:
+    ckpt = TimedCheckpointer(root, so, verify=verify)
+    if rank == 0:  # as the trainer does before saving
         ckpt.acquire_lease()
     return ckpt
 
 
-def last_record(ckpt, returned):
-    """The checkpoint record of the save that just finished (returned, or via records())."""
-    if isinstance(returned, dict):
-        return returned
-    if hasattr(ckpt, "wait"):
-        ckpt.wait()
-    recs = ckpt.records() if hasattr(ckpt, "records") else []
+def last_record(ckpt) -> dict:
+    """The checkpoint record of the save that just finished (waits for an async one)."""
+    ckpt.wait()
+    recs = ckpt.records()
     return recs[-1] if recs else {}
 
 
@@ -254,13 +247,13 @@ def main() -> None:
                         "total": sum(per_rank) + meta_bytes},
               "write": {"raw": [], "dcp": [], "ours": []}, "read": {},
               "ours_record": [], "phases": {}, "cache_dropped": [], "gather_bytes": None,
-              "has_async": HAS_ASYNC and local, "has_verify": HAS_VERIFY}
+              "has_async": local, "has_verify": True}
     if args.gather:
         result["write"]["gather"] = []
-    if HAS_ASYNC and local:
+    if local:
         result["write"]["async_blocked"] = []
         result["write"]["async_total"] = []
-    reads = ["raw", "dcp", "ours"] + (["ours_noverify"] if HAS_VERIFY else [])
+    reads = ["raw", "dcp", "ours", "ours_noverify"]
     if local and not args.no_load:
         result["read"] = {name: [] for name in reads}
 
@@ -274,10 +267,10 @@ def main() -> None:
     # the async Checkpointer lives across repetitions (reused staging buffers, as in training)
     async_root = st.join("async")
     async_ckpt = None
-    if HAS_ASYNC and local:
+    if local:
         async_ckpt = make_checkpointer(async_root, so, rank)
         async_ckpt.save(10_000, sd, rank, asynchronous=True)  # untimed warm-up
-        last_record(async_ckpt, None)
+        last_record(async_ckpt)
         D.barrier()
 
     for rep in range(args.reps):
@@ -289,13 +282,14 @@ def main() -> None:
             dcp.save(sd, storage_writer=st.dcp_writer(dcp_dir))
 
         def ours_save() -> None:
-            box["record"] = last_record(ckpt, ckpt.save(rep + 1, sd, rank))
+            ckpt.save(rep + 1, sd, rank)
+            box["record"] = last_record(ckpt)
 
         def async_save() -> None:
             t = time.perf_counter()
             async_ckpt.save(10_001 + rep, sd, rank, asynchronous=True)
             box["blocked"] = time.perf_counter() - t
-            box["async_record"] = last_record(async_ckpt, None)  # waits for the commit
+            box["async_record"] = last_record(async_ckpt)  # waits for the commit
 
         def gather_save() -> None:
             msd, osd = get_state_dict(model, opt, options=StateDictOptions(
@@ -309,7 +303,7 @@ def main() -> None:
                 result["gather_bytes"] = os.path.getsize(path)
 
         writes = [("raw", raw_write), ("dcp", dcp_save), ("ours", ours_save)]
-        if HAS_ASYNC and local:
+        if local:
             writes.append(("async", async_save))
         if args.gather:
             writes.append(("gather", gather_save))
@@ -348,7 +342,7 @@ def main() -> None:
                 _, problem = reader_ckpt.load(found, model, opt, rank, ws, with_rank_entry=True)
                 assert problem is None, problem
 
-            loads = {"raw": raw_read, "dcp": dcp_load, "ours": lambda: resume(None),
+            loads = {"raw": raw_read, "dcp": dcp_load, "ours": lambda: resume(True),
                      "ours_noverify": lambda: resume(False)}
             k = rep % len(reads)
             for name in reads[k:] + reads[:k]:
@@ -361,7 +355,7 @@ def main() -> None:
                 log(f"rep {rep} read  {name:13s} {dt:7.2f}s")
         clean(keep=[async_root])
 
-    if async_ckpt is not None and hasattr(async_ckpt, "close"):
+    if async_ckpt is not None:
         async_ckpt.close()
 
     if args.hash_probe and rank == 0:

@@ -170,9 +170,10 @@ class _CheckedWriter:
         future = super().write_data(plan, planner)
         if self.fs.errors:
             raise self.fs.errors[0]
-        if len(future.wait()) != len(plan.items):
-            raise OSError(f"DCP wrote {len(future.wait())} of {len(plan.items)} items of "
-                          f"{self.path}: a writer thread failed")
+        written = len(future.wait())
+        if written != len(plan.items):
+            raise OSError(f"DCP wrote {written} of {len(plan.items)} items of {self.path}: "
+                          "a writer thread failed")
         return future
 
 

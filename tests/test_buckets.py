@@ -31,14 +31,12 @@ from helpers import (REPO, TINY, assert_same_tensors, child_env, digests, free_p
                      load_checkpoint, losses, metrics, run_train, start_train, torchrun_cmd,
                      wait_for, write_shards)
 
+from dcp_train.checkpoint import step_name as step
+
 MAX_STEPS = 8
 ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", str(MAX_STEPS),
         "--batch_size", "2", "--total_batch_size", "384", "--seed", "4321"]  # 12 samples/step
 LATEST = "latest"
-
-
-def step(n: int) -> str:
-    return f"step_{n:08d}"
 
 
 # ------------------------------------------------------------------------------ fixtures
