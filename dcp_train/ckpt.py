@@ -26,15 +26,15 @@ import posixpath
 import sys
 import warnings
 
-from dcp_train.checkpoint import LATEST, MANIFEST, STEP_RE, TMP_RE
+from dcp_train.checkpoint_dir import TMP_RE, CheckpointDir
+from dcp_train.components import read_meta
+from dcp_train.errors import CheckpointError
 from dcp_train.export import DTYPES, ExportError, export_tensors, hf_config, load_model_weights
 from dcp_train.export import write_export
-from dcp_train.manifest import ManifestError
+from dcp_train.manifest import MANIFEST, ManifestError
 from dcp_train.manifest import problems as manifest_problems
 from dcp_train.manifest import read as read_manifest
-from dcp_train.state import read_meta
 from dcp_train.storage import Storage
-
 
 
 class ToolError(RuntimeError):
@@ -42,24 +42,6 @@ class ToolError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- finding things
-def resolve(storage: Storage) -> str:
-    """The step dir that storage.root names: itself, or the one its `latest` names."""
-    root = storage.root
-    name = posixpath.basename(root.rstrip("/"))
-    if STEP_RE.match(name) or TMP_RE.match(name) or storage.exists(storage.join(MANIFEST)):
-        if not storage.exists(root):
-            raise ToolError(f"{root} does not exist")
-        return root
-    if storage.exists(storage.join(LATEST)):
-        latest = storage.read_text(storage.join(LATEST)).strip()
-        if not STEP_RE.match(latest):
-            raise ToolError(f"{storage.join(LATEST)} holds {latest[:60]!r}, not a step dir name")
-        return storage.join(latest)
-    if not storage.exists(root):
-        raise ToolError(f"{root} does not exist")
-    raise ToolError(f"{root} is neither a step dir nor a checkpoint dir with a `latest` file")
-
-
 def _manifest(storage: Storage, path: str) -> dict | None:
     """manifest.json of step dir `path`; None if it has none; ManifestError if damaged."""
     if not storage.exists(posixpath.join(path, MANIFEST)):
@@ -67,41 +49,51 @@ def _manifest(storage: Storage, path: str) -> dict | None:
     return read_manifest(storage, path)
 
 
-def list_checkpoints(storage: Storage) -> dict:
+def list_checkpoints(directory: CheckpointDir) -> dict:
     """{root, latest, checkpoints: [...committed...], abandoned: [...]} of a checkpoint dir."""
+    storage = directory.storage
     if not storage.exists(storage.root):
         raise ToolError(f"{storage.root} does not exist")
-    latest = None
-    if storage.exists(storage.join(LATEST)):
-        latest = storage.read_text(storage.join(LATEST)).strip()
-    committed, abandoned = [], []
-    for name in storage.listdir(storage.root):
-        path = storage.join(name)
-        try:
-            manifest = _manifest(storage, path) if STEP_RE.match(name) else None
-        except ManifestError as e:
-            manifest = {"files": {}, "world_size": None, "error": str(e)}
-        if manifest is not None:
-            item = {"name": name, "path": path, "step": int(STEP_RE.match(name).group(1)),
-                    "bytes": sum(f["size"] for f in manifest["files"].values()),
-                    "world_size": manifest.get("world_size"), "latest": name == latest}
-            item.update(val_loss=None, tokens=None)
-            try:
-                meta = read_meta(storage.dcp_reader(path))
-                item.update(val_loss=meta.get("val_loss"), tokens=meta.get("tokens"))
-            except Exception as e:  # a damaged checkpoint is still listed, with the reason
-                item["error"] = f"cannot read its meta entry: {type(e).__name__}: {e}"[:200]
-            if "error" in manifest:
-                item["error"] = manifest["error"]
-            committed.append(item)
-        elif TMP_RE.match(name) or STEP_RE.match(name):
-            reason = ("temp dir: a save in progress or abandoned by a crash" if TMP_RE.match(name)
-                      else "no manifest.json: never committed")
-            abandoned.append({"name": name, "path": path, "reason": reason,
-                              "bytes": sum(storage.find(path).values())})
-    names = {c["name"] for c in committed}
-    return {"root": storage.root, "latest": latest, "latest_valid": latest in names,
-            "checkpoints": committed, "abandoned": abandoned}
+    committed, leftovers = directory.scan()
+    checkpoints = [_listed(storage, step, name, storage.join(name))
+                   for step, name in sorted(committed.items())]
+    latest = directory.latest_name()
+    for c in checkpoints:
+        c["latest"] = c["name"] == latest
+    abandoned = [{"name": name, "path": storage.join(name), "reason": _why_abandoned(name),
+                  "bytes": sum(storage.find(storage.join(name)).values())}
+                 for name in leftovers]
+    return {"root": storage.root, "latest": latest,
+            "latest_valid": latest in set(committed.values()),
+            "checkpoints": checkpoints, "abandoned": abandoned}
+
+
+def _listed(storage: Storage, step: int, name: str, path: str) -> dict:
+    """One committed step dir for `ls`: a damaged one is still listed, with the reason."""
+    try:
+        manifest = _manifest(storage, path)
+    except ManifestError as e:
+        manifest = {"files": {}, "world_size": None, "error": str(e)}
+    item = {"name": name, "path": path, "step": step,
+            "bytes": sum(f["size"] for f in manifest["files"].values()),
+            "world_size": manifest.get("world_size"), "latest": False,
+            "val_loss": None, "tokens": None}
+    try:
+        meta = read_meta(storage.dcp_reader(path))
+        item.update(val_loss=meta.get("val_loss"), tokens=meta.get("tokens"))
+    except Exception as e:
+        item["error"] = f"cannot read its meta entry: {type(e).__name__}: {e}"[:200]
+    if "error" in manifest:
+        item["error"] = manifest["error"]
+    return item
+
+
+def _why_abandoned(name: str) -> str:
+    if TMP_RE.match(name):
+        return "temp dir: a save in progress or abandoned by a crash"
+    if name.startswith("."):
+        return "temp file of `latest`, abandoned by a crash"
+    return "no manifest.json: never committed"
 
 
 def inspect(storage: Storage, path: str) -> dict:
@@ -219,28 +211,30 @@ def _numel(shape) -> int:
 
 
 # ---------------------------------------------------------------------------- commands
-def cmd_ls(args, opts) -> int:
-    info = list_checkpoints(Storage(args.dir, opts))
-    if args.json:
+def _show(info: dict, as_json: bool, printer) -> int:
+    if as_json:
         print(json.dumps(info, indent=1))
     else:
-        print_listing(info)
+        printer(info)
     return 0
+
+
+def _step_dir(args, opts) -> tuple[Storage, str]:
+    """(storage, step dir) that the CKPT argument names (CheckpointDir.resolve)."""
+    directory = CheckpointDir(args.ckpt, opts)
+    return directory.storage, directory.resolve()
+
+
+def cmd_ls(args, opts) -> int:
+    return _show(list_checkpoints(CheckpointDir(args.dir, opts)), args.json, print_listing)
 
 
 def cmd_inspect(args, opts) -> int:
-    storage = Storage(args.ckpt, opts)
-    info = inspect(storage, resolve(storage))
-    if args.json:
-        print(json.dumps(info, indent=1))
-    else:
-        print_inspect(info)
-    return 0
+    return _show(inspect(*_step_dir(args, opts)), args.json, print_inspect)
 
 
 def cmd_verify(args, opts) -> int:
-    storage = Storage(args.ckpt, opts)
-    path = resolve(storage)
+    storage, path = _step_dir(args, opts)
     problems = verify(storage, path)
     for p in problems:
         print(f"{path}: {p}")
@@ -253,8 +247,7 @@ def cmd_verify(args, opts) -> int:
 
 
 def cmd_export(args, opts) -> int:
-    storage = Storage(args.ckpt, opts)
-    path = resolve(storage)
+    storage, path = _step_dir(args, opts)
     out, torch_ext = args.out, (".pt", ".pth", ".bin")
     fmt = args.format or ("torch" if out.endswith(torch_ext) else "safetensors")
     if args.hf and not out.endswith((".safetensors", *torch_ext)):  # a dir for from_pretrained
@@ -319,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args, opts)
-    except (ToolError, ExportError, FileNotFoundError) as e:
+    except (ToolError, CheckpointError, ExportError, FileNotFoundError) as e:
         print(f"dcp-ckpt: error: {e}", file=sys.stderr)
         return 2
 

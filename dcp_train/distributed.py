@@ -9,6 +9,7 @@ checkpoint coordination), so the same code path runs on both.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from dcp_train.errors import one_line
 
 
 @dataclass
@@ -97,17 +100,48 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def broadcast_object(obj, src: int = 0, group=None):
-    """Rank `src` decides, every rank gets the same Python object."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group or _cpu_group())
-    return box[0]
+def agree(fn, *, every_rank: bool = False, group=None):
+    """The one way ranks agree on a decision or a failure.
+
+    every_rank=False: fn() runs on rank 0 only and every rank returns rank 0's result.
+    every_rank=True: fn() runs on every rank and every rank returns the list of all results
+    (index = rank). If fn() raised (an Exception) on any rank, every rank raises the same
+    exception instead: the lowest failing rank's, same type and message, so all ranks stop
+    together with the same words and none is left waiting in a collective. Without an
+    initialised process group this is a world of one. Collective over `group` (default: the
+    CPU group), so every rank must call it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()):
+        result = fn()
+        return [result] if every_rank else result
+    outcome = None
+    if every_rank or dist.get_rank() == 0:
+        try:
+            outcome = (True, fn())
+        except Exception as e:
+            outcome = (False, _portable(e))
+    group = group or _cpu_group()
+    if every_rank:
+        outcomes = [None] * dist.get_world_size(group)
+        dist.all_gather_object(outcomes, outcome, group=group)
+    else:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0, group=group)
+        outcomes = box
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    values = [value for _, value in outcomes]
+    return values if every_rank else values[0]
 
 
-def all_gather_objects(obj, group=None) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=group or _cpu_group())
-    return out
+def _portable(e: Exception) -> Exception:
+    """`e` if it survives pickling (to reach the other ranks), else a RuntimeError with its
+    first line (e.g. a botocore error holding a socket)."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(one_line(e))
 
 
 def barrier() -> None:

@@ -9,6 +9,9 @@ killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
     after_commit         rank 0: step dir committed, `latest` not yet updated
     mid_latest           rank 0: `latest`'s temporary file written, not yet in place
     during_retention     rank 0: retention has deleted its first directory
+
+The save protocol calls `at_step(step)` when a save starts, so points reached from code that
+knows no step (atomic.write_atomic's `mid_<file name>`) match STEP too.
 """
 
 from __future__ import annotations
@@ -19,10 +22,20 @@ import signal
 POINTS = ("after_shards", "before_commit", "after_commit", "mid_latest", "during_retention")
 
 
+_current_step: int | None = None
+
+
+def at_step(step: int) -> None:
+    """The step of the save in progress (one save at a time)."""
+    global _current_step
+    _current_step = step
+
+
 def fault_point(point: str, rank: int | None = None, step: int | None = None) -> None:
     spec = os.environ.get("DCP_TRAIN_FAULT")
     if not spec:
         return
+    step = _current_step if step is None else step
     name, want_rank, want_step = (spec.split(":") + ["", ""])[:3]
     if name not in POINTS:
         raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of {POINTS}")

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -36,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcp_train.atomic import write_atomic
+from dcp_train.distributed import agree
 from dcp_train.evaluate import all_reduce_sum, block_size_of, distributed_ready, eval_mode
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -112,33 +115,23 @@ def most_likely_row(tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tens
     return int(mean_loss.argmin().item())
 
 
-def _load_examples(path: str, limit: int, device) -> list[dict]:
-    """This rank's copy of the examples; every rank raises if any rank failed or disagrees.
+def _load_examples(path: str, limit: int) -> list[dict]:
+    """This rank's copy of the examples; every rank raises if any rank failed or disagrees
+    (a rank that raised alone would leave the others waiting in a forward)."""
+    examples = []
 
-    A rank that raised alone would leave the others waiting in a forward, so the outcome
-    (failed?, count) is agreed on with one all_reduce before any forward runs.
-    """
-    examples, error = [], None
+    def read() -> int:
+        items = list(iterate_examples(path))
+        examples.extend(items[:limit] if limit >= 0 else items)
+        return len(examples)
+
     try:
-        examples = list(iterate_examples(path))
+        counts = agree(read, every_rank=True)
     except HellaSwagError as e:
-        error = e
-    if limit >= 0:
-        examples = examples[:limit]
-    n = len(examples)
-    if distributed_ready():
-        # SUM of [failed, n, n^2] is enough to tell whether all ranks saw the same n.
-        agreed = torch.tensor([int(error is not None), n, n * n], dtype=torch.float64, device=device)
-        all_reduce_sum(agreed)
-        world = torch.distributed.get_world_size()
-        failed, sum_n, sum_n2 = agreed.tolist()
-        if error is None and failed:
-            raise HellaSwagError(f"HellaSwag failed on {int(failed)} other rank(s): is {path!r} "
-                                 f"there on every node?")
-        if error is None and sum_n2 * world != sum_n * sum_n:
-            raise HellaSwagError(f"ranks read different numbers of examples from {path!r}")
-    if error is not None:
-        raise error
+        raise HellaSwagError(f"{e} (is {path!r} there on every node?)") from None
+    if len(set(counts)) > 1:
+        raise HellaSwagError(f"ranks read different numbers of examples from {path!r}: "
+                             f"{counts}")
     return examples
 
 
@@ -151,7 +144,7 @@ def hellaswag_accuracy(model: nn.Module, path: str, enc, device, rank: int = 0,
     """
     if world_size > 1 and not distributed_ready():
         raise ValueError("hellaswag_accuracy with world_size > 1 needs torch.distributed")
-    examples = _load_examples(path, limit, device)
+    examples = _load_examples(path, limit)
     block_size = block_size_of(model)
     counts = torch.zeros(2, dtype=torch.long, device=device)  # [correct, total]
     with eval_mode(model):
@@ -173,18 +166,13 @@ def download(dest_dir: str, url: str = HELLASWAG_VAL_URL, timeout: float = 60.0)
     """Fetch the HellaSwag val jsonl into dest_dir (atomically); return the file path."""
     os.makedirs(dest_dir, exist_ok=True)
     path = os.path.join(dest_dir, VAL_FILENAME)
-    tmp = path + ".part"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            write_atomic(path, lambda f: shutil.copyfileobj(response, f, 1 << 20))
     except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise HellaSwagError(
             f"could not download {url} ({e}). Without internet, copy {VAL_FILENAME} from a "
             f"machine that has it to {path}") from None
-    os.replace(tmp, path)
     return path
 
 

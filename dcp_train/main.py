@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # imported after parsing so that --help and flag errors never touch torch.distributed
     from dcp_train import distributed as D
-    from dcp_train.checkpoint import CheckpointError
+    from dcp_train.errors import CheckpointError
     from dcp_train.data import DataError
     from dcp_train.tokenizer import TokenizerError
     from dcp_train.train import train

@@ -15,10 +15,11 @@ import warnings
 
 import torch
 
-from dcp_train.ckpt import ToolError, resolve
+from dcp_train.checkpoint_dir import CheckpointDir
+from dcp_train.ckpt import ToolError
+from dcp_train.errors import CheckpointError
 from dcp_train.export import ExportError, load_model_weights, model_from_weights
 from dcp_train.generate import generate
-from dcp_train.storage import Storage
 from dcp_train.tokenizer import EOT, TokenizerError, get_tokenizer
 
 
@@ -42,8 +43,8 @@ def sample(args) -> list[str]:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    storage = Storage(args.checkpoint, json.loads(args.storage_options))
-    path = resolve(storage)
+    directory = CheckpointDir(args.checkpoint, json.loads(args.storage_options))
+    storage, path = directory.storage, directory.resolve()
     weights, meta = load_model_weights(storage, path)
     model = model_from_weights(weights, meta).to(device)
     enc = get_tokenizer(args.tokenizer_file)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         texts = sample(args)
-    except (ToolError, ExportError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (ToolError, CheckpointError, ExportError, TokenizerError, FileNotFoundError, ValueError) as e:
         print(f"dcp_train.sample: error: {e}", file=sys.stderr)
         return 2
     for text in texts:

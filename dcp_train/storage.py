@@ -13,8 +13,8 @@ Paths. Every method takes the full paths that `join` returns (a local path, or a
 with its protocol), never bare bucket keys.
 
 Atomicity.
-- `write_atomic`: local = temp file in the same directory + fsync + os.replace + fsync of
-  the directory; object store = one PUT, which replaces an object atomically.
+- `write_atomic`: atomic.write_atomic (local: temp file + fsync + os.replace + fsync of the
+  directory; object store: one PUT, which replaces an object atomically).
 - `rename_dir`: local = os.rename (atomic). Object stores have no rename: every object is
   copied (server side), then the sources are deleted; NOT atomic, a crash can leave both
   or a partial destination. `last` names files to copy after all others, so a reader that
@@ -40,12 +40,12 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
-import uuid
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from dcp_train import dcp_io
+from dcp_train.atomic import fsync_dir, write_atomic
 
 
 class Storage:
@@ -148,30 +148,9 @@ class Storage:
     def write_text(self, path: str, text: str) -> None:
         self.write_bytes(path, text.encode("utf-8"))
 
-    def write_atomic(self, path: str, data: bytes, before_replace=None) -> None:
-        """Readers see the old content or the new one, never a mix or nothing.
-        `before_replace()` runs when the new content is ready but not yet visible."""
-        if not self.is_local:
-            if before_replace:
-                before_replace()
-            self.fs.pipe_file(path, data)  # one PUT: atomic per object
-            return
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if before_replace:
-                before_replace()
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        _fsync_dir(d)
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Readers see the old content or the new one, never a mix or nothing (atomic.py)."""
+        write_atomic(path, data, self.fs)
 
     # -- directories -------------------------------------------------------------------
 
@@ -185,7 +164,7 @@ class Storage:
             if os.path.exists(dst):
                 raise FileExistsError(dst)
             os.rename(src, dst)
-            _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+            fsync_dir(os.path.dirname(os.path.abspath(dst)))
             return
         files = self.find(src)
         if not files:
@@ -236,10 +215,3 @@ class Storage:
         own metadata classes (safe_metadata.py)."""
         return dcp_io.reader(path, None if self.is_local else self.storage_options)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

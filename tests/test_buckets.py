@@ -31,7 +31,7 @@ from helpers import (REPO, TINY, assert_same_tensors, child_env, digests, free_p
                      load_checkpoint, losses, metrics, run_train, start_train, torchrun_cmd,
                      wait_for, write_shards)
 
-from dcp_train.checkpoint import step_name as step
+from dcp_train.checkpoint_dir import step_name as step
 
 MAX_STEPS = 8
 ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", str(MAX_STEPS),

@@ -41,7 +41,9 @@ from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_ref
                   run_with_kills)
 
 from dcp_train import manifest as M
-from dcp_train.checkpoint import CheckpointError, Checkpointer, _share, step_name
+from dcp_train.checkpoint_dir import CheckpointDir, step_name
+from dcp_train.errors import CheckpointError
+from dcp_train.restore import share as _share
 from dcp_train.faults import POINTS
 from dcp_train.safe_metadata import UnsafeCheckpointError, load_metadata
 from dcp_train.storage import Storage
@@ -245,11 +247,11 @@ def test_flipped_byte_in_each_kind_of_file_is_detected(stopped, tmp_path):
         shutil.copytree(stopped, ckpt)
         flip(ckpt / rel)
         step4 = str(ckpt / step_name(4))
-        problem = Checkpointer(str(ckpt), {}).check(step4)
+        problem = CheckpointDir(str(ckpt), {}).check(step4)
         assert problem and says in problem, (kind, problem)
         with pytest.raises(CheckpointError, match=re.escape(says)):
-            Checkpointer(str(ckpt), {}).open_checkpoint(step4)
-        found = Checkpointer(str(ckpt), {}).find_latest()  # falls back, with a note
+            CheckpointDir(str(ckpt), {}).open(step4)
+        found = CheckpointDir(str(ckpt), {}).find_latest()  # falls back, with a note
         assert found.step == 2 and says in found.note and step_name(2) in found.note
 
     # `latest`: every single-bit flip of every byte is detected (-> highest committed dir, with
@@ -262,7 +264,7 @@ def test_flipped_byte_in_each_kind_of_file_is_detected(stopped, tmp_path):
             shutil.rmtree(ckpt, ignore_errors=True)
             shutil.copytree(stopped, ckpt)
             flip(ckpt / "latest", offset, bit)
-            found = Checkpointer(str(ckpt), {}).find_latest()
+            found = CheckpointDir(str(ckpt), {}).find_latest()
             assert found.step == 4, (offset, bit)
             if not found.note:
                 harmless.append((ckpt / "latest").read_bytes())
@@ -273,7 +275,7 @@ def test_flipped_byte_in_each_kind_of_file_is_detected(stopped, tmp_path):
 
 
 def test_verification_is_shared_across_ranks():
-    """Checkpointer.load splits the CRC-32 checks: each file once, about equal bytes per rank."""
+    """restore.load splits the CRC-32 checks: each file once, about equal bytes per rank."""
     files = {n: {"size": size} for n, size in
              [(".metadata", 10), ("__0_0.distcp", 100), ("__1_0.distcp", 90), ("__2_0.distcp", 95)]}
     assert _share(files, 1) == [["__0_0.distcp", "__2_0.distcp", "__1_0.distcp", ".metadata"]]
@@ -289,11 +291,11 @@ def test_verify_false_checks_sizes_only(stopped, tmp_path):
     ckpt = copy_stopped(stopped, tmp_path)
     step4 = ckpt / step_name(4)
     original = load_checkpoint(step4, tmp_path)
-    fast = Checkpointer(str(ckpt), {}, verify=False)
+    fast = CheckpointDir(str(ckpt), {}, verify=False)
 
     flip(step4 / "__0_0.distcp", 3000)  # inside the data of model.transformer.wte.weight
     assert fast.check(str(step4)) is None  # sizes match: not caught
-    assert "__0_0.distcp is corrupt" in Checkpointer(str(ckpt), {}).check(str(step4))
+    assert "__0_0.distcp is corrupt" in CheckpointDir(str(ckpt), {}).check(str(step4))
     flipped = load_checkpoint(step4, tmp_path)
     assert [k for k in original if not torch.equal(original[k], flipped[k])] == \
         ["model.transformer.wte.weight"]  # loads, one tensor silently different
@@ -302,7 +304,7 @@ def test_verify_false_checks_sizes_only(stopped, tmp_path):
     flip(step4 / ".metadata", 0)  # the pickle's PROTO opcode
     assert fast.check(str(step4)) is None
     with pytest.raises(CheckpointError, match=r"\.metadata is not valid DCP metadata"):
-        fast.open_checkpoint(str(step4))
+        fast.open(str(step4))
     shutil.copy(stopped / step_name(4) / ".metadata", step4 / ".metadata")
 
     flip(step4 / M.MANIFEST)
@@ -394,7 +396,7 @@ def test_malicious_metadata_is_refused_and_never_runs(stopped, data, tmp_path):
     marker.unlink()
 
     with pytest.raises(CheckpointError, match=r"refusing to unpickle posix\.system"):
-        Checkpointer(str(ckpt), {}).open_checkpoint(str(step4))
+        CheckpointDir(str(ckpt), {}).open(str(step4))
     before = snapshot(ckpt)
     proc = plain([*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
                   "--checkpoint_dir", str(ckpt), "--auto_resume"])
@@ -417,7 +419,7 @@ def test_no_byte_entries_in_our_checkpoints_and_planted_ones_are_refused(stopped
     with pytest.raises(UnsafeCheckpointError, match=r"has pickled byte entries \['extra'\]"):
         load_metadata((ckpt / step_name(4) / ".metadata").read_bytes(), "planted")
     with pytest.raises(CheckpointError, match="has pickled byte entries"):
-        Checkpointer(str(ckpt), {}).find_latest()
+        CheckpointDir(str(ckpt), {}).find_latest()
 
 
 # ======================================================================= 5. preemption
@@ -566,11 +568,11 @@ def test_bad_input_one_error_line_and_nothing_changed(case, stopped, data, tmp_p
 def test_latest_naming_a_missing_dir_falls_back_loudly(stopped, tmp_path):
     ckpt = copy_stopped(stopped, tmp_path)
     (ckpt / "latest").write_text(step_name(8) + "\n")
-    found = Checkpointer(str(ckpt), {}).find_latest()
+    found = CheckpointDir(str(ckpt), {}).find_latest()
     assert found.step == 4 and found.note == ("`latest` holds 'step_00000008', which is not a "
                                               "committed step dir; falling back to step_00000004")
     (ckpt / "latest").unlink()
-    found = Checkpointer(str(ckpt), {}).find_latest()
+    found = CheckpointDir(str(ckpt), {}).find_latest()
     assert found.step == 4 and found.note == "`latest` is missing; falling back to step_00000004"
 
 

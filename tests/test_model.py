@@ -87,13 +87,14 @@ def test_optimizer_groups():
 
 
 def test_tied_weight_is_saved_once_and_older_checkpoints_still_load(tmp_path):
-    """state.build stores lm_head.weight (the same Parameter as transformer.wte.weight) once;
+    """ModelState stores lm_head.weight (the same Parameter as transformer.wte.weight) once;
     a checkpoint written before that, which holds both names, loads the same."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dcp_train import state as S
+    from dcp_train import components as C
+    from dcp_train.restore import load_into
 
     def trained(seed):
         torch.manual_seed(seed)
@@ -104,14 +105,14 @@ def test_tied_weight_is_saved_once_and_older_checkpoints_still_load(tmp_path):
         opt.step()
         return model, opt
 
-    assert S.tied_aliases(GPT(SMALL)) == {"lm_head.weight": "transformer.wte.weight"}
+    assert C.tied_aliases(GPT(SMALL)) == {"lm_head.weight": "transformer.wte.weight"}
     src, src_opt = trained(0)
     model_sd, optim_sd = get_state_dict(src, src_opt)
     assert "lm_head.weight" in model_sd  # the older layout, both names
     dcp.save({"model": model_sd, "optim": optim_sd["state"]},
              storage_writer=FileSystemWriter(str(tmp_path)), no_dist=True)
     dst, dst_opt = trained(1)
-    S.load(FileSystemReader(str(tmp_path)), dst, dst_opt, rank=0, with_rank_entry=False)
+    load_into(FileSystemReader(str(tmp_path)), [C.ModelState(dst), C.OptimizerState(dst, dst_opt)])
     assert dst.lm_head.weight is dst.transformer.wte.weight  # still tied after the load
     for (name, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
         assert torch.equal(a, b), name

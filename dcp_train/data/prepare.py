@@ -39,6 +39,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import write_atomic
 from ..tokenizer import EOT, get_tokenizer
 from .shards import SHARD_DTYPE, DataError, find_shards
 
@@ -49,15 +50,10 @@ PREFIXES = {"default": "pystdlib", "text": "text", "fineweb": "edufineweb"}
 
 
 def save_shard(path: str, tokens: np.ndarray) -> None:
-    """np.save a uint16 shard atomically: hidden temp file in the same dir, then os.replace."""
+    """np.save a uint16 shard atomically (atomic.write_atomic)."""
     if tokens.dtype != SHARD_DTYPE or tokens.ndim != 1:
         raise ValueError(f"shard must be a 1-D uint16 array, got {tokens.dtype} {tokens.shape}")
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.save(f, tokens))
 
 
 class ShardWriter:

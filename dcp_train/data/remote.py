@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import uuid
+import shutil
 
+from ..atomic import write_atomic
+from ..errors import one_line
 from .shards import DataError
 
 
@@ -53,7 +55,7 @@ def fetch_shards(url: str, storage_options: dict) -> str:
         raise DataError(f"data dir {url} does not exist; upload the token shards there "
                         "(python -m dcp_train.data.prepare writes them)") from None
     except Exception as e:  # endpoint unreachable, credentials refused, s3fs/gcsfs missing
-        raise DataError(f"cannot read data dir {url}: {_one_line(e)}") from None
+        raise DataError(f"cannot read data dir {url}: {one_line(e)}") from None
     shards = {n: i for n, i in remote.items() if _is_shard(n) and i.get("type") != "directory"}
     if not shards:
         raise DataError(f"data dir {url} holds no *_train_*.npy / *_val_*.npy shard")
@@ -62,19 +64,16 @@ def fetch_shards(url: str, storage_options: dict) -> str:
         dst = os.path.join(local, name)
         if os.path.isfile(dst) and os.path.getsize(dst) == int(info["size"]):
             continue
-        tmp = os.path.join(local, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        src = posixpath.join(root, name)
         try:
-            fs.get_file(posixpath.join(root, name), tmp)
-            os.replace(tmp, dst)
+            write_atomic(dst, lambda f: _copy(fs, src, f))
         except Exception as e:
             raise DataError(f"downloading {posixpath.join(url.rstrip('/'), name)} to {dst} "
-                            f"failed: {_one_line(e)}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+                            f"failed: {one_line(e)}") from None
     return local
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+def _copy(fs, src: str, f) -> None:
+    with fs.open(src, "rb") as r:
+        shutil.copyfileobj(r, f, 8 << 20)
+

@@ -1,0 +1,171 @@
+"""The checkpoint manager: the trainer's only way to checkpoints, in three calls.
+
+    ckpt = CheckpointManager(cfg, info, metrics, progress, shared=[...], entry=RankEntry(...))
+    ckpt.resume()                                  # once, before the first step
+    ckpt.step(step, last=..., stopping=...)        # after every step: saves when due
+    ckpt.close()                                   # at the end: the last step is committed
+
+It owns the policy (when to save, sync or async, retention, which checkpoint to resume from)
+and the writer lease; the components (components.py) own what is saved and how it comes back.
+
+resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
+1. probe the storage, refuse a dir another live run writes (the lease, read only);
+2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
+   newest valid one (checkpoint_dir.py), otherwise none;
+3. Progress checks that this run can continue it (format version, model, batch geometry);
+4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
+   checkpoint fall back to the next one, and is an error for one the user named;
+5. take the writer lease: nothing is written to --checkpoint_dir before this point;
+6. this rank's entry is restored at the same world size; otherwise, and at a fresh start, its
+   parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
+7. log the `resume` record.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+
+from dcp_train import distributed as D
+from dcp_train import restore
+from dcp_train.checkpoint import Checkpointer
+from dcp_train.checkpoint_dir import CheckpointDir, Found, reading, unusable
+from dcp_train.errors import CheckpointError, cause
+from dcp_train.lease import LeaseError, WriterLease
+from dcp_train.metrics import resident_mb
+
+
+def due(interval: int, step: int, last: bool) -> bool:
+    return interval > 0 and (step % interval == 0 or last)
+
+
+class CheckpointManager:
+    def __init__(self, cfg, info, metrics, progress, shared: list, entry):
+        self.cfg, self.info, self.metrics = cfg, info, metrics
+        self.progress, self.shared, self.entry = progress, shared, entry
+        self.dir = CheckpointDir(cfg.checkpoint_dir, cfg.storage_options_dict,
+                                 verify=cfg.verify_checkpoint)
+        self.lease = WriterLease(self.dir.storage)
+        self.writer = Checkpointer(self.dir, cfg.keep_last_n_checkpoints,
+                                   on_commit=self.lease.refresh)
+        self.committed_step = None  # the step whose state is committed in our dir
+
+    @property
+    def root(self) -> str:
+        return self.dir.root
+
+    # ----------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        t0 = time.perf_counter()
+        found = D.agree(self._choose)
+        if found is not None:
+            self.progress.check_resumable(found.meta, found.path)
+            found = self._load(found)
+        D.agree(self._acquire_lease)
+        if found is None or not self._same_world(found):
+            self.entry.fresh()
+        if found is None:
+            if self.cfg.auto_resume:
+                self.metrics.say(f"no checkpoint in {self.dir.root}: starting fresh at step 0")
+            return
+        if found.path == self.dir.step_path(found.step):
+            self.committed_step = found.step
+        self._log_resume(found, time.perf_counter() - t0)
+
+    @reading
+    def _choose(self) -> Found | None:
+        """Rank 0: the checkpoint to resume from (its shard CRC-32s are checked while
+        loading), or None."""
+        self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
+        self._check_lease()  # another live run writes here: refuse before reading its dirs
+        if self.cfg.resume:
+            return self.dir.open(self.cfg.checkpoint_path, defer=True)
+        if self.cfg.auto_resume:
+            return self.dir.find_latest(defer=True)
+        return None
+
+    def _load(self, found: Found) -> Found:
+        """Load `found`; if verification finds it damaged, the next one discovery offers
+        (its note says why), or an error for a checkpoint named with --checkpoint_path."""
+        rejected = {}
+        while True:
+            entry = self.entry if self._same_world(found) else None
+            problem = restore.load(found, self.dir.storage.storage_options, self.shared,
+                                   entry, self.dir.verify, self.info.rank,
+                                   self.info.world_size)
+            if problem is None:
+                return found
+            if not found.discovered:
+                raise CheckpointError(unusable(self.cfg.checkpoint_path, problem))
+            rejected[posixpath.basename(found.path)] = problem
+            found = D.agree(lambda: self.dir.fall_back(found, rejected))
+            self.progress.check_resumable(found.meta, found.path)
+
+    def _same_world(self, found: Found) -> bool:
+        return found.meta["world_size"] == self.info.world_size
+
+    def _check_lease(self) -> None:
+        try:
+            self.lease.check()
+        except LeaseError as e:
+            raise CheckpointError(str(e)) from e
+
+    def _acquire_lease(self) -> None:
+        """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""
+        if not self.info.is_main:
+            return
+        try:
+            self.lease.acquire()
+        except LeaseError as e:
+            raise CheckpointError(str(e)) from e
+        except Exception as e:  # read-only or unwritable dir, missing permissions
+            raise CheckpointError(f"cannot write to checkpoint dir {self.dir.root}: "
+                                  f"{cause(e)}") from e
+
+    def _log_resume(self, found: Found, seconds: float) -> None:
+        rng_how = self.entry.parts["rng"].how
+        if found.note:
+            self.metrics.say(f"WARNING: {found.note}")
+        self.metrics.log("resume", step=self.progress.step, path=found.path,
+                         world_size_saved=found.meta["world_size"],
+                         world_size=self.info.world_size, rng=rng_how, note=found.note,
+                         seconds=seconds, bytes=sum(f["size"] for f in found.files.values()))
+        self.metrics.say(f"resumed from {found.path} at step {self.progress.step} (world size "
+                         f"{found.meta['world_size']} -> {self.info.world_size}, rng {rng_how})")
+
+    # ------------------------------------------------------------------------ saving
+    def step(self, step: int, last: bool, stopping: bool) -> None:
+        """After step `step`: collect a finished async save, keep the lease alive, and save
+        when due (every --checkpoint_interval steps, the last step, a stop)."""
+        self.writer.poll()  # an async save that every rank has finished is logged now
+        self._log_records()
+        if self.info.is_main:
+            self.lease.refresh()
+        if due(self.cfg.checkpoint_interval, step, last) or last or stopping:
+            self.save()
+
+    def save(self) -> None:
+        sd = {}
+        for component in [*self.shared, self.entry]:
+            sd.update(component.state_dict())
+        self.writer.save(self.progress.step, sd, self.info.rank,
+                         asynchronous=self.cfg.async_checkpoint)
+        self.committed_step = self.progress.step
+        self._log_records()
+
+    def close(self) -> None:
+        """Commit the current step if our dir lacks it (a run resumed at its final step from
+        another dir or world size), wait for a save in flight, release the lease."""
+        if self.committed_step != self.progress.step:
+            self.save()
+        self.writer.close()
+        self._log_records()
+        if self.info.is_main:
+            self.lease.release()
+
+    def _log_records(self) -> None:
+        for record in self.writer.records():
+            self.metrics.log("checkpoint", **record, rss_mb=resident_mb())
+            self.metrics.say(f"step {record['step']:6d} | checkpoint {record['path']} "
+                             f"committed ({record['seconds']:.2f}s, loop blocked "
+                             f"{record['blocked_s']:.2f}s, {record['bytes'] or 0:,} bytes)")
