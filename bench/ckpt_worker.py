@@ -18,11 +18,11 @@ Every repetition runs each way once, in a rotated order, on the same state and f
                   (get_state_dict full_state_dict + cpu_offload), one torch.save + fsync
   reads   raw     each rank reads its raw file back with one readinto (local only)
           dcp     bare dcp.load into the model/optimizer state dict (local only)
-          ours    the trainer's resume path: Checkpointer.find_latest(defer=True) on rank 0
-                  (manifest, sizes, CRC-32 of .metadata), broadcast, Checkpointer.load
+          ours    the trainer's resume path: CheckpointDir.find_latest(defer=True) on rank 0
+                  (manifest, sizes, CRC-32 of .metadata), agreed on, restore.load
                   (dcp.load into the model and optimizer while each rank checks the CRC-32s
                   of its share of the files)
-          ours_noverify  the same with Checkpointer(verify=False), if it has that option
+          ours_noverify  the same with CheckpointDir(verify=False)
 
 A time is wall clock from a barrier before the operation to a barrier after it (the slowest
 rank). Before every timed operation rank 0 syncs and drops the page cache if it can, so reads
@@ -47,18 +47,14 @@ from torch.distributed.tensor import DTensor
 
 from bench.common import drop_page_cache, model_config
 from dcp_train import distributed as D
-from dcp_train import state as S
+from dcp_train import components as C
+from dcp_train import restore
 from dcp_train.checkpoint import Checkpointer
+from dcp_train.checkpoint_dir import CheckpointDir
+from dcp_train.lease import WriterLease
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer
 from dcp_train.storage import Storage
-
-
-class _NoLoader:
-    """state.build asks the loader for its state; the benchmark has none."""
-
-    def state_dict(self) -> dict:
-        return {}
 
 
 # Phase timers, reset before each timed operation. CRC-32 verification is timed where it
@@ -89,15 +85,26 @@ class TimedCheckpointer(Checkpointer):
     def _commit(self, *args, **kwargs):
         return _timing("commit", super()._commit)(*args, **kwargs)
 
+
+class TimedDir(CheckpointDir):
+    """Our CheckpointDir, unchanged, with the discovery check timed."""
+
     def check(self, *args, **kwargs):
         return _timing("check", super().check)(*args, **kwargs)
 
 
-def make_checkpointer(root: str, so: dict, rank: int, verify: bool = True) -> TimedCheckpointer:
-    ckpt = TimedCheckpointer(root, so, verify=verify)
+def make_checkpointer(root: str, so: dict, rank: int) -> TimedCheckpointer:
+    directory = TimedDir(root, so)
     if rank == 0:  # as the trainer does before saving
-        ckpt.acquire_lease()
-    return ckpt
+        WriterLease(directory.storage).acquire()
+    return TimedCheckpointer(directory)
+
+
+def components(model, opt, rank: int, progress=None) -> tuple[list, object]:
+    """(shared components, this rank's entry) as the trainer lists them, without a loader."""
+    progress = progress or C.Progress()
+    return ([C.ModelState(model), C.OptimizerState(model, opt), progress],
+            C.RankEntry(rank, rng=C.RNGState(0, rank, progress)))
 
 
 def last_record(ckpt) -> dict:
@@ -191,8 +198,11 @@ def main() -> None:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    sd = S.build(model, opt, S.Progress(step=1, tokens=T), _NoLoader(), rank, ws, 1,
-                 {"bench_model": args.model})
+    shared, entry = components(model, opt, rank, C.Progress(
+        step=1, tokens=T, world_size=ws, samples_per_step=1, config={"bench_model": args.model}))
+    sd = {}
+    for component in [*shared, entry]:
+        sd.update(component.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model {args.model}: {n_params:,} params, setup {time.perf_counter() - t_setup:.1f}s")
 
@@ -203,7 +213,7 @@ def main() -> None:
     D.barrier()
     files = st.find(warm)
     my_bytes = sum(s for n, s in files.items() if n.startswith(f"__{rank}_"))
-    per_rank = D.all_gather_objects(my_bytes)
+    per_rank = D.agree(lambda: my_bytes, every_rank=True)
     meta_bytes = files.get(".metadata", 0)
     clean()
 
@@ -259,7 +269,7 @@ def main() -> None:
 
     def note_phases(name: str, extra: dict | None = None) -> None:
         """Each phase's maximum over ranks (the slowest rank holds everyone at the end)."""
-        per_rank = D.all_gather_objects({**PHASES, **(extra or {})})
+        per_rank = D.agree(lambda: {**PHASES, **(extra or {})}, every_rank=True)
         for key in set().union(*per_rank):
             vals = [ph.get(key, 0.0) for ph in per_rank]
             result["phases"].setdefault(name, {}).setdefault(key, []).append(max(vals))
@@ -313,7 +323,7 @@ def main() -> None:
             PHASES.clear()
             dt = timed(fn)
             if name == "async":
-                blocked = max(D.all_gather_objects(box["blocked"]))
+                blocked = max(D.agree(lambda: box["blocked"], every_rank=True))
                 result["write"]["async_blocked"].append(blocked)
                 result["write"]["async_total"].append(dt)
                 note_phases("async_save", {"blocked": box["blocked"]})
@@ -326,20 +336,17 @@ def main() -> None:
         result["ours_record"].append({k: v for k, v in box["record"].items() if k != "path"})
 
         if local and not args.no_load:
-            tpl_model, tpl_optim = get_state_dict(model, opt)
-            aliases = S.tied_aliases(model)  # stored once, as the trainer's save does
-            tpl = {"model": {k: v for k, v in tpl_model.items() if k not in aliases},
-                   "optim": tpl_optim["state"]}
+            tpl = {**C.ModelState(model).state_dict(), **C.OptimizerState(model, opt).state_dict()}
 
             def dcp_load() -> None:
                 dcp.load(tpl, storage_reader=st.dcp_reader(dcp_dir))
 
             def resume(verify) -> None:
-                reader_ckpt = make_checkpointer(ours_root, so, rank=-1, verify=verify)
-                found = reader_ckpt.find_latest(defer=True) if rank == 0 else None
-                found = D.broadcast_object(found)
+                directory = TimedDir(ours_root, so, verify=verify)
+                found = D.agree(lambda: directory.find_latest(defer=True))
                 assert found is not None, "no checkpoint found"
-                _, problem = reader_ckpt.load(found, model, opt, rank, ws, with_rank_entry=True)
+                shared, entry = components(model, opt, rank)
+                problem = restore.load(found, so, shared, entry, verify, rank, ws)
                 assert problem is None, problem
 
             loads = {"raw": raw_read, "dcp": dcp_load, "ours": lambda: resume(True),

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dcp_train import manifest as M
 from dcp_train.atomic import TEMP_RE
 from dcp_train.components import read_meta
+from dcp_train.config import ConfigError
 from dcp_train.errors import CheckpointError, cause, one_line
 from dcp_train.manifest import MANIFEST, STEP_RE
 from dcp_train.storage import Storage
@@ -65,7 +66,7 @@ def reading(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except CheckpointError:
+        except (CheckpointError, ConfigError):  # already said for the user
             raise
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"reading checkpoints in {self.root} failed: {cause(e)}") from e

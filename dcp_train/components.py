@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from dcp_train import rng
+from dcp_train.config import ConfigError
 from dcp_train.errors import CheckpointError
 
 # 1: the layout above (every checkpoint so far). Bump it when a change means older code would
@@ -140,7 +141,6 @@ class Progress:
 
     def check_resumable(self, meta: dict, path: str) -> None:
         """Refuse (ConfigError) a checkpoint this run cannot continue."""
-        from dcp_train.config import ConfigError
         check_format(meta, path)
         saved_model = meta["config"]["model"]
         diff = [f"{k}: checkpoint {saved_model[k]} vs flags {v}"

@@ -11,7 +11,8 @@ and the writer lease; the components (components.py) own what is saved and how i
 resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
 1. probe the storage, refuse a dir another live run writes (the lease, read only);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
-   newest valid one (checkpoint_dir.py), otherwise none;
+   newest valid one (checkpoint_dir.py); without either a dir that holds committed
+   checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
 3. Progress checks that this run can continue it (format version, model, batch geometry);
 4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
    checkpoint fall back to the next one, and is an error for one the user named;
@@ -30,6 +31,7 @@ from dcp_train import distributed as D
 from dcp_train import restore
 from dcp_train.checkpoint import Checkpointer
 from dcp_train.checkpoint_dir import CheckpointDir, Found, reading, unusable
+from dcp_train.config import ConfigError
 from dcp_train.errors import CheckpointError, cause
 from dcp_train.lease import LeaseError, WriterLease
 from dcp_train.metrics import resident_mb
@@ -82,6 +84,11 @@ class CheckpointManager:
             return self.dir.open(self.cfg.checkpoint_path, defer=True)
         if self.cfg.auto_resume:
             return self.dir.find_latest(defer=True)
+        committed, _ = self.dir.scan()
+        if committed:  # a fresh start would overwrite that run's step dirs and `latest`
+            raise ConfigError(f"checkpoint dir {self.dir.root} holds a run at step "
+                              f"{max(committed)}; pass --auto_resume to continue it or use "
+                              "another --checkpoint_dir")
         return None
 
     def _load(self, found: Found) -> Found:

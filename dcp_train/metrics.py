@@ -1,4 +1,4 @@
-"""metrics.jsonl (DESIGN.md, "Metrics") and the console line, written by rank 0 only.
+"""metrics.jsonl (docs/design.md, "Metrics") and the console line, written by rank 0 only.
 
 One JSON object per line, appended and flushed per record. Floats go through json's float
 repr, which is Python's `repr`: the full precision, so two runs compare bit for bit.

@@ -170,3 +170,18 @@ def assert_same_tensors(a: dict, b: dict, prefixes=("model.", "optim.")) -> None
     assert keys_a == keys_b and keys_a, (sorted(keys_a ^ keys_b))[:10]
     for k in sorted(keys_a):
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def one_error(proc) -> str:
+    """The run failed with the same single `dcp_train: error:` line on every rank."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("dcp_train: error:")]
+    assert lines and len(set(lines)) == 1, proc.stderr[-4000:]
+    return lines[0]
+
+
+def tree_bytes(root: Path) -> dict:
+    """{relative path: content} of every file under root ('<dir>' for a dir): to assert that a
+    directory is byte for byte unchanged."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "<dir>")
+            for p in sorted(Path(root).rglob("*"))}

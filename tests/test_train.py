@@ -1,4 +1,4 @@
-"""The trainer foundation: a real 2-rank torchrun learns; metrics follow DESIGN.md; the loss
+"""The trainer foundation: a real 2-rank torchrun learns; metrics follow docs/design.md; the loss
 does not depend on the world size; bad flags give one clear error line."""
 
 import subprocess

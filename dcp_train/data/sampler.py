@@ -1,13 +1,13 @@
 """The global data order, and each rank's share of it.
 
 The order depends only on the number of samples, the seed and the samples per optimizer step
-(DESIGN.md "Data order"); never on the world size or the micro-batch size:
+(docs/design.md, "Data order"); never on the world size or the micro-batch size:
 
 * Epoch e is a seeded shuffle of all sample ids:
   `global_permutation(N, seed, e) = np.random.default_rng([seed, e]).permutation(N)`.
 * The stream is the epochs one after another: stream position p (0-based, infinite) is sample
   `global_permutation(N, seed, p // N)[p % N]`. An epoch boundary may fall inside a step.
-* Step s (1-based: the update that takes the step count from s-1 to s, DESIGN.md "Step")
+* Step s (1-based: the update that takes the step count from s-1 to s, docs/design.md, "Step")
   consumes stream positions `[(s-1)*S, s*S)`, with `S = samples_per_step =
   total_batch_size // seq_len`.
 * Rank r of W takes the contiguous slice `[(s-1)*S + r*S/W, (s-1)*S + (r+1)*S/W)` of step s,

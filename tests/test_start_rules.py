@@ -1,0 +1,75 @@
+"""Starting and resuming rules (docs/design.md, "Starting and resuming"): a fresh start never
+writes over a run; a checkpoint from a newer format is one clear error. Real torchrun."""
+
+import subprocess
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+
+from helpers import (TINY, child_env, load_checkpoint, one_error, run_train, torchrun_cmd,
+                     tree_bytes, write_shards, REPO)
+
+ARGS = [*TINY, "--batch_size", "4", "--total_batch_size", "256", "--max_steps", "4",
+        "--checkpoint_interval", "2"]
+
+
+def _launch(tmp_path: Path, data: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(2, [*ARGS, "--data_dir", str(data), "--log_dir",
+                                           str(tmp_path / "log2"), "--checkpoint_dir",
+                                           str(ckpt), *extra]),
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_fresh_start_on_a_committed_run_is_refused_and_changes_nothing(tmp_path):
+    data = write_shards(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                  "--checkpoint_dir", str(ckpt), "--stop_at_step", "2"])
+    before = tree_bytes(ckpt)
+    proc = _launch(tmp_path, data, ckpt)
+    assert one_error(proc) == (f"dcp_train: error: checkpoint dir {ckpt} holds a run at step 2; "
+                               "pass --auto_resume to continue it or use another "
+                               "--checkpoint_dir")
+    assert tree_bytes(ckpt) == before
+
+
+def _rewrite_format(step_dir: Path, out: Path, version) -> None:
+    """A valid, committed copy of `step_dir` whose meta says format `version`."""
+    from dcp_train import manifest as M
+    from dcp_train.components import json_tensor, tensor_json
+    from dcp_train.storage import Storage
+
+    flat = load_checkpoint(step_dir, out.parent)
+    meta = tensor_json(flat["meta"])
+    meta["format_version"] = version
+    flat["meta"] = json_tensor(meta)
+    dcp.save(flat, storage_writer=dcp.FileSystemWriter(str(out)), no_dist=True)
+    names = sorted(p.name for p in out.iterdir())
+    files = M.hash_files(Storage(str(out)), str(out), names)
+    (out / "manifest.json").write_bytes(M.build(meta["step"], 1, files))
+
+
+def test_checkpoint_of_a_newer_format_is_one_clear_error(tmp_path):
+    data = write_shards(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                  "--checkpoint_dir", str(ckpt), "--stop_at_step", "2"])
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    _rewrite_format(ckpt / "step_00000002", newer / "step_00000002", 2)
+    (newer / "latest").write_text("step_00000002\n")
+    before = tree_bytes(newer)
+    proc = _launch(tmp_path, data, newer, "--auto_resume")
+    assert one_error(proc) == (
+        f"dcp_train: error: {newer / 'step_00000002'} has checkpoint format 2, newer than "
+        "this dcp_train reads (1); resume it with the dcp_train version that wrote it, or "
+        "upgrade")
+    assert tree_bytes(newer) == before
+
+    # the same rewrite at format 1 resumes: the refusal is the version, nothing else
+    same = tmp_path / "same"
+    same.mkdir()
+    _rewrite_format(ckpt / "step_00000002", same / "step_00000002", 1)
+    (same / "latest").write_text("step_00000002\n")
+    proc = _launch(tmp_path, data, same, "--auto_resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
