@@ -3,22 +3,27 @@
 Saving step s (every rank calls `save`; rank 0 does the single-writer parts). Every failure is
 agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
 
-1. rank 0 picks a random <id>; every rank writes its own shards into `step_XXXXXXXX.tmp-<id>/`
-   with dcp.save (DCP writes `.metadata` last, after all ranks).
+1. rank 0 picks the dir the save writes into:
+   - local/file://: a new temp dir `step_XXXXXXXX.tmp-<id>/`, renamed at the commit;
+   - object stores (s3://, gs://, ...): the step dir `step_XXXXXXXX/` itself (a prefix has no
+     atomic rename, and copying every object would move each byte twice). Files left there by
+     a crashed attempt at the same step are deleted first (a committed dir being written over
+     loses its manifest.json first, so it stops counting as committed before anything else
+     goes).
+   Every rank writes its own shards into it with dcp.save (DCP writes `.metadata` last).
 2. every rank has the size and CRC-32 of each file it wrote (computed while writing, see
-   dcp_io.py); rank 0 checks them against a listing of the temp dir and writes
-   `manifest.json` (name, size, CRC-32 of every file, plus step and world size) into it.
-3. commit. A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds
-   `manifest.json`.
-   - local/file://: `os.rename` of the temp dir (atomic; the manifest is already inside);
-   - object stores (s3://, gs://, ...): a prefix has no atomic rename, so the files are copied
-     to `step_XXXXXXXX/`, `manifest.json` last: that single object PUT is the commit point;
-     then the temp prefix is deleted. A crash mid-copy leaves a step dir without a manifest,
-     which discovery ignores and retention removes.
+   dcp_io.py); rank 0 checks them against a listing of the dir.
+3. commit: rank 0 writes `manifest.json` (name, size, CRC-32 of every file, step, world size).
+   A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds one.
+   - local: the manifest goes into the temp dir, which is then renamed (atomic);
+   - object stores: the manifest PUT, after every other file is durable, is the commit point.
+     A crash before it leaves a step dir without a manifest, which discovery never resumes
+     from and retention removes.
 4. `latest` is replaced atomically (atomic.py) and only ever names a committed dir.
 5. retention (rank 0): keep the N newest committed dirs, never the one `latest` names, and
-   remove leftovers: abandoned temp dirs, uncommitted step dirs, a `latest` temp file. One
-   writer per dir (the lease, lease.py): a leftover that is not ours now is abandoned.
+   remove leftovers: abandoned temp dirs, step dirs without a manifest, a `latest` temp file.
+   One writer per dir (the lease, lease.py) and one save at a time: a leftover now is
+   abandoned.
 
 Asynchronous saves copy the state into reused staging buffers (the only part that blocks the
 training loop), then run steps 1-5 on a background thread that talks over its own gloo group
@@ -107,24 +112,25 @@ class Checkpointer:
     def _write_and_commit(self, step, state_dict, rank, group, t0, blocked) -> dict:
         faults.at_step(step)
         final = self.dir.step_path(step)
-        tmp = D.agree(lambda: f"{final}.tmp-{secrets.token_hex(4)}", group=group)
 
         def write() -> dict:
             try:
-                writer = self.storage.dcp_writer(tmp)
+                writer = self.storage.dcp_writer(target)
                 dcp.save(state_dict, storage_writer=writer, process_group=group)
                 fault_point("after_shards", rank, step)
                 return writer.checksums  # computed while writing (dcp_io.py)
             except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-                raise CheckpointError(f"saving step {step} to {tmp} failed: {cause(e)}") from e
+                raise CheckpointError(f"saving step {step} to {target} failed: "
+                                      f"{cause(e)}") from e
 
         def commit() -> int:
             try:
-                return self._commit(tmp, final, step, per_rank_files)
+                return self._commit(target, final, step, per_rank_files)
             except (Exception, CheckpointException) as e:
                 raise CheckpointError(f"committing step {step} to {final} failed: "
                                       f"{cause(e)}") from e
 
+        target = D.agree(lambda: self._target(final), group=group)
         per_rank_files = D.agree(write, every_rank=True, group=group)
         size = D.agree(commit, group=group)
         seconds = time.perf_counter() - t0
@@ -132,20 +138,32 @@ class Checkpointer:
                 "blocked_s": seconds if blocked is None else blocked,
                 "async": blocked is not None, "bytes": size, "mb_per_s": size / seconds / 1e6}
 
-    def _commit(self, tmp: str, final: str, step: int, per_rank_files: list[dict]) -> int:
+    def _target(self, final: str) -> str:
+        """Rank 0: the dir this save writes into (step 1 of the module docstring)."""
+        if self.storage.is_local:
+            return f"{final}.tmp-{secrets.token_hex(4)}"
+        self.storage.rm_tree(posixpath.join(final, MANIFEST))  # uncommit first
+        self.storage.rm_tree(final)
+        return final
+
+    def _commit(self, target: str, final: str, step: int, per_rank_files: list[dict]) -> int:
         """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
-        on_disk = self.storage.find(tmp)  # {name: size}: a listing, no file is read
+        on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
         written = {n: size for n, (size, _) in files.items()}
         if on_disk != written:
-            raise CheckpointError(f"files of {tmp} differ from what was written: "
+            raise CheckpointError(f"files of {target} differ from what was written: "
                                   f"{sorted(set(on_disk.items()) ^ set(written.items()))}")
-        self.storage.write_atomic(posixpath.join(tmp, MANIFEST),
-                                  M.build(step, len(per_rank_files), files))
-        fault_point("before_commit", 0, step)
-        if self.storage.exists(final):  # committed by a run that crashed before `latest`,
-            self.storage.rm_tree(final)  # or ahead of an explicit older --resume: replace it
-        self.storage.rename_dir(tmp, final, last=(MANIFEST,))
+        manifest = M.build(step, len(per_rank_files), files)
+        if self.storage.is_local:
+            self.storage.write_atomic(posixpath.join(target, MANIFEST), manifest)
+            fault_point("before_commit", 0, step)
+            if self.storage.exists(final):  # committed by a run that crashed before `latest`,
+                self.storage.rm_tree(final)  # or ahead of an explicit older --resume
+            self.storage.rename_dir(target, final)
+        else:
+            fault_point("before_commit", 0, step)
+            self.storage.write_atomic(posixpath.join(final, MANIFEST), manifest)  # the commit
         fault_point("after_commit", 0, step)
         self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
         self.apply_retention(step)

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _Fsspe
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS
 
+from dcp_train.faults import fault_point
 from dcp_train.safe_metadata import SafeMetadataReader
 
 WRITE_THREADS = 2
@@ -89,6 +90,7 @@ class _CrcStream:
             written = self._stream.write(data)
             self.crc = crc.result()
         self.size += view.nbytes
+        fault_point("mid_shard")  # test-only: a file of this rank's is partly written
         return written
 
     def __getattr__(self, name):  # tell, flush, fileno, close, ...

@@ -4,14 +4,17 @@ Off unless the environment variable DCP_TRAIN_FAULT is set, as `POINT[:RANK[:STE
 (RANK and STEP default to any). The process kills itself with SIGKILL, exactly like an OOM
 killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
 
+    mid_shard            this rank has written part of one of its DCP files (dcp_io.py)
     after_shards         this rank's DCP shard files are written (before the manifest)
-    before_commit        rank 0: manifest written into the temp dir, not yet renamed
+    before_commit        rank 0: manifest written into the temp dir, not yet renamed (local);
+                         every file but the manifest written into the step dir (object store)
     after_commit         rank 0: step dir committed, `latest` not yet updated
     mid_latest           rank 0: `latest`'s temporary file written, not yet in place
     during_retention     rank 0: retention has deleted its first directory
 
 The save protocol calls `at_step(step)` when a save starts, so points reached from code that
-knows no step (atomic.write_atomic's `mid_<file name>`) match STEP too.
+knows no step (atomic.write_atomic's `mid_<file name>`, dcp_io's `mid_shard`) match STEP too,
+and a point reached without a rank takes this process's rank in torch.distributed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_shards", "before_commit", "after_commit", "mid_latest", "during_retention")
+import torch.distributed as dist
+
+POINTS = ("mid_shard", "after_shards", "before_commit", "after_commit", "mid_latest",
+          "during_retention")
 
 
 _current_step: int | None = None
@@ -36,6 +42,8 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
     if not spec:
         return
     step = _current_step if step is None else step
+    if rank is None and dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
     name, want_rank, want_step = (spec.split(":") + ["", ""])[:3]
     if name not in POINTS:
         raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of {POINTS}")

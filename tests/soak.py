@@ -135,13 +135,11 @@ def _phase(state: DirState, last_line: str) -> str:
     if state.latest_step == step:
         return f"retention after committing {name}"
     if name in state.committed:
-        if temps:  # object store: copied and committed, the temp prefix not yet deleted
-            return f"deleting the temp dir of committed {name}"
         if any(n.startswith(".latest.tmp") for n in state.other):
             return f"replacing `latest` with {name}"
         return f"between committing {name} and writing `latest`"
-    if name in state.partial:  # object store: the commit's copy, manifest not yet there
-        return f"committing {name} (copy without manifest yet)"
+    if name in state.partial:  # object store: written in place, manifest not yet there
+        return f"saving {name} (in place, no manifest yet)"
     if temps:
         return f"saving {name} (temp dir)"
     return f"saving {name} (before its temp dir)"

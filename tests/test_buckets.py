@@ -182,35 +182,41 @@ def test_gcs_auto_resume_retention_and_save_time(gcs, ref, base, data):
 
 
 # ------------------------------------------------------- 3. SIGKILL in the middle of an upload
+def uploading(fs, path: str, name: str) -> bool:
+    """Step dir `name` is being written in place: there, but without its manifest.json."""
+    return name in listing(fs, path) and not fs.exists(f"{path}/{name}/manifest.json")
+
+
 def test_s3_sigkill_mid_upload_resumes_from_previous(s3, ref, base, data):
-    """Killed as soon as step 6's temp dir appears (its first shard uploaded). A save stays a
-    temp dir for ~0.2-0.4 s before the commit; the poll sees it within ~0.05 s."""
+    """Killed as soon as step 6's dir appears (its first shard uploaded, written in place,
+    no manifest yet). A save stays uncommitted for ~0.2-0.4 s; the poll sees it within
+    ~0.05 s."""
     log, url, path = base / "kill" / "log", "s3://ckpt/kill", "ckpt/kill"
     args = [*ARGS, "--data_dir", str(data), "--keep_last_n_checkpoints", "2",
             "--log_dir", str(log), "--checkpoint_dir", url]
     fs = s3fs_of(s3)
     proc = start_train(2, args, s3.env)
     try:
-        tmp6 = []
+        seen = []
 
         def step6_uploading():
-            tmp6[:] = [n for n in listing(fs, path) if n.startswith(step(6) + ".tmp-")]
-            return bool(tmp6) or proc.poll() is not None
+            seen.append(uploading(fs, path, step(6)))
+            return seen[-1] or proc.poll() is not None
 
         wait_for(step6_uploading, timeout=240, interval=0.02)
     finally:
         kill_job(proc)
-    assert tmp6, f"the run ended before saving step 6:\n{proc.stdout.read()[-3000:]}"
-    # the kill hit while step 6 was a temp dir, before it was committed
+    assert seen[-1], f"the run ended before saving step 6:\n{proc.stdout.read()[-3000:]}"
+    # the kill hit while step 6 was being written, before it was committed
     names = listing(fs, path)
-    assert tmp6[0] in names and step(6) not in committed(fs, path), names
+    assert step(6) in names and step(6) not in committed(fs, path), names
     assert read_latest(fs, path) == step(4)
 
     run_train(2, [*args, "--auto_resume"], env=s3.env)
     [resume] = [r for r in metrics(log) if r["kind"] == "resume"]
     assert resume["path"] == f"{url}/{step(4)}" and resume["step"] == 4
     assert losses(log) == losses(ref.log)
-    # retention removed the abandoned temp dir and all but the 2 newest committed
+    # the new save of step 6 replaced the abandoned files; retention kept the 2 newest
     assert listing(fs, path) == [LATEST, step(6), step(8)]
     assert read_latest(fs, path) == step(8)
     final = download_step(fs, f"{url}/{step(8)}", base / "kill" / "final", base)
@@ -231,8 +237,8 @@ def test_s3_outage_during_save_fails_cleanly_then_resumes(s3, ref, base, data):
     try:
         wait_for(lambda: read_latest(fs, path) == step(4) or proc.poll() is not None, timeout=240)
         before = committed(fs, path)  # all that is committed until step 6's save commits
-        wait_for(lambda: any(n.startswith(step(6) + ".tmp-") for n in listing(fs, path))
-                 or proc.poll() is not None, timeout=120, interval=0.02)
+        wait_for(lambda: uploading(fs, path, step(6)) or proc.poll() is not None,
+                 timeout=120, interval=0.02)
         s3.stop()  # endpoint down while step 6 is uploading
         t0 = time.monotonic()
         proc.wait(timeout=120)

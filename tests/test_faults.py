@@ -153,8 +153,11 @@ def copy_stopped(stopped: Path, tmp_path: Path) -> Path:
 
 # ========================================================= 1. SIGKILL at every fault point
 FAULTS = {  # point: (rank that dies, `latest` after the kill, committed dirs after the kill)
-    "after_shards": (1, 2, [2]),  # rank 1's shard written, no manifest: a temp dir
-    "before_commit": (0, 2, [2]),  # a complete temp dir with manifest.json, not renamed
+    "mid_shard": (1, 2, [2]),  # rank 1 has written part of a file (object store: maybe none)
+    "after_shards": (1, 2, [2]),  # rank 1's shard written, no manifest: a temp dir (local),
+    # the step dir itself (object store)
+    "before_commit": (0, 2, [2]),  # local: a complete temp dir with manifest.json, not
+    # renamed; object store: every file in the step dir but manifest.json
     "after_commit": (0, 2, [2, 4]),  # step 4 committed, `latest` still names step 2
     "mid_latest": (0, 2, [2, 4]),  # `latest`'s temp file written (local), not in place
     "during_retention": (0, 4, [4]),  # `latest` = step 4, step 2 deleted (keep 1)
@@ -185,14 +188,21 @@ def test_sigkill_at_fault_point_then_auto_resume_is_bit_exact(point, where, requ
     after.check()  # every committed dir intact, `latest` names one of them
     assert after.latest == step_name(latest_step)
     assert sorted(after.committed) == [step_name(s) for s in committed]
-    if point in ("after_shards", "before_commit"):
+    if point in ("mid_shard", "after_shards", "before_commit") and where == "local":
         [tmp] = after.partial
         assert TMP_RE.match(tmp) and tmp.startswith(step_name(FAULT_STEP))
         files = st.listdir(st.join(tmp))
-        assert "__1_0.distcp" in files
+        assert point == "mid_shard" or "__1_0.distcp" in files
         assert (M.MANIFEST in files) == (point == "before_commit")
         if point == "before_commit":  # complete and intact, yet never picked: not committed
             assert M.problems(st, st.join(tmp)) == []
+    elif point in ("mid_shard", "after_shards", "before_commit"):  # written in place
+        assert after.partial in (([], [step_name(FAULT_STEP)]) if point == "mid_shard" else
+                                 ([step_name(FAULT_STEP)],))
+        files = st.listdir(st.join(step_name(FAULT_STEP)))
+        assert M.MANIFEST not in files  # never committed, so never resumed from
+        assert point == "mid_shard" or "__1_0.distcp" in files
+        assert point != "before_commit" or ".metadata" in files
     else:
         assert after.partial == []
     if point == "mid_latest" and where == "local":
