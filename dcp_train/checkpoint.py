@@ -56,6 +56,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_train import distributed as D
+from dcp_train import space
+from dcp_train.errors import describe, one_line
 from dcp_train import manifest as M
 from dcp_train import state as S
 from dcp_train.faults import fault_point
@@ -196,6 +198,9 @@ class Checkpointer:
 
     def _write_and_commit(self, step, state_dict, rank, group, t0, blocked) -> dict:
         final = self.step_path(step)
+        problem = space.room_problem(self.root, state_dict, group)  # #13: before any write
+        if problem:
+            raise CheckpointError(f"saving step {step} refused: {problem}")
         tmp = D.broadcast_object(f"{final}.tmp-{secrets.token_hex(4)}" if rank == 0 else None,
                                  group=group)
         my_files, error = None, None
@@ -205,7 +210,7 @@ class Checkpointer:
             fault_point("after_shards", rank, step)
             my_files = writer.checksums  # computed while writing (dcp_io.py)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-            error = f"saving step {step} to {tmp} failed: {_cause(e)}"
+            error = f"saving step {step} to {tmp} failed: {_cause(e, self.root)}"
         # every rank learns of any rank's failure, so all stop with the same message
         gathered = D.all_gather_objects((my_files, error), group=group)
         errors = [err for _, err in gathered if err]
@@ -216,7 +221,7 @@ class Checkpointer:
             try:
                 size = self._commit(tmp, final, step, [files for files, _ in gathered])
             except (Exception, CheckpointException) as e:
-                error = f"committing step {step} to {final} failed: {_cause(e)}"
+                error = f"committing step {step} to {final} failed: {_cause(e, self.root)}"
         error = D.broadcast_object(error, group=group)
         if error:
             raise CheckpointError(error)
@@ -420,20 +425,11 @@ def _share(files: dict, world_size: int) -> list[list[str]]:
     return shares
 
 
-def _cause(e: BaseException) -> str:
-    """One line: the innermost meaningful cause of a (possibly wrapped) exception."""
-    while True:
-        if isinstance(e, CheckpointException) and e.failures:  # DCP: {rank: (exc, traceback)}
-            e = next(iter(e.failures.values()))[0]
-        elif e.__cause__ is not None:
-            e = e.__cause__
-        elif e.__context__ is not None and not e.__suppress_context__:
-            e = e.__context__  # `raise X from None` means X is the whole story: keep X
-        else:
-            break
-    return _one_line(e)
+def _cause(e: BaseException, path: Optional[str] = None) -> str:
+    """One line: the kind of an environmental failure in words (disk full, read-only,
+    permission, unreachable, throttled), else the innermost cause (errors.describe)."""
+    return describe(e, path)
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:300]
+    return one_line(e)

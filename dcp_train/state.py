@@ -22,6 +22,7 @@ tensor, so loading never needs pickle (no `torch.load` with weights_only off).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -32,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from dcp_train import rng
 
 FORMAT_VERSION = 1
+# torch's warning for dcp.load(no_dist=True) (state_dict_loader.py), matched from its start
+NO_DIST_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized"
 
 
 @dataclass
@@ -93,7 +96,9 @@ def _template(metadata, key: str) -> torch.Tensor:
 def read_meta(reader) -> dict:
     """The checkpoint's meta entry, read by this process alone (no collective)."""
     sd = {"meta": _template(reader.read_metadata(), "meta")}
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # reading alone is the intent: torch's note says so
+        warnings.filterwarnings("ignore", message=NO_DIST_WARNING)  # on every resume (#13)
+        dcp.load(sd, storage_reader=reader, no_dist=True)
     return tensor_json(sd["meta"])
 
 

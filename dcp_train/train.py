@@ -7,7 +7,6 @@ and a resumed run performs update s+1 next.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import posixpath
@@ -17,7 +16,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from dcp_train import distributed as D
-from dcp_train import rng
+from dcp_train import redact, rng
 from dcp_train import state as S
 from dcp_train.checkpoint import CheckpointError, Checkpointer, Found, unusable
 from dcp_train.config import Config, ConfigError, grad_accum_steps
@@ -28,7 +27,7 @@ from dcp_train.data.prepare import ensure_default_data
 from dcp_train.evaluate import val_loss
 from dcp_train.generate import generate
 from dcp_train.hellaswag import hellaswag_accuracy
-from dcp_train.metrics import Metrics, resident_mb
+from dcp_train.metrics import Metrics, launch_record, resident_mb
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer, lr_at
 from dcp_train.preempt import EXIT_PREEMPTED, Preemption
@@ -165,6 +164,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     """Run to --max_steps (or --stop_at_step); returns the exit code: 0, or EXIT_PREEMPTED
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
     metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
+    metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))  # issue 13
     preempt = Preemption(cfg.preempt_timeout)
     accum = grad_accum_steps(cfg, info.world_size)
     samples_per_step = cfg.total_batch_size // cfg.seq_len
@@ -212,7 +212,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     metrics.say(f"model {sum(p.numel() for p in model.parameters()):,} params, {dtype_note}, "
                 f"world {info.world_size}, grad accum {accum}, device {device}")
 
-    config_dict = dataclasses.asdict(cfg)
+    config_dict = redact.redacted_config(cfg)  # issue 13: never credentials in a checkpoint
 
     def log_checkpoints() -> None:
         for record in ckpt.records():
