@@ -19,8 +19,10 @@ CheckpointException) and names the first kind it recognises:
     throttled            S3 SlowDown/503/ThrottlingException/RequestLimitExceeded/
                          TooManyRequests, HTTP 429/503 (gcsfs's HttpError code)
 
-Known kinds read `<kind>: <details>; <what to do> (<innermost Type: message>)`; anything else is
-the innermost cause as `Type: message`, as checkpoint.py's `_cause` always did. Free space
+Known kinds read `<kind>: <details>; <what to do> (<Type: message>)`, of the exception in the
+chain that showed the kind (botocore's outer EndpointConnectionError names the URL, its cause
+only host:port); anything else is the innermost cause as `Type: message`, as checkpoint.py's
+`_cause` always did. Free space
 comes from os.statvfs of the nearest existing ancestor of a local `path`.
 """
 
@@ -108,30 +110,32 @@ def _code(e: BaseException) -> str | None:
     return str(code) if isinstance(code, (int, str)) and code else None
 
 
-def kind(exc: BaseException, path: str | None = None) -> str | None:
-    """'no space', 'read-only', 'permission', 'unreachable', 'throttled' or None."""
+def classify(exc: BaseException, path: str | None = None
+             ) -> tuple[str | None, BaseException]:
+    """(kind, the exception of the chain that shows it): kind is 'no space', 'read-only',
+    'permission', 'unreachable', 'throttled' or None (then the innermost cause)."""
     found = chain(exc)
     for e in found:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return "no space"
+            return "no space", e
     for e in found:
         if isinstance(e, OSError) and e.errno == errno.EROFS:
-            return "read-only"
+            return "read-only", e
     for e in found:
         code = _code(e)
         if code in _THROTTLE_CODES:
-            return "throttled"
+            return "throttled", e
         if code in _DENIED_CODES or isinstance(e, PermissionError) or (
                 isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM)):
-            return "permission"
+            return "permission", e
         if isinstance(e, (ConnectionError, socket.gaierror, socket.timeout)) or \
                 type(e).__name__ in _UNREACHABLE_NAMES:
-            return "unreachable"
+            return "unreachable", e  # botocore's outer error names the endpoint URL
     free = free_bytes(path)
     if free is not None and free < LOW_FREE_BYTES and any(
             t in str(e) for e in found for t in _ZIP_WRITER_TEXT):
-        return "no space"
-    return None
+        return "no space", innermost(exc)
+    return None, innermost(exc)
 
 
 def no_space_line(path: str, needed: int | None, free: int | None) -> str:
@@ -161,8 +165,8 @@ def describe(exc: BaseException, path: str | None = None, needed: int | None = N
     """One line naming what went wrong (module docstring). `path`: the local or remote
     directory being written/read (free space is looked up there); `needed`: bytes the
     operation needed, when known."""
-    what = kind(exc, path)
-    cause = one_line(innermost(exc))
+    what, shown = classify(exc, path)
+    cause = one_line(shown)
     if what == "no space":
         return f"{no_space_line(path or '?', needed, free_bytes(path))} ({cause})"
     if what is not None:
