@@ -29,6 +29,7 @@ class Preemption:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
         self.signum: int | None = None
+        self._pid = os.getpid()
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -37,6 +38,10 @@ class Preemption:
         return self.signum is not None
 
     def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker inherited this handler (torchrun signals the rank's
+            # whole process group): its rank decides and ends it
+            return
         if self.signum is not None:  # second signal: no more waiting
             _exit_now(signum, "second signal")
         self.signum = signum
