@@ -15,7 +15,8 @@ The rule (README, "Credentials"):
 - `scrub(text)` replaces every secret value this process has seen (`remember` of the
   storage options, and of the environment variables whose names match the rule, e.g.
   AWS_SECRET_ACCESS_KEY) in free text: error lines, console lines, metrics, tracebacks. Values
-  shorter than 4 characters are not scrubbed (they would mangle ordinary words).
+  shorter than 8 characters are only redacted by key, not scrubbed from free text (they would
+  mangle ordinary words and numbers, and metrics must stay exact).
 
 Credentials from the environment are only ever read by the storage libraries themselves;
 nothing here copies them anywhere.
@@ -35,7 +36,7 @@ SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "a
                 "session", "signature", "private", "cookie", "sas", "connection_string")
 _SECRET_RE = re.compile("|".join(SECRET_WORDS))
 _URL_PASSWORD_RE = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/:@\s]*:)(?P<pw>[^/@\s]+)@")
-_MIN_SCRUB = 4
+_MIN_SCRUB = 8
 _seen: set[str] = set()
 
 

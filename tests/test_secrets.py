@@ -58,9 +58,11 @@ def test_the_rule():
         "headers": {"Authorization": R}, "token": R, "Client-Secret": R, "password": R,
         "proxy": f"http://u:{R}@proxy:3128", "sse_customer_key": R, "credentials": R}
     assert redact.redact_options_text('{"key": "k"') == R  # not JSON: all of it
-    redact.remember({"a": {"secret": "zz-secret-1"}, "proxy": "http://u:pw-22@h"},
-                    environ={"MY_API_TOKEN": "tok-333", "HOME": "/root"})
-    assert redact.scrub("x zz-secret-1 pw-22 tok-333 /root") == f"x {R} {R} {R} /root"
+    redact.remember({"a": {"secret": "zz-secret-1"}, "proxy": "http://u:pw-22-long@h"},
+                    environ={"MY_API_TOKEN": "tok-333-long", "HOME": "/root",
+                             "SHORT_KEY": "1234"})  # too short to scrub: would mangle numbers
+    assert redact.scrub("x zz-secret-1 pw-22-long tok-333-long /root 1234 http://v:pw@h") == \
+        f"x {R} {R} {R} /root 1234 http://v:{R}@h"
 
 
 def test_a_run_on_s3_stores_and_prints_no_credential(s3, tmp_path):
