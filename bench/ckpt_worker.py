@@ -127,7 +127,7 @@ def local_tensors(sd) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--model", default="gpt2-124m")
     p.add_argument("--root", required=True, help="local dir or fsspec URL to work in (emptied)")
     p.add_argument("--storage_options", default="{}")

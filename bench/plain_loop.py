@@ -24,7 +24,7 @@ from dcp_train.optim import build_optimizer, lr_at
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     for name, default in [("model", "small"), ("data_dir", "data/default"), ("device", "cpu"),
                           ("out", "plain.json")]:
         p.add_argument(f"--{name}", default=default)

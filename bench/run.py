@@ -463,7 +463,8 @@ def render_console(results: dict) -> str:
 # -------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="small models, 2 reps: a ~1 min smoke run")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="cpu (gloo) or cuda (nccl); auto = cuda if available")

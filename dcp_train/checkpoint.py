@@ -47,8 +47,9 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from dcp_train import distributed as D
 from dcp_train import faults
 from dcp_train import manifest as M
+from dcp_train import space
 from dcp_train.checkpoint_dir import LATEST, CheckpointDir, step_name
-from dcp_train.errors import CheckpointError, cause
+from dcp_train.errors import CheckpointError, describe
 from dcp_train.faults import fault_point
 from dcp_train.manifest import MANIFEST
 
@@ -112,6 +113,9 @@ class Checkpointer:
     def _write_and_commit(self, step, state_dict, rank, group, t0, blocked) -> dict:
         faults.at_step(step)
         final = self.dir.step_path(step)
+        problem = space.room_problem(self.dir.root, state_dict, group)  # before any write
+        if problem:
+            raise CheckpointError(f"saving step {step} refused: {problem}")
 
         def write() -> dict:
             try:
@@ -121,14 +125,14 @@ class Checkpointer:
                 return writer.checksums  # computed while writing (dcp_io.py)
             except (Exception, CheckpointException) as e:  # DCP's is a BaseException
                 raise CheckpointError(f"saving step {step} to {target} failed: "
-                                      f"{cause(e)}") from e
+                                      f"{describe(e, self.dir.root)}") from e
 
         def commit() -> int:
             try:
                 return self._commit(target, final, step, per_rank_files)
             except (Exception, CheckpointException) as e:
                 raise CheckpointError(f"committing step {step} to {final} failed: "
-                                      f"{cause(e)}") from e
+                                      f"{describe(e, self.dir.root)}") from e
 
         target = D.agree(lambda: self._target(final), group=group)
         per_rank_files = D.agree(write, every_rank=True, group=group)

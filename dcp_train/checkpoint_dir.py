@@ -35,7 +35,7 @@ from dcp_train import manifest as M
 from dcp_train.atomic import TEMP_RE
 from dcp_train.components import read_meta
 from dcp_train.config import ConfigError
-from dcp_train.errors import CheckpointError, cause, one_line
+from dcp_train.errors import CheckpointError, describe, one_line
 from dcp_train.manifest import MANIFEST, STEP_RE
 from dcp_train.storage import Storage
 
@@ -69,7 +69,8 @@ def reading(method):
         except (CheckpointError, ConfigError):  # already said for the user
             raise
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"reading checkpoints in {self.root} failed: {cause(e)}") from e
+            raise CheckpointError(f"reading checkpoints in {self.root} failed: "
+                                  f"{describe(e, self.root)}") from e
     return wrapper
 
 
@@ -82,7 +83,7 @@ class CheckpointDir:
         try:
             self.storage = Storage(url, storage_options)
         except Exception as e:  # unknown protocol, s3fs/gcsfs not installed, a bad option
-            raise CheckpointError(f"cannot open checkpoint dir {url}: {cause(e)}") from e
+            raise CheckpointError(f"cannot open checkpoint dir {url}: {describe(e)}") from e
         self.root = self.storage.root
         self.verify = verify
 

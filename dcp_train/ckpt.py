@@ -26,6 +26,7 @@ import posixpath
 import sys
 import warnings
 
+from dcp_train import redact
 from dcp_train.checkpoint_dir import TMP_RE, CheckpointDir
 from dcp_train.ckpt_show import print_inspect, print_listing
 from dcp_train.components import read_meta
@@ -105,6 +106,8 @@ def inspect(storage: Storage, path: str) -> dict:
         meta = read_meta(reader) if "meta" in metadata.state_dict_metadata else None
     except Exception as e:
         raise ToolError(f"cannot read {path}: {type(e).__name__}: {e} (try dcp-ckpt verify)")
+    if meta and isinstance(meta.get("config"), dict):  # older checkpoints hold keys in clear
+        meta["config"] = redact.redact_config_dict(meta["config"])
     entries = {}
     for key, md in metadata.state_dict_metadata.items():
         if hasattr(md, "size"):
@@ -182,20 +185,21 @@ def cmd_export(args, opts) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcp-ckpt", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     opts_help = "JSON dict of fsspec options for URLs (default: {})"
     p.add_argument("--storage_options", default="{}", help=opts_help)
-    common = argparse.ArgumentParser(add_help=False)  # also accepted after the command
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # also after the command
     common.add_argument("--storage_options", default=argparse.SUPPRESS, help=opts_help)
     sub = p.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", parents=[common],
+    ls = sub.add_parser("ls", parents=[common], allow_abbrev=False,
                         help="list checkpoints, `latest` and abandoned dirs")
     ls.add_argument("dir", help="checkpoint dir (--checkpoint_dir of the run)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     for name, text in (("inspect", "entries, shapes, dtypes, config"),
                        ("verify", "sizes + CRC-32 against manifest.json; exit 1 on problems"),
                        ("export", "consolidated model weights in one file")):
-        sp = sub.add_parser(name, parents=[common], help=text)
+        sp = sub.add_parser(name, parents=[common], help=text, allow_abbrev=False)
         sp.add_argument("ckpt", help="step dir, or checkpoint dir (uses `latest`)")
         if name == "inspect":
             sp.add_argument("--json", action="store_true", help="print JSON")
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"ls": cmd_ls, "inspect": cmd_inspect, "verify": cmd_verify, "export": cmd_export}
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a tool killed by SIGPIPE: the reader (`| head`) went away
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # dcp.load(no_dist=True) warns that it loads in a single process: that is the intent here
@@ -223,13 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         opts = json.loads(args.storage_options)
         if not isinstance(opts, dict):
             raise ValueError("not a JSON object")
-    except ValueError as e:
+    except ValueError as e:  # json's message never quotes the text (it may hold keys)
         print(f"dcp-ckpt: error: --storage_options: {e}", file=sys.stderr)
         return 2
+    redact.remember(opts)
     try:
-        return COMMANDS[args.command](args, opts)
+        code = COMMANDS[args.command](args, opts)
+        sys.stdout.flush()  # a closed pipe fails here, inside the try, not at exit
+        return code
+    except BrokenPipeError:
+        # `dcp-ckpt inspect ... | head`: the reader has all it wants; no traceback, and
+        # stdout goes to /dev/null so that the flush at interpreter exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (ToolError, CheckpointError, ExportError, FileNotFoundError) as e:
-        print(f"dcp-ckpt: error: {e}", file=sys.stderr)
+        print(redact.scrub(f"dcp-ckpt: error: {e}"), file=sys.stderr)
         return 2
 
 

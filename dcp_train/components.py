@@ -3,7 +3,7 @@
 Each component follows torch.distributed.checkpoint's Stateful protocol: `state_dict()` gives
 the entries it adds to the checkpoint, `load_state_dict(sd)` takes them back (sd holds at least
 its own entries). The manager (manager.py) saves and loads them in the order given, so a
-component may rely on those before it (Progress comes first). Adding one (an LR scheduler, a
+component may rely on those before it (the rank entry's parts come after Progress). Adding one (an LR scheduler, a
 grad scaler) is one line where the trainer lists them. The DCP entries (DCP flattens nested
 dicts into dotted keys)::
 
@@ -15,7 +15,7 @@ dicts into dotted keys)::
                                 hyperparameters come from the flags and the LR from the step
     meta                        Progress: uint8 tensor of JSON (format_version, step, tokens,
                                 val_loss, world_size, samples_per_step, global_sample_cursor,
-                                config), the same on every rank
+                                config, data_fingerprint, lr_schedule), the same on every rank
     rank_00003.torch_cpu        RankEntry of rank 3: the tensors of its parts (RNGState: torch
     rank_00003.cuda             CPU and, on CUDA runs, all CUDA generator states) and one uint8
     rank_00003.json             JSON tensor of their plain parts ({"rng": numpy and python
@@ -31,6 +31,7 @@ seeded from (seed, step, rank).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -42,12 +43,13 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from dcp_train import rng
-from dcp_train.config import ConfigError
 from dcp_train.errors import CheckpointError
 
 # 1: the layout above (every checkpoint so far). Bump it when a change means older code would
 # misread a checkpoint; this code refuses a newer one and must keep loading every older one.
 FORMAT_VERSION = 1
+# torch's warning for dcp.load(no_dist=True), matched from its start
+NO_DIST_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized"
 
 
 def json_tensor(obj) -> torch.Tensor:
@@ -62,7 +64,9 @@ def read_meta(reader) -> dict:
     """The `meta` entry of a checkpoint, read by this process alone (no collective)."""
     md = reader.read_metadata().state_dict_metadata["meta"]
     sd = {"meta": torch.empty(md.size, dtype=md.properties.dtype)}
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # torch says it assumes one process: that is the intent
+        warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
+        dcp.load(sd, storage_reader=reader, no_dist=True)
     return tensor_json(sd["meta"])
 
 
@@ -125,35 +129,22 @@ class Progress:
     world_size: int = 1
     samples_per_step: int = 0
     config: dict = field(default_factory=dict)  # the run's flags (Config, credentials redacted)
+    data_fingerprint: Optional[dict] = None  # data/fingerprint.py, of the training shards
+    lr_schedule: Optional[dict] = None  # optim.schedule_for_launch: the schedule in effect
     saved: Optional[dict] = None  # the meta of the checkpoint resumed from
 
     def state_dict(self) -> dict:
         meta = {"format_version": FORMAT_VERSION, "step": self.step, "tokens": self.tokens,
                 "val_loss": self.val_loss, "world_size": self.world_size,
                 "samples_per_step": self.samples_per_step,
-                "global_sample_cursor": self.step * self.samples_per_step, "config": self.config}
+                "global_sample_cursor": self.step * self.samples_per_step, "config": self.config,
+                "data_fingerprint": self.data_fingerprint, "lr_schedule": self.lr_schedule}
         return {"meta": json_tensor(meta)}
 
     def load_state_dict(self, sd: dict) -> None:
         meta = tensor_json(sd["meta"])
         self.step, self.tokens, self.val_loss = meta["step"], meta["tokens"], meta["val_loss"]
         self.saved = meta
-
-    def check_resumable(self, meta: dict, path: str) -> None:
-        """Refuse (ConfigError) a checkpoint this run cannot continue."""
-        check_format(meta, path)
-        saved_model = meta["config"]["model"]
-        diff = [f"{k}: checkpoint {saved_model[k]} vs flags {v}"
-                for k, v in self.config["model"].items()
-                if k != "dropout" and saved_model.get(k) != v]
-        if diff:
-            raise ConfigError("checkpoint model does not match the flags (" + "; ".join(diff) +
-                              "); pass the same --preset/dimension flags or another "
-                              "--checkpoint_dir")
-        if meta["samples_per_step"] != self.samples_per_step:
-            raise ConfigError(f"checkpoint used {meta['samples_per_step']} samples per step, "
-                              f"the flags give {self.samples_per_step}; keep --total_batch_size "
-                              "and --seq_len of the saved run")
 
 
 class RNGState:

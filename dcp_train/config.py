@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from dcp_train import redact
+
 
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
@@ -66,10 +68,16 @@ class Config:
                               "runs to --max_steps (-1: off)", default=-1)
     warmup_steps: int = _help("linear warmup steps of the learning rate", default=715)
     max_lr: float = _help("peak learning rate; cosine decays it to 10%% of this", default=6e-4)
+    lr_schedule: str = _help(
+        "on a resume with another --max_steps: 'continue' keeps the saved run's cosine (it "
+        "ends at the saved max_steps, then the LR stays at its final 10%%), so the LR never "
+        "jumps and the steps both runs share see the same LR; 'recompute' fits the cosine to "
+        "the new --max_steps (the LR jumps back up when a finished run is extended)",
+        default="continue")
     weight_decay: float = _help("AdamW weight decay on 2-D parameters", default=0.1)
     grad_clip: float = _help("clip the global gradient norm to this", default=1.0)
     batch_size: int = _help("micro-batch size per rank (sequences)", default=64)
-    seq_len: Optional[int] = _help("tokens per sequence (default: block_size)", default=None)
+    seq_len: Optional[int] = _help("tokens per sequence (default: --block_size)", default=None)
     total_batch_size: int = _help("tokens per optimizer step, over all ranks and micro-steps",
                                   default=524288)
     seed: int = _help("seed of model init, data order and per-rank RNG streams", default=1337)
@@ -160,13 +168,14 @@ def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
             parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True,
                                 default=f.default, help=f"{f.metadata['help']} (default: %(default)s)")
         else:
+            own = "(default:" in f.metadata["help"]  # the help says it (--seq_len)
             parser.add_argument(f"--{f.name}", type=typ, default=f.default,
-                                help=f"{f.metadata['help']} (default: %(default)s)")
+                                help=f.metadata["help"] + ("" if own else " (default: %(default)s)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dcp_train.main",
+        prog="dcp_train.main", allow_abbrev=False,  # --max_step must not mean --max_steps
         description="GPT-2 pre-training with FSDP2 and DCP checkpoints. "
                     "Launch: torchrun --nproc_per_node=N -m dcp_train.main [flags]")
     _add_fields(parser.add_argument_group("run"), Config, defaults_from_preset=False)
@@ -190,6 +199,7 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
             for k, v in args.items()}
     cfg = Config(preset=preset, model=model, **args)
     validate(cfg)
+    redact.remember(cfg.storage_options_dict)  # scrubbed from every line printed or stored
     return cfg
 
 
@@ -223,11 +233,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--checkpoint_interval must be >= 0")
     if cfg.keep_last_n_checkpoints == 0 or cfg.keep_last_n_checkpoints < -1:
         raise ConfigError("--keep_last_n_checkpoints must be -1 (keep all) or >= 1")
-    try:
-        if not isinstance(cfg.storage_options_dict, dict):
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"--storage_options must be a JSON object, got {cfg.storage_options!r}")
+    try:  # the text may hold credentials: the messages never repeat it
+        options = cfg.storage_options_dict
+    except ValueError as e:
+        raise ConfigError(f"--storage_options is not valid JSON ({e}); quote the JSON object "
+                          "for your shell") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--storage_options must be a JSON object ({...}), got a JSON "
+                          f"{type(options).__name__}")
+    if cfg.lr_schedule not in ("continue", "recompute"):
+        raise ConfigError(f"--lr_schedule must be continue or recompute, got {cfg.lr_schedule!r}")
     if m.vocab_size < 50257 and (cfg.generate_interval > 0 or cfg.hellaswag_interval > 0):
         raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
                           "50257 tokens, which text samples and HellaSwag need; set "
@@ -251,7 +266,7 @@ def error_line(message: str) -> None:
     """The one-line error the user sees for bad input: one write(2) call, so the lines of
     several ranks sharing a pipe never interleave."""
     sys.stdout.flush()
-    os.write(2, f"dcp_train: error: {' '.join(message.split())}\n".encode())
+    os.write(2, f"dcp_train: error: {' '.join(redact.scrub(message).split())}\n".encode())
 
 
 def die(message: str, code: int = 2) -> None:

@@ -47,7 +47,8 @@ def _free_port() -> int:
 
 
 def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
-    """Initialise the process group and a 1-D device mesh over all ranks."""
+    """Initialise the process group and a 1-D device mesh over all ranks. ConfigError (before
+    anything starts) for --device cuda without CUDA."""
     if "RANK" not in os.environ:  # a plain `python -m dcp_train.main`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -57,7 +58,10 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was given but CUDA is not available; use --device cpu")
+            from dcp_train.config import ConfigError
+            raise ConfigError("--device cuda was given but CUDA is not available (torch "
+                              f"{torch.__version__}, torch.cuda.is_available() is False); use "
+                              "--device cpu or --device auto")
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "cpu:gloo,cuda:nccl"
     else:

@@ -178,7 +178,8 @@ def download(dest_dir: str, url: str = HELLASWAG_VAL_URL, timeout: float = 60.0)
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcp_train.hellaswag",
-                                     description="Get the HellaSwag validation set.")
+                                     description="Get the HellaSwag validation set.",
+                                     allow_abbrev=False)
     parser.add_argument("--download", metavar="DIR", required=True,
                         help=f"folder to write {VAL_FILENAME} into")
     args = parser.parse_args(argv)

@@ -10,16 +10,20 @@ from __future__ import annotations
 import os
 import sys
 
+from dcp_train import redact
 from dcp_train.config import ConfigError, die, error_line, parse_config
+from dcp_train.orphan import watch_parent
 
 EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> None:
+    redact.install_excepthook()  # a crash's traceback never shows a credential
     try:
         cfg = parse_config(argv)
     except ConfigError as e:
         die(str(e), EXIT_BAD_INPUT)
+    watch_parent()  # under torchrun: exit when the agent dies (orphan.py)
 
     # imported after parsing so that --help and flag errors never touch torch.distributed
     from dcp_train import distributed as D
@@ -29,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     from dcp_train.train import train
 
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
-    info = D.setup(cfg.device)
+    try:
+        info = D.setup(cfg.device)
+    except ConfigError as e:  # --device cuda without CUDA
+        die(str(e), EXIT_BAD_INPUT)
     code = 0
     try:
         code = train(cfg, info)

@@ -13,7 +13,9 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
    newest valid one (checkpoint_dir.py); without either a dir that holds committed
    checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
-3. Progress checks that this run can continue it (format version, model, batch geometry);
+3. check that this run can continue it: a format this code reads, and the same data, seed,
+   sequence length, batch geometry and model (runcheck.py); what may change (LR, intervals,
+   ...) is reported as WARNING lines and in the `resume` record;
 4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
    checkpoint fall back to the next one, and is an error for one the user named;
 5. take the writer lease: nothing is written to --checkpoint_dir before this point;
@@ -31,10 +33,12 @@ from dcp_train import distributed as D
 from dcp_train import restore
 from dcp_train.checkpoint import Checkpointer
 from dcp_train.checkpoint_dir import CheckpointDir, Found, reading, unusable
+from dcp_train.components import check_format
 from dcp_train.config import ConfigError
-from dcp_train.errors import CheckpointError, cause
+from dcp_train.errors import CheckpointError, describe
 from dcp_train.lease import LeaseError, WriterLease
 from dcp_train.metrics import resident_mb
+from dcp_train.runcheck import change_lines, compare_run, end_note, mismatch_message
 
 
 def due(interval: int, step: int, last: bool) -> bool:
@@ -51,6 +55,7 @@ class CheckpointManager:
         self.writer = Checkpointer(self.dir, cfg.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh)
         self.committed_step = None  # the step whose state is committed in our dir
+        self.changes = {}  # {flag: [saved, now]} of what this resume changed (runcheck.py)
 
     @property
     def root(self) -> str:
@@ -61,7 +66,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         found = D.agree(self._choose)
         if found is not None:
-            self.progress.check_resumable(found.meta, found.path)
+            self._check(found)
             found = self._load(found)
         D.agree(self._acquire_lease)
         if found is None or not self._same_world(found):
@@ -106,7 +111,16 @@ class CheckpointManager:
                 raise CheckpointError(unusable(self.cfg.checkpoint_path, problem))
             rejected[posixpath.basename(found.path)] = problem
             found = D.agree(lambda: self.dir.fall_back(found, rejected))
-            self.progress.check_resumable(found.meta, found.path)
+            self._check(found)
+
+    def _check(self, found: Found) -> None:
+        """Refuse a checkpoint this run cannot continue: a newer format, or other data, seed,
+        sequence length, batch geometry or model (runcheck.py); keep what may change."""
+        check_format(found.meta, found.path)
+        errors, self.changes = compare_run(found.meta["config"], found.meta.get(
+            "data_fingerprint"), self.cfg, self.progress.data_fingerprint)
+        if errors:
+            raise ConfigError(mismatch_message(found.path, errors))
 
     def _same_world(self, found: Found) -> bool:
         return found.meta["world_size"] == self.info.world_size
@@ -127,18 +141,22 @@ class CheckpointManager:
             raise CheckpointError(str(e)) from e
         except Exception as e:  # read-only or unwritable dir, missing permissions
             raise CheckpointError(f"cannot write to checkpoint dir {self.dir.root}: "
-                                  f"{cause(e)}") from e
+                                  f"{describe(e)}") from e
 
     def _log_resume(self, found: Found, seconds: float) -> None:
         rng_how = self.entry.parts["rng"].how
-        if found.note:
-            self.metrics.say(f"WARNING: {found.note}")
+        for line in ([f"WARNING: {found.note}"] if found.note else []) + \
+                change_lines(self.changes):
+            self.metrics.say(line)
         self.metrics.log("resume", step=self.progress.step, path=found.path,
                          world_size_saved=found.meta["world_size"],
                          world_size=self.info.world_size, rng=rng_how, note=found.note,
-                         seconds=seconds, bytes=sum(f["size"] for f in found.files.values()))
+                         changes=self.changes, seconds=seconds,
+                         bytes=sum(f["size"] for f in found.files.values()))
         self.metrics.say(f"resumed from {found.path} at step {self.progress.step} (world size "
                          f"{found.meta['world_size']} -> {self.info.world_size}, rng {rng_how})")
+        if note := end_note(self.progress.step, self.cfg.max_steps):
+            self.metrics.say(note)
 
     # ------------------------------------------------------------------------ saving
     def step(self, step: int, last: bool, stopping: bool) -> None:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
+
+from dcp_train import redact
 
 
 class Metrics:
@@ -36,7 +39,7 @@ class Metrics:
     def log(self, kind: str, **fields) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
+        self._file.write(redact.scrub(json.dumps({"kind": kind, **fields})) + "\n")
         self._file.flush()
         if self._tb is not None and "step" in fields:
             for name, value in fields.items():
@@ -47,7 +50,7 @@ class Metrics:
     def say(self, text: str) -> None:
         """A human-readable console line (rank 0)."""
         if self.enabled:
-            print(text, file=sys.stdout, flush=True)
+            print(redact.scrub(text), file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self._file is not None:
@@ -56,6 +59,17 @@ class Metrics:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def launch_record(cfg, world_size: int, device: str) -> dict:
+    """Fields of the `config` record written once at the start of every launch: the run's
+    configuration (credentials redacted), world size, device and the versions that ran it."""
+    import torch
+
+    import dcp_train
+    return {"config": redact.redacted_config(cfg), "world_size": world_size, "device": device,
+            "torch": torch.__version__, "dcp_train": dcp_train.__version__,
+            "python": platform.python_version()}
 
 
 def resident_mb() -> float | None:

@@ -60,7 +60,8 @@ def plot_metrics(records: list[dict], out: str, title: str = "", size=(10, 5), d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dcp_train.plot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dcp_train.plot", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("log_dir", help="the run's --log_dir (holds metrics.jsonl)")
     p.add_argument("-o", "--out", default="", help="PNG to write (default: LOG_DIR/loss.png)")
     p.add_argument("--title", default="", help="(default: LOG_DIR)")

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dcp_train import distributed as D
 from dcp_train import manifest as M
 from dcp_train.checkpoint_dir import Found
-from dcp_train.errors import CheckpointError, cause
+from dcp_train.errors import CheckpointError, describe
 from dcp_train.storage import Storage
 
 
@@ -40,11 +40,11 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
             try:
                 load_into(storage.dcp_reader(found.path), shared, entry)
             except (Exception, CheckpointException) as e:  # on every rank: a collective load
-                error = f"loading {found.path} failed: {cause(e)}"
+                error = f"loading {found.path} failed: {describe(e)}"
             try:
                 problems = checking.result() if checking is not None else []
             except Exception as e:
-                problems, error = [], error or f"verifying {found.path} failed: {cause(e)}"
+                problems, error = [], error or f"verifying {found.path} failed: {describe(e)}"
         return problems, error
 
     gathered = D.agree(load_and_check, every_rank=True)

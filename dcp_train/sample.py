@@ -24,7 +24,8 @@ from dcp_train.tokenizer import EOT, TokenizerError, get_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dcp_train.sample", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dcp_train.sample", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="step dir or checkpoint dir")
     p.add_argument("--prompt", default="Hello, I'm a language model,",
                    help="(default: %(default)r)")

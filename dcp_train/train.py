@@ -7,7 +7,6 @@ after s updates and a resumed run performs update s+1 next.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import time
@@ -16,19 +15,21 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from dcp_train import distributed as D
+from dcp_train import redact
 from dcp_train.components import (LoaderState, ModelState, OptimizerState, Progress, RankEntry,
                                   RNGState)
 from dcp_train.config import Config, ConfigError, grad_accum_steps
 from dcp_train.data import TokenShards, build_train_loader, find_shards, val_batches
+from dcp_train.data.fingerprint import data_fingerprint
 from dcp_train.data.prepare import ensure_default_data
 from dcp_train.data.remote import cache_dir, fetch_shards, is_remote
 from dcp_train.evaluate import val_loss
 from dcp_train.generate import generate
 from dcp_train.hellaswag import hellaswag_accuracy
 from dcp_train.manager import CheckpointManager, due
-from dcp_train.metrics import Metrics
+from dcp_train.metrics import Metrics, launch_record
 from dcp_train.model import GPT
-from dcp_train.optim import build_optimizer, lr_at
+from dcp_train.optim import build_optimizer, lr_of, saved_schedule, schedule_for_launch
 from dcp_train.preempt import EXIT_PREEMPTED, Preemption
 from dcp_train.tokenizer import get_tokenizer
 
@@ -37,6 +38,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     """Run to --max_steps (or --stop_at_step); returns the exit code: 0, or EXIT_PREEMPTED
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
     metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
+    metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
     preempt = Preemption(cfg.preempt_timeout)
     accum = grad_accum_steps(cfg, info.world_size)
     samples_per_step = cfg.total_batch_size // cfg.seq_len
@@ -47,7 +49,8 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     model = D.shard_model(GPT(cfg.model), info)
     optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, info.device_type)
     progress = Progress(world_size=info.world_size, samples_per_step=samples_per_step,
-                        config=dataclasses.asdict(cfg))
+                        config=redact.redacted_config(cfg),
+                        data_fingerprint=D.agree(lambda: data_fingerprint(train_files)))
     loader = LoaderState(lambda step: build_train_loader(
         train_files, cfg.seq_len, cfg.batch_size, samples_per_step, info.rank,
         info.world_size, cfg.seed, cfg.num_workers, start_step=step), cfg.num_workers, progress)
@@ -57,6 +60,9 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                              entry=RankEntry(info.rank, rng=RNGState(cfg.seed, info.rank,
                                                                      progress), loader=loader))
     ckpt.resume()
+    progress.lr_schedule = schedule_for_launch(
+        saved_schedule(progress.saved) if progress.saved else None, cfg.max_lr,
+        cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
     metrics.say(f"model {sum(p.numel() for p in model.parameters()):,} params, "
                 f"{'bf16' if info.device_type == 'cuda' else 'fp32'}, world {info.world_size}, "
                 f"grad accum {accum}, device {info.device}")
@@ -68,7 +74,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     for step in range(progress.step + 1, final_step + 1):
         last = step == final_step
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps)
+        lr = lr_of(step, progress.lr_schedule)
         loss, norm, sample_ids = train_step(model, optimizer, batches, lr, accum, cfg.grad_clip,
                                             info.device)
         # one small gather per step: the step's sample ids, and whether a rank got a signal

@@ -296,7 +296,7 @@ def metadata_flip_survey(step_dir: Path, flips: int, seed: int) -> Counter:
 
 # ------------------------------------------------------------------------------- script
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--s3", action="store_true", help="checkpoints on a local moto S3 server")

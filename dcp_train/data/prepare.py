@@ -207,7 +207,8 @@ def ensure_default_data(data_dir: str, tokenizer_file: str = "") -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dcp_train.data.prepare",
                                 description="Write uint16 GPT-2 token shards (build-nanogpt "
-                                            "format). Shard 0 is val, the rest train.")
+                                            "format). Shard 0 is val, the rest train.",
+                                allow_abbrev=False)
     p.add_argument("--source", choices=["default", "text", "fineweb"], default="default",
                    help="default: the Python stdlib's source (no download); text: --inputs "
                         "files; fineweb: FineWeb-Edu via `datasets` (default: %(default)s)")

@@ -1,0 +1,171 @@
+"""Ctrl-C and a dead agent (issue 13, points 5 and 6), with real signals to real torchrun jobs.
+
+    sigint      SIGINT to the torchrun pid (what Ctrl-C in its terminal does; torchrun forwards
+                it): both ranks stop at the next step boundary with a checkpoint, exit 75, no
+                KeyboardInterrupt; --auto_resume continues bit-exact
+    second      a second SIGINT to each rank exits at once, 128+2, without a checkpoint; two
+                SIGINTs to torchrun end the whole job within seconds too (torchrun sends the
+                ranks SIGTERM as the second signal)
+    orphan      SIGKILL of the torchrun pid alone: both ranks exit within seconds, `latest`
+                names a committed checkpoint, --auto_resume continues bit-exact
+Run: .venv/bin/python -m pytest tests/test_signals.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import (TINY, assert_same_tensors, descendants, kill_job, load_checkpoint, losses,
+                     metrics, run_train, start_train, wait_for, write_shards)
+from soak import Console
+
+from dcp_train.checkpoint_dir import CheckpointDir, step_name
+
+N = 10
+ARGS = [*TINY, "--dropout", "0.1", "--batch_size", "4", "--total_batch_size", "512",
+        "--max_steps", str(N), "--checkpoint_interval", "4"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("signals")
+
+
+@pytest.fixture(scope="module")
+def data(base) -> Path:
+    return write_shards(base / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(base, data):
+    """(losses, final tensors) of the uninterrupted run."""
+    out = base / "ref"
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(out / "log"),
+                  "--checkpoint_dir", str(out / "ckpt")])
+    return losses(out / "log"), load_checkpoint(out / "ckpt" / step_name(N), base)
+
+
+def _args(tmp_path: Path, data: Path) -> list[str]:
+    return [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+            "--checkpoint_dir", str(tmp_path / "ckpt")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in next(l for l in f if l.startswith("State:")).lower()
+    except (OSError, StopIteration):
+        return False
+
+
+def _start(tmp_path, data, until=lambda lines: True, extra=()):
+    """A running 2-rank job, its console and its two rank pids, once `until(lines)` holds
+    after the first step line."""
+    job = start_train(2, [*_args(tmp_path, data), *extra])
+    console = Console(job)
+    assert console.first_step.wait(timeout=300)
+    wait_for(lambda: until(console.lines) or job.poll() is not None, timeout=120)
+    assert job.poll() is None, "\n".join(console.lines[-40:])
+    ranks = descendants(job.pid)
+    assert len(ranks) == 2, ranks
+    return job, console, ranks
+
+
+def _resume_bit_exact(tmp_path, data, reference) -> dict:
+    """--auto_resume to step N; every train record of every launch equals the reference."""
+    ref_losses, ref_final = reference
+    run_train(2, [*_args(tmp_path, data), "--auto_resume"])
+    train = [r for r in metrics(tmp_path / "log") if r["kind"] == "train"]
+    assert {r["step"] for r in train} == set(range(1, N + 1))
+    assert [(r["step"], r["loss"]) for r in train] == [(r["step"], ref_losses[r["step"]])
+                                                       for r in train]
+    assert_same_tensors(ref_final, load_checkpoint(tmp_path / "ckpt" / step_name(N), tmp_path))
+    [resume] = [r for r in metrics(tmp_path / "log") if r["kind"] == "resume"]
+    return resume
+
+
+def test_ctrl_c_to_torchrun_checkpoints_exits_75_and_resumes_bit_exact(tmp_path, data,
+                                                                        reference):
+    job, console, _ = _start(tmp_path, data)
+    os.kill(job.pid, signal.SIGINT)
+    try:
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+        console.join()
+    out = "\n".join(console.lines)
+    assert "Received 2 death signal, shutting down workers" in out  # torchrun forwarded it
+    assert out.count("dcp_train: got SIGINT: stopping after this step with a checkpoint") == 2
+    assert "KeyboardInterrupt" not in out and "forcefully exiting" not in out  # ranks: exit 75
+    m = re.search(r"^preempted: stopped after step (\d+) with a checkpoint; exit code 75 ", out,
+                  re.M)
+    assert m, out[-4000:]
+    stop = int(m.group(1))
+    assert (tmp_path / "ckpt" / "latest").read_text() == step_name(stop) + "\n"
+    assert max(losses(tmp_path / "log")) == stop < N
+    assert _resume_bit_exact(tmp_path, data, reference)["step"] == stop
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path, data):
+    # straight to the ranks (a launcher that delivers Ctrl-C to them): 128 + SIGINT. Steps of
+    # 32 micro-batches (~1 s) so that the second signal surely comes before the step ends
+    job, console, ranks = _start(tmp_path / "ranks", data, extra=["--total_batch_size", "8192"])
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.2)  # two signals at once are one pending signal
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    job.wait(timeout=60)
+    console.join()
+    out = "\n".join(console.lines)
+    assert out.count("dcp_train: second signal: exiting without a checkpoint") == 2, out[-3000:]
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", out)
+    assert codes and set(codes) == {str(128 + signal.SIGINT)}, out[-3000:]
+    assert "KeyboardInterrupt" not in out
+
+    # twice to torchrun: it sends the ranks SIGTERM as their second signal
+    job, console, ranks = _start(tmp_path / "torchrun", data)
+    os.kill(job.pid, signal.SIGINT)
+    time.sleep(0.02)
+    os.kill(job.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    job.wait(timeout=60)
+    wait_for(lambda: not any(_alive(p) for p in ranks), timeout=10)
+    assert time.monotonic() - t0 < 10
+    console.join()
+    assert "KeyboardInterrupt" not in "\n".join(console.lines)
+    ckpt = CheckpointDir(str(tmp_path / "torchrun" / "ckpt"), {})
+    assert ckpt.find_latest() is None or ckpt.find_latest().note == ""
+
+
+def test_ranks_exit_when_torchrun_is_killed_and_the_dir_resumes_bit_exact(tmp_path, data,
+                                                                          reference):
+    # kill the agent right after the first checkpoint: the ranks are training towards (or
+    # saving) the next one
+    job, console, ranks = _start(tmp_path, data,
+                                 until=lambda lines: any("committed" in l for l in lines))
+    os.kill(job.pid, signal.SIGKILL)  # the torchrun process alone
+    job.wait(timeout=30)
+    t0 = time.monotonic()
+    wait_for(lambda: not any(_alive(p) for p in ranks), timeout=10)
+    gone_s = time.monotonic() - t0
+    console.join()
+    out = "\n".join(console.lines)
+    assert out.count(f"dcp_train: the torchrun agent (pid {job.pid}) is gone") == 2, out[-3000:]
+    assert gone_s < 10
+    # nothing half-done is committed: `latest` names a complete checkpoint, and every step
+    # dir with a final name verifies
+    ckpt = CheckpointDir(str(tmp_path / "ckpt"), {})
+    found = ckpt.find_latest()
+    assert found is not None and found.note == "", found
+    committed, _ = ckpt.scan()
+    assert all(ckpt.check(ckpt.step_path(s)) is None for s in committed)
+    resume = _resume_bit_exact(tmp_path, data, reference)  # the dead run's lease is taken over
+    assert resume["step"] == found.step
