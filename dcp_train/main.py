@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> None:
         die(str(e), EXIT_BAD_INPUT)
 
     # imported after parsing so that --help and flag errors never touch torch.distributed
+    from dcp_train.torch_compat import UnsupportedTorch, require_dcp_internals
+    try:
+        require_dcp_internals()
+    except UnsupportedTorch as e:
+        die(str(e), EXIT_BAD_INPUT)
     from dcp_train import distributed as D
     from dcp_train.checkpoint import CheckpointError
     from dcp_train.data import DataError
