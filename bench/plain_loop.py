@@ -4,6 +4,9 @@ schedule and grad clip as our trainer; data read nanoGPT-style (consecutive wind
 
     python -m bench.plain_loop --model small --batch_size 2 --seq_len 256 \
         --total_batch_size 512 --steps 41 --out plain.json
+
+--compile 1 compiles each transformer block in place, exactly as the trainer's --compile does
+(dcp_train.compiled), and turns on TF32 on CUDA as the trainer does.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from bench.common import model_config
+from dcp_train.compiled import compile_blocks, configure_device
 from dcp_train.data import find_shards
 from dcp_train.data.prepare import ensure_default_data
 from dcp_train.model import GPT
@@ -29,7 +33,7 @@ def main() -> None:
                           ("out", "plain.json")]:
         p.add_argument(f"--{name}", default=default)
     for name, default in [("batch_size", 2), ("seq_len", 256), ("total_batch_size", 512),
-                          ("steps", 41), ("warmup_steps", 2)]:
+                          ("steps", 41), ("warmup_steps", 2), ("compile", 0)]:
         p.add_argument(f"--{name}", type=int, default=default)
     a = p.parse_args()
     device = torch.device("cuda" if a.device == "cuda" else "cpu")
@@ -46,6 +50,9 @@ def main() -> None:
 
     torch.manual_seed(1337)
     model = GPT(model_config(a.model)).to(device)
+    configure_device(device.type)
+    if a.compile:
+        compile_blocks(model.transformer.h)
     optimizer = build_optimizer(model, 3e-3, 0.1, device.type)
     records = []
     for step in range(1, a.steps + 1):

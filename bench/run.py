@@ -306,7 +306,9 @@ def part_train(a, s, work: Path, results: dict) -> None:
                        "--batch_size", str(s["train_batch"]), "--seq_len", str(s["train_seq"]),
                        "--total_batch_size", str(s["train_total"]),
                        "--steps", str(s["train_steps"]), "--device", a.device,
-                       "--out", str(d / "plain.json")]
+                       "--out", str(d / "plain.json"),
+                       # compiled like the trainer, whose --compile auto is on for CUDA only
+                       "--compile", "1" if a.device == "cuda" else "0"]
                 marks[name].append(run_watched(cmd, 1, a.child_timeout, skip_root=False,
                                                env=omp, log=log))
             else:

@@ -107,6 +107,10 @@ class Config:
                               "<log_dir>/tensorboard (needs the tensorboard package)",
                               default=False)
     device: str = _help("auto, cpu or cuda", default="auto")
+    compile: Optional[bool] = _help("torch.compile each transformer block: true, false or auto "
+                                    "(on for CUDA, off for CPU)", default=None)
+    peak_tflops: float = _help("peak TFLOP/s of one device for MFU (0: the GPU's dense bf16 "
+                               "peak by name on CUDA; on CPU mfu stays null)", default=0.0)
 
     # checkpoints
     checkpoint_dir: str = _help("checkpoint folder: local path or fsspec URL (s3://, gs://, ...)",
@@ -150,12 +154,16 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _auto_bool(text: str) -> Optional[bool]:
+    return None if text.lower() == "auto" else _bool(text)
+
+
 def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
     for f in fields(cls):
         if f.name == "model":
             continue
         typ = {"int": int, "float": float, "str": str, "bool": _bool,
-               "Optional[int]": int}[str(f.type)]
+               "Optional[int]": int, "Optional[bool]": _auto_bool}[str(f.type)]
         by_preset = {p: d[f.name] for p, d in PRESET_RUN_DEFAULTS.items() if f.name in d}
         if defaults_from_preset:
             parser.add_argument(f"--{f.name}", type=typ, default=None,
@@ -167,6 +175,9 @@ def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
         elif typ is _bool:
             parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True,
                                 default=f.default, help=f"{f.metadata['help']} (default: %(default)s)")
+        elif typ is _auto_bool:
+            parser.add_argument(f"--{f.name}", type=_auto_bool, nargs="?", const=True,
+                                default=f.default, help=f"{f.metadata['help']} (default: auto)")
         else:
             own = "(default:" in f.metadata["help"]  # the help says it (--seq_len)
             parser.add_argument(f"--{f.name}", type=typ, default=f.default,
@@ -247,6 +258,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
                           "50257 tokens, which text samples and HellaSwag need; set "
                           "--generate_interval 0 --hellaswag_interval 0 or a larger vocab")
+    if cfg.peak_tflops < 0:
+        raise ConfigError(f"--peak_tflops must be >= 0 (0: from the GPU's name), got "
+                          f"{cfg.peak_tflops}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
 

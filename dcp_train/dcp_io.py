@@ -1,4 +1,5 @@
-"""DCP's StorageWriter/StorageReader for one checkpoint directory, local or a URL (torch 2.13).
+"""DCP's StorageWriter/StorageReader for one checkpoint directory, local or a URL (torch 2.11-2.13:
+the private parts used here are checked on import, torch_compat.py).
 Storage.dcp_writer/dcp_reader (storage.py) hand them out; nothing else uses this module.
 
 Local paths use FileSystemWriter/FileSystemReader (sync_files=True: each file is fsynced).
@@ -32,13 +33,17 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS
+from dcp_train.torch_compat import require_dcp_internals
 
-from dcp_train.faults import fault_point
-from dcp_train.safe_metadata import SafeMetadataReader
+require_dcp_internals()  # the private DCP parts below exist in this torch, or one clear error
+
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS  # noqa: E402
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
+from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
+
+from dcp_train.faults import fault_point  # noqa: E402
+from dcp_train.safe_metadata import SafeMetadataReader  # noqa: E402
 
 WRITE_THREADS = 2
 

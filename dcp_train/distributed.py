@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from dcp_train.compiled import compile_blocks, configure_device
 from dcp_train.errors import one_line
 
 
@@ -72,6 +73,13 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev, mesh)
 
 
+def device_name(info: DistInfo) -> str:
+    """The accelerator's name ("NVIDIA H100 80GB HBM3"), or "cpu"."""
+    if info.device_type == "cuda":
+        return torch.cuda.get_device_name(info.device)
+    return info.device_type
+
+
 def teardown(clean: bool = True) -> None:
     """Destroy the process group. After a clean run all ranks first meet at a barrier, so no
     rank exits while another is still talking to it (gloo aborts the process otherwise)."""
@@ -81,11 +89,15 @@ def teardown(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
+def shard_model(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Module:
     """FSDP2: fully_shard every transformer block, then the root, on the explicit mesh.
 
-    bf16 parameters/compute with fp32 gradient reduction on CUDA; plain fp32 on CPU.
+    bf16 parameters/compute with fp32 gradient reduction on CUDA; plain fp32 on CPU. With
+    `compile`, each block is torch.compile'd in place first (compiled.py), as torchtitan does.
     """
+    configure_device(info.device_type)
+    if compile:
+        compile_blocks(model.transformer.h)
     if info.device_type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:

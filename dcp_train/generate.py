@@ -6,6 +6,7 @@ Safe to call from inside a training run, FSDP2 or not:
 - exactly `max_new_tokens` forwards, no early stop at <|endoftext|>, so FSDP2 ranks stay in
   step;
 - the context is cropped to the model's block_size before each forward.
+- compiled blocks (--compile) run eagerly here (compiled.eager): each forward has a new length.
 
 Padded vocabulary: the model's vocab (50304) is larger than GPT-2's (50257), and tiktoken cannot
 decode the padded ids. Sampling only ever considers the first `enc.n_vocab` logits, so such ids
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcp_train.compiled import eager
 from dcp_train.evaluate import block_size_of, eval_mode
 from dcp_train.tokenizer import EOT
 
@@ -40,7 +42,7 @@ def generate(model: nn.Module, enc, prompt: str, num_sequences: int = 4,
     block_size = block_size_of(model) or x.size(1) + max_new_tokens
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + rank)
-    with eval_mode(model):
+    with eval_mode(model), eager():  # a longer sequence each forward: no graph per length
         for _ in range(max_new_tokens):
             logits, _ = model(x[:, -block_size:])
             logits = logits[:, -1, :enc.n_vocab].float()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from dcp_train.atomic import write_atomic
 from dcp_train.distributed import agree
+from dcp_train.compiled import eager
 from dcp_train.evaluate import all_reduce_sum, block_size_of, distributed_ready, eval_mode
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -147,7 +148,7 @@ def hellaswag_accuracy(model: nn.Module, path: str, enc, device, rank: int = 0,
     examples = _load_examples(path, limit)
     block_size = block_size_of(model)
     counts = torch.zeros(2, dtype=torch.long, device=device)  # [correct, total]
-    with eval_mode(model):
+    with eval_mode(model), eager():  # one length per example: no graph per length
         for round_ in range(math.ceil(len(examples) / world_size)):
             i = round_ * world_size + rank
             if i >= len(examples):  # keep in step with the other ranks' forwards

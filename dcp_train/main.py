@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     watch_parent()  # under torchrun: exit when the agent dies (orphan.py)
 
     # imported after parsing so that --help and flag errors never touch torch.distributed
+    from dcp_train.torch_compat import UnsupportedTorch, require_dcp_internals
+    try:
+        require_dcp_internals()
+    except UnsupportedTorch as e:
+        die(str(e), EXIT_BAD_INPUT)
     from dcp_train import distributed as D
     from dcp_train.errors import CheckpointError
     from dcp_train.data import DataError

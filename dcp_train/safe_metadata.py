@@ -18,7 +18,13 @@ import io
 import pickle
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+
+from dcp_train.torch_compat import require_dcp_internals
+
+require_dcp_internals()  # the metadata classes below are where this module expects them
+
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,  # noqa: E402
+                                                   StorageMeta)
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {

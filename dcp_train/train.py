@@ -14,6 +14,7 @@ import time
 import torch
 from torch.nn.utils import clip_grad_norm_
 
+from dcp_train import compiled as C
 from dcp_train import distributed as D
 from dcp_train import redact
 from dcp_train.components import (LoaderState, ModelState, OptimizerState, Progress, RankEntry,
@@ -24,6 +25,7 @@ from dcp_train.data.fingerprint import data_fingerprint
 from dcp_train.data.prepare import ensure_default_data
 from dcp_train.data.remote import cache_dir, fetch_shards, is_remote
 from dcp_train.evaluate import val_loss
+from dcp_train.flops import Throughput, model_flops_per_token, peak_flops
 from dcp_train.generate import generate
 from dcp_train.hellaswag import hellaswag_accuracy
 from dcp_train.manager import CheckpointManager, due
@@ -46,7 +48,8 @@ def train(cfg: Config, info: D.DistInfo) -> int:
 
     # model: identical init on every rank, then sharded
     torch.manual_seed(cfg.seed)
-    model = D.shard_model(GPT(cfg.model), info)
+    compile_blocks = C.resolve(cfg.compile, info.device_type)
+    model = D.shard_model(GPT(cfg.model), info, compile=compile_blocks)
     optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, info.device_type)
     progress = Progress(world_size=info.world_size, samples_per_step=samples_per_step,
                         config=redact.redacted_config(cfg),
@@ -66,6 +69,10 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     metrics.say(f"model {sum(p.numel() for p in model.parameters()):,} params, "
                 f"{'bf16' if info.device_type == 'cuda' else 'fp32'}, world {info.world_size}, "
                 f"grad accum {accum}, device {info.device}")
+    speed = Throughput(cfg.total_batch_size, info.world_size,
+                       model_flops_per_token(model, cfg.seq_len),
+                       peak_flops(info.device_type, cfg.peak_tflops, D.device_name(info)))
+    metrics.say(f"compile {'on' if compile_blocks else 'off'}; MFU: {speed.describe()}")
 
     batches = iter(loader.loader)
     t_start = time.perf_counter()
@@ -85,11 +92,12 @@ def train(cfg: Config, info: D.DistInfo) -> int:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         progress.step, progress.tokens = step, progress.tokens + cfg.total_batch_size
+        rates = speed.rates(dt)
         metrics.log("train", step=step, loss=loss, lr=lr, grad_norm=norm,
-                    tokens=progress.tokens, tokens_per_s=cfg.total_batch_size / dt,
+                    tokens=progress.tokens, **rates,
                     batch_digest=hashlib.sha256(repr(all_ids).encode()).hexdigest()[:16])
         metrics.say(f"step {step:6d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                    f"tok/s {cfg.total_batch_size / dt:9.0f} | "
+                    f"tok/s {cfg.total_batch_size / dt:9.0f} | {speed.text(rates)} | "
                     f"elapsed {time.perf_counter() - t_start:7.1f}s")
         evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, progress, last)
         ckpt.step(step, last=last, stopping=stopping)

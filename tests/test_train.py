@@ -8,7 +8,8 @@ import pytest
 
 from helpers import REPO, TINY, child_env, metrics, run_train, write_shards
 
-TRAIN_FIELDS = {"kind", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+TRAIN_FIELDS = {"kind", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                "tokens_per_s_per_device", "mfu"}
 
 
 def test_help_lists_every_flag_with_default():
