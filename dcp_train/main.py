@@ -12,7 +12,7 @@ import sys
 
 from dcp_train import redact
 from dcp_train.config import ConfigError, die, error_line, parse_config
-from dcp_train.orphan import watch_parent
+from dcp_train.orphan import exit_if_orphaned, watch_parent
 
 EXIT_BAD_INPUT = 2
 
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors as e:
         error_line(str(e))
         code = EXIT_BAD_INPUT
+    except Exception:
+        exit_if_orphaned()  # a collective failed because the other ranks left with the agent
+        raise
     D.teardown(clean=code != EXIT_BAD_INPUT)
     # Leave without Python's interpreter shutdown: gloo's background threads may still be
     # releasing their last work items, and a thread that needs the GIL during finalization

@@ -28,6 +28,7 @@ import time
 
 EXIT_ORPHANED = 128 + signal.SIGHUP  # as if hung up: the controlling agent is gone
 POLL_S = 0.5
+_parent: int | None = None  # the agent's pid, while watched
 
 
 def watch_parent(interval_s: float = POLL_S, environ=None) -> threading.Thread | None:
@@ -37,15 +38,29 @@ def watch_parent(interval_s: float = POLL_S, environ=None) -> threading.Thread |
     parent = os.getppid()
     if "TORCHELASTIC_RUN_ID" not in environ or parent == 1:
         return None
+    global _parent
+    _parent = parent
     thread = threading.Thread(target=_watch, args=(parent, interval_s), daemon=True,
                               name="dcp_train-parent-watch")
     thread.start()
     return thread
 
 
+def exit_if_orphaned() -> None:
+    """Leave as the watch would, if the agent is gone. For an error in the training: a rank
+    whose collective failed because another rank already left with the agent says why it
+    stops, instead of a gloo traceback."""
+    if _parent is not None and os.getppid() != _parent:
+        _leave(_parent)
+
+
 def _watch(parent: int, interval_s: float) -> None:
     while os.getppid() == parent:
         time.sleep(interval_s)
+    _leave(parent)
+
+
+def _leave(parent: int) -> None:
     try:
         os.write(2, f"dcp_train: the torchrun agent (pid {parent}) is gone: rank pid "
                     f"{os.getpid()} exits without a checkpoint; relaunch with --auto_resume "
