@@ -22,6 +22,8 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
 4. `latest` is replaced atomically (atomic.py) and only ever names a committed dir.
 5. retention (rank 0): keep the N newest committed dirs, never the one `latest` names, and
    remove leftovers: abandoned temp dirs, step dirs without a manifest, a `latest` temp file.
+   A dir is deleted manifest first, so a crash midway never leaves a committed dir with
+   files missing.
    One writer per dir (the lease, lease.py) and one save at a time: a leftover now is
    abandoned.
 
@@ -48,6 +50,7 @@ from dcp_train import distributed as D
 from dcp_train import faults
 from dcp_train import manifest as M
 from dcp_train import space
+from dcp_train.atomic import fsync_dir
 from dcp_train.checkpoint_dir import LATEST, CheckpointDir, step_name
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.faults import fault_point
@@ -146,8 +149,8 @@ class Checkpointer:
         """Rank 0: the dir this save writes into (step 1 of the module docstring)."""
         if self.storage.is_local:
             return f"{final}.tmp-{secrets.token_hex(4)}"
-        self.storage.rm_tree(posixpath.join(final, MANIFEST))  # uncommit first
-        self.storage.rm_tree(final)
+        if self.storage.exists(final):
+            self._remove(final)
         return final
 
     def _commit(self, target: str, final: str, step: int, per_rank_files: list[dict]) -> int:
@@ -163,7 +166,7 @@ class Checkpointer:
             self.storage.write_atomic(posixpath.join(target, MANIFEST), manifest)
             fault_point("before_commit", 0, step)
             if self.storage.exists(final):  # committed by a run that crashed before `latest`,
-                self.storage.rm_tree(final)  # or ahead of an explicit older --resume
+                self._remove(final)  # or ahead of an explicit older --resume
             self.storage.rename_dir(target, final)
         else:
             fault_point("before_commit", 0, step)
@@ -188,7 +191,17 @@ class Checkpointer:
                    if s not in keep and name != latest]
         removed += leftovers
         for i, name in enumerate(removed):
-            self.storage.rm_tree(self.storage.join(name))
+            self._remove(self.storage.join(name))
             if i == 0:
                 fault_point("during_retention", 0, step)
         return removed
+
+    def _remove(self, path: str) -> None:
+        """Delete a step dir (or leftover), manifest.json first: a crash midway leaves a dir
+        that no longer counts as committed, which the next retention removes, never a
+        committed dir with files missing."""
+        self.storage.rm_tree(posixpath.join(path, MANIFEST))
+        if self.storage.is_local and self.storage.exists(path):
+            fsync_dir(path)  # the manifest's removal is durable before any other file goes
+        fault_point("mid_removal", 0)
+        self.storage.rm_tree(path)

@@ -11,6 +11,8 @@ killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
     after_commit         rank 0: step dir committed, `latest` not yet updated
     mid_latest           rank 0: `latest`'s temporary file written, not yet in place
     during_retention     rank 0: retention has deleted its first directory
+    mid_removal          rank 0: a dir being deleted has lost its manifest.json, not yet its
+                         other files (retention, or a step dir written over)
 
 The save protocol calls `at_step(step)` when a save starts, so points reached from code that
 knows no step (atomic.write_atomic's `mid_<file name>`, dcp_io's `mid_shard`) match STEP too,
@@ -25,7 +27,7 @@ import signal
 import torch.distributed as dist
 
 POINTS = ("mid_shard", "after_shards", "before_commit", "after_commit", "mid_latest",
-          "during_retention")
+          "during_retention", "mid_removal")
 
 
 _current_step: int | None = None

@@ -142,7 +142,7 @@ def _phase(state: DirState, last_line: str) -> str:
         return f"saving {name} (in place, no manifest yet)"
     if temps:
         return f"saving {name} (temp dir)"
-    return f"saving {name} (before its temp dir)"
+    return f"saving {name} (before any of its files)"
 
 
 class Console:

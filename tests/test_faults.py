@@ -161,6 +161,7 @@ FAULTS = {  # point: (rank that dies, `latest` after the kill, committed dirs af
     "after_commit": (0, 2, [2, 4]),  # step 4 committed, `latest` still names step 2
     "mid_latest": (0, 2, [2, 4]),  # `latest`'s temp file written (local), not in place
     "during_retention": (0, 4, [4]),  # `latest` = step 4, step 2 deleted (keep 1)
+    "mid_removal": (0, 4, [4]),  # step 2 lost its manifest first: no longer committed
 }
 assert set(FAULTS) == set(POINTS)
 
@@ -203,6 +204,9 @@ def test_sigkill_at_fault_point_then_auto_resume_is_bit_exact(point, where, requ
         assert M.MANIFEST not in files  # never committed, so never resumed from
         assert point == "mid_shard" or "__1_0.distcp" in files
         assert point != "before_commit" or ".metadata" in files
+    elif point == "mid_removal":  # never a committed dir with files missing
+        assert after.partial == [step_name(2)]
+        assert M.MANIFEST not in st.listdir(st.join(step_name(2)))
     else:
         assert after.partial == []
     if point == "mid_latest" and where == "local":
