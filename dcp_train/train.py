@@ -16,6 +16,7 @@ import time
 import torch
 from torch.nn.utils import clip_grad_norm_
 
+from dcp_train import deterministic
 from dcp_train import distributed as D
 from dcp_train import rng
 from dcp_train import state as S
@@ -51,6 +52,7 @@ def check_compatible(saved: dict, cfg: Config) -> None:
 
 def check_resumable(found: Found, cfg: Config, samples_per_step: int) -> None:
     check_compatible(found.meta, cfg)
+    deterministic.check_resume(found.meta["config"], cfg)
     if found.meta["samples_per_step"] != samples_per_step:
         raise ConfigError(f"checkpoint used {found.meta['samples_per_step']} samples per "
                           f"step, the flags give {samples_per_step}; keep --total_batch_size "
@@ -166,6 +168,8 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
     metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
     preempt = Preemption(cfg.preempt_timeout)
+    if cfg.deterministic:  # a world size that does not divide the micro-batches: error here
+        deterministic.setup(cfg, info.world_size, info.device_type)
     accum = grad_accum_steps(cfg, info.world_size)
     samples_per_step = cfg.total_batch_size // cfg.seq_len
     device, dtype_note = info.device, "bf16" if info.device_type == "cuda" else "fp32"
@@ -176,6 +180,8 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     torch.manual_seed(cfg.seed)
     model = D.shard_model(GPT(cfg.model), info)
     optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, info.device_type)
+    det_step = (deterministic.DeterministicStep(cfg, model, info.rank, info.world_size, device)
+                if cfg.deterministic else None)
     progress = S.Progress()
     entry = None
     if found is not None:
@@ -243,18 +249,21 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         sample_ids = []
-        for micro in range(accum):
-            ids, x, y = next(batches)
-            sample_ids += ids.tolist()
-            model.set_requires_gradient_sync(micro == accum - 1)
-            _, loss = model(x.to(device), y.to(device))
-            loss = loss / accum
-            loss_sum += loss.detach()
-            loss.backward()
-        norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        loss_mean = D.mean_over_ranks(loss_sum).item()
-        norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+        if det_step is not None:  # --deterministic: exact sums on a replica (deterministic.py)
+            loss_mean, norm = det_step(optimizer, batches, step, sample_ids)
+        else:
+            for micro in range(accum):
+                ids, x, y = next(batches)
+                sample_ids += ids.tolist()
+                model.set_requires_gradient_sync(micro == accum - 1)
+                _, loss = model(x.to(device), y.to(device))
+                loss = loss / accum
+                loss_sum += loss.detach()
+                loss.backward()
+            norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_mean = D.mean_over_ranks(loss_sum).item()
+            norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
         # one small gather per step: the step's sample ids, and whether a rank got a signal
         gathered = D.all_gather_objects((sample_ids, preempt.requested))
         all_ids = sorted(i for ids, _ in gathered for i in ids)
