@@ -2,7 +2,7 @@
 
 Real `torchrun` jobs on CPU/gloo, the tiny model with --dropout 0.1. A step is 24 samples
 (--total_batch_size 768 / --seq_len 32) in V = 12 micro-batches of --batch_size 2, so world
-sizes 1, 2, 3, 4, 6 and 12 work. 100 samples: an epoch boundary falls inside step 5 (after a resume).
+sizes 1, 2, 3, 4, 6 and 12 work. 100 samples: an epoch boundary falls inside step 5.
 
     w1   W=1  steps 1..6                       the reference (saves 3, 6)
     w2   W=2  steps 1..6, --num_workers 2      (saves 3, 6)
