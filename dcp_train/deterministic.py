@@ -43,6 +43,7 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dcp_train.config import Config, ConfigError
@@ -147,11 +148,16 @@ class DeterministicStep:
         with torch.random.fork_rng(devices=[]):  # the replica's init values are never used
             self.replica = GPT(cfg.model).to(device=device, dtype=dtype)
         self.sharded = [p for _, p in model.named_parameters()]
+        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         names = [n for n, _ in model.named_parameters()]
         assert names == [n for n, _ in self.replica.named_parameters()], "replica differs"
 
     def _load_replica(self) -> None:
-        """Full parameters into the replica (all-gather: a copy, exact)."""
+        """Full parameters into the replica (all-gather: a copy, exact). First the FSDP model
+        is resharded: an evaluation's forward (no backward) leaves FSDP2's root parameters
+        unsharded, and its next forward would use them, stale, after this step's update."""
+        for module in self.fsdp_modules:
+            module.reshard()
         with torch.no_grad():
             for p, r in zip(self.sharded, self.replica.parameters()):
                 r.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
