@@ -13,7 +13,10 @@ sizes 1, 2, 3, 4, 6 and 12 work. 100 samples: an epoch boundary falls inside ste
     4to1 W=1  w4/step_3 -> steps 4..6          stopped at 4 ranks, resumed at 1
 
 Every run's loss and grad norm at every step are == the reference's, and its step-6 model and
-optimizer state are torch.equal to the reference's. No tolerance anywhere: in the default mode
+optimizer state are torch.equal to the reference's. Every run also evaluates (FSDP forward, no
+backward) at steps 2, 4, 6 (4to1: at 6 only): a resumed run's val loss equals that of the
+uninterrupted run at the same world size, whose previous evaluation must not leave stale
+parameters behind. No tolerance anywhere: in the default mode
 the same runs differ in the last bits (tests/test_world_size.py), here they must not.
 
 Run: .venv/bin/python -m pytest tests/test_deterministic.py -q -x
@@ -38,11 +41,15 @@ from tests.helpers import (REPO, TINY, assert_same_tensors, child_env, load_chec
 SEQ = 32
 ARGS = TINY + ["--dropout", "0.1", "--total_batch_size", "768", "--batch_size", "2",
                "--max_steps", "6", "--checkpoint_interval", "3", "--seed", "4242",
-               "--deterministic"]
+               "--eval_interval", "2", "--val_steps", "2", "--deterministic"]
 
 
 def step_dir(ckpt: Path, step: int) -> Path:
     return ckpt / f"step_{step:08d}"
+
+
+def val_losses(log: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(log) if r["kind"] == "val"}
 
 
 def train_records(log: Path) -> dict[int, tuple[float, float, str]]:
@@ -77,9 +84,9 @@ class Runs:
             self.done[name] = d
         return self.done[name]
 
-    def resumed(self, name: str, nproc: int, source: str) -> Path:
+    def resumed(self, name: str, nproc: int, source: str, extra: list[str]) -> Path:
         return self.run(name, nproc, ["--resume", "--checkpoint_path",
-                                      str(step_dir(self.done[source] / "ckpt", 3))])
+                                      str(step_dir(self.done[source] / "ckpt", 3)), *extra])
 
     def launch(self, nproc: int, extra: list[str]):
         return run_train(nproc, ARGS + ["--data_dir", str(self.data), *extra], check=False)
@@ -108,13 +115,20 @@ def test_any_world_size_gives_the_same_bits(runs, world, extra, tmp_path):
     assert_identical(runs.done["w1"], got, range(1, 7), tmp_path)
 
 
-@pytest.mark.parametrize("name,world,source", [("2to4", 4, "w2"), ("4to1", 1, "w4")])
-def test_stopped_and_resumed_on_another_world_size(runs, name, world, source, tmp_path):
+@pytest.mark.parametrize("name,world,source,evals", [("2to4", 4, "w2", [4, 6]),
+                                                     ("4to1", 1, "w4", [6])])
+def test_stopped_and_resumed_on_another_world_size(runs, name, world, source, evals, tmp_path):
     runs.run(source, int(source[1]), ["--num_workers", "2"] if source == "w2" else [])
-    got = runs.resumed(name, world, source)
+    # 4to1 evaluates at step 6 only: the first FSDP forward of its process, where w1's step-6
+    # evaluation follows the one at step 4 (no save in between)
+    got = runs.resumed(name, world, source, ["--eval_interval", "3"] if name == "4to1" else [])
     assert_identical(runs.done["w1"], got, range(4, 7), tmp_path)
     [record] = [r for r in metrics(got / "log") if r["kind"] == "resume"]
     assert (record["world_size_saved"], record["world_size"]) == (int(source[1]), world)
+    # val loss depends on the world size (each rank's val batches): compare at the same one
+    same_world = runs.run(f"w{world}", world, [])
+    want = val_losses(same_world / "log")
+    assert val_losses(got / "log") == {s: want[s] for s in evals}
 
 
 def test_a_world_size_that_does_not_divide_v_is_refused(runs):
