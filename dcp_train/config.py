@@ -81,6 +81,10 @@ class Config:
     total_batch_size: int = _help("tokens per optimizer step, over all ranks and micro-steps",
                                   default=524288)
     seed: int = _help("seed of model init, data order and per-rank RNG streams", default=1337)
+    deterministic: bool = _help("bit-identical losses and state on every world size that "
+                                "divides the step's micro-batches (total_batch_size/seq_len/"
+                                "batch_size), and across resumes at any of them; slower, see "
+                                "README", default=False)
 
     # data
     data_dir: str = _help("folder or fsspec URL with *_train_*.npy / *_val_*.npy uint16 token "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import posixpath
 import time
 
+from dcp_train import deterministic
 from dcp_train import distributed as D
 from dcp_train import restore
 from dcp_train.checkpoint import Checkpointer
@@ -114,9 +115,11 @@ class CheckpointManager:
             self._check(found)
 
     def _check(self, found: Found) -> None:
-        """Refuse a checkpoint this run cannot continue: a newer format, or other data, seed,
-        sequence length, batch geometry or model (runcheck.py); keep what may change."""
+        """Refuse a checkpoint this run cannot continue: a newer format, a switch of
+        --deterministic, or other data, seed, sequence length, batch geometry or model
+        (runcheck.py); keep what may change."""
         check_format(found.meta, found.path)
+        deterministic.check_resume(found.meta["config"], self.cfg)
         errors, self.changes = compare_run(found.meta["config"], found.meta.get(
             "data_fingerprint"), self.cfg, self.progress.data_fingerprint)
         if errors:

@@ -15,6 +15,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from dcp_train import compiled as C
+from dcp_train import deterministic
 from dcp_train import distributed as D
 from dcp_train import redact
 from dcp_train.components import (LoaderState, ModelState, OptimizerState, Progress, RankEntry,
@@ -42,6 +43,8 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
     metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
     preempt = Preemption(cfg.preempt_timeout)
+    if cfg.deterministic:  # a world size that does not divide the micro-batches: error here
+        deterministic.setup(cfg, info.world_size, info.device_type)
     accum = grad_accum_steps(cfg, info.world_size)
     samples_per_step = cfg.total_batch_size // cfg.seq_len
     train_files, val_files, enc, hellaswag_interval = prepare_inputs(cfg, info, metrics)
@@ -51,6 +54,10 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     compile_blocks = C.resolve(cfg.compile, info.device_type)
     model = D.shard_model(GPT(cfg.model), info, compile=compile_blocks)
     optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, info.device_type)
+    det_step = None
+    if cfg.deterministic:  # exact sums on a replica (deterministic.py)
+        det_step = deterministic.DeterministicStep(cfg, model, info.rank, info.world_size,
+                                                   info.device)
     progress = Progress(world_size=info.world_size, samples_per_step=samples_per_step,
                         config=redact.redacted_config(cfg),
                         data_fingerprint=D.agree(lambda: data_fingerprint(train_files)))
@@ -82,8 +89,11 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         last = step == final_step
         t0 = time.perf_counter()
         lr = lr_of(step, progress.lr_schedule)
-        loss, norm, sample_ids = train_step(model, optimizer, batches, lr, accum, cfg.grad_clip,
-                                            info.device)
+        if det_step is not None:
+            loss, norm, sample_ids = det_step(optimizer, batches, step, lr)
+        else:
+            loss, norm, sample_ids = train_step(model, optimizer, batches, lr, accum,
+                                                cfg.grad_clip, info.device)
         # one small gather per step: the step's sample ids, and whether a rank got a signal
         gathered = D.agree(lambda: (sample_ids, preempt.requested), every_rank=True)
         all_ids = sorted(i for ids, _ in gathered for i in ids)
