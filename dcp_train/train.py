@@ -54,10 +54,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     compile_blocks = C.resolve(cfg.compile, info.device_type)
     model = D.shard_model(GPT(cfg.model), info, compile=compile_blocks)
     optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, info.device_type)
-    det_step = None
-    if cfg.deterministic:  # exact sums on a replica (deterministic.py)
-        det_step = deterministic.DeterministicStep(cfg, model, info.rank, info.world_size,
-                                                   info.device)
+    one_step = step_function(cfg, model, info, accum)
     progress = Progress(world_size=info.world_size, samples_per_step=samples_per_step,
                         config=redact.redacted_config(cfg),
                         data_fingerprint=D.agree(lambda: data_fingerprint(train_files)))
@@ -89,11 +86,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         last = step == final_step
         t0 = time.perf_counter()
         lr = lr_of(step, progress.lr_schedule)
-        if det_step is not None:
-            loss, norm, sample_ids = det_step(optimizer, batches, step, lr)
-        else:
-            loss, norm, sample_ids = train_step(model, optimizer, batches, lr, accum,
-                                                cfg.grad_clip, info.device)
+        loss, norm, sample_ids = one_step(optimizer, batches, step, lr)
         # one small gather per step: the step's sample ids, and whether a rank got a signal
         gathered = D.agree(lambda: (sample_ids, preempt.requested), every_rank=True)
         all_ids = sorted(i for ids, _ in gathered for i in ids)
@@ -118,6 +111,16 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     ckpt.close()  # waits for a save still in flight: the last step is always committed
     metrics.close()
     return EXIT_PREEMPTED if stopping else 0
+
+
+def step_function(cfg: Config, model, info: D.DistInfo, accum: int):
+    """The optimizer update: (optimizer, batches, step, lr) -> (loss, grad norm, this rank's
+    sample ids). FSDP2's, or with --deterministic the exact one on a replica."""
+    if cfg.deterministic:
+        return deterministic.DeterministicStep(cfg, model, info.rank, info.world_size,
+                                               info.device)
+    return lambda optimizer, batches, step, lr: train_step(
+        model, optimizer, batches, lr, accum, cfg.grad_clip, info.device)
 
 
 def train_step(model, optimizer, batches, lr: float, accum: int, grad_clip: float, device):
