@@ -200,7 +200,7 @@ class Checkpointer:
         """Delete a step dir (or leftover), manifest.json first: a crash midway leaves a dir
         that no longer counts as committed, which the next retention removes, never a
         committed dir with files missing."""
-        self.storage.rm_tree(posixpath.join(path, MANIFEST))
+        self.storage.rm_file(posixpath.join(path, MANIFEST))
         if self.storage.is_local and self.storage.exists(path):
             fsync_dir(path)  # the manifest's removal is durable before any other file goes
         fault_point("mid_removal", 0)

@@ -189,6 +189,15 @@ class Storage:
             return
         self._rm_remote(path, self.find(path))
 
+    def rm_file(self, path: str) -> None:
+        """Delete one file; nothing if it is missing."""
+        if self.is_local:
+            if os.path.lexists(path):
+                os.remove(path)
+        elif self.exists(path):
+            self.fs.rm_file(path)
+            self.fs.invalidate_cache()
+
     def _rm_remote(self, path: str, files) -> None:
         if files:  # one batched delete where the store has one
             self.fs.rm([posixpath.join(path, rel) for rel in files])

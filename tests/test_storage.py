@@ -57,6 +57,9 @@ def test_files(storage):
     with pytest.raises(FileExistsError):
         st.rename_dir(st.join("f"), st.join("e"))
 
+    st.rm_file(st.join("e", "a.txt"))
+    st.rm_file(st.join("e", "a.txt"))  # missing: no error
+    assert st.find(st.join("e")) == {"sub/b.bin": 7}
     st.rm_tree(st.join("e"))
     st.rm_tree(st.join("e"))  # missing: no error
     assert st.listdir(st.root) == ["f", "latest"]
