@@ -1,4 +1,4 @@
-"""What a resume may change, and what it may not (DESIGN.md, "Starting and resuming").
+"""What a resume may change, and what it may not (docs/design.md, "Starting and resuming").
 
 `compare_run(saved_config, saved_fingerprint, cfg, fingerprint)` compares the run stored in a
 checkpoint with this launch's flags and returns (errors, changes):

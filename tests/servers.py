@@ -236,7 +236,7 @@ class S3Server(_Server):
             "AWS_SESSION_TOKEN": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
-            # fail fast when the endpoint is down (see .notes/servers.md)
+            # fail fast when the endpoint is down (storage.py, "Errors when the endpoint is down")
             "AWS_MAX_ATTEMPTS": "2",
             "AWS_RETRY_MODE": "standard",
         }
