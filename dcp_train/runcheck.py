@@ -12,7 +12,8 @@ checkpoint with this launch's flags and returns (errors, changes):
   paths, ...): accepted, printed as one WARNING line each (`change_lines`) and recorded in
   the `resume` record. Storage options are compared redacted (a rotated key is no change).
 
-Not compared: how this launch resumes (--auto_resume, --resume, --checkpoint_path). A
+Not compared: how and where this launch runs (--auto_resume, --resume, --checkpoint_path,
+--checkpoint_dir, --log_dir, --stop_at_step). A
 checkpoint written before fingerprints were stored (saved_fingerprint None) cannot be checked
 for other data: changes then holds "data_fingerprint": [None, <digest>], for the caller to
 warn about.
@@ -27,7 +28,10 @@ from dcp_train.data.fingerprint import fingerprint_diff
 
 STREAM = ("seed", "seq_len", "total_batch_size")
 MODEL_DIMS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-NOT_COMPARED = ("auto_resume", "resume", "checkpoint_path")
+# how and where this launch runs, not what the run is: a checkpoint dir copied elsewhere, a
+# new log dir or another stop step is no change of the run
+NOT_COMPARED = ("auto_resume", "resume", "checkpoint_path", "checkpoint_dir", "log_dir",
+                "stop_at_step")
 _MISSING = object()
 
 

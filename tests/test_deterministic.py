@@ -35,7 +35,7 @@ import torch
 
 from dcp_train.config import ConfigError, parse_config
 from dcp_train.deterministic import check_resume, micro_batches_per_step
-from tests.helpers import (REPO, TINY, assert_same_tensors, child_env, load_checkpoint, metrics,
+from helpers import (REPO, TINY, assert_same_tensors, child_env, load_checkpoint, metrics,
                            run_train, write_shards)
 
 SEQ = 32

@@ -202,7 +202,7 @@ def test_resume_checkpoint_of_another_model_size(tmp_path, data, reference):
 
     shutil.copytree(reference / "ckpt", tmp_path / "ckpt")
     _fails_cleanly(tmp_path, data, ["--auto_resume", "--n_embd", "32"],
-                   "n_embd: checkpoint 64 vs flags 32")
+                   "--n_embd 32 (the saved run used 64)")
     _fails_cleanly(tmp_path, data, ["--resume", "--checkpoint_path",
                                     str(tmp_path / "ckpt" / "step_00000004"), "--n_layer", "3"],
-                   "n_layer: checkpoint 2 vs flags 3")
+                   "--n_layer 3 (the saved run used 2)")

@@ -73,3 +73,57 @@ def test_checkpoint_of_a_newer_format_is_one_clear_error(tmp_path):
     (same / "latest").write_text("step_00000002\n")
     proc = _launch(tmp_path, data, same, "--auto_resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _stopped_run(tmp_path: Path, stop: int = 2, *extra: str) -> tuple[Path, Path]:
+    data = write_shards(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                  "--checkpoint_dir", str(ckpt), "--stop_at_step", str(stop), *extra])
+    return data, ckpt
+
+
+def test_a_changed_data_stream_is_refused_at_any_world_size(tmp_path):
+    """--seed, other data of the same sizes, --seq_len: one line naming the setting, exit 2,
+    the checkpoint dir byte for byte unchanged, at the saved world size and at another."""
+    data, ckpt = _stopped_run(tmp_path)
+    other = write_shards(tmp_path / "other", seed=1)  # same names and sizes, other tokens
+    before = tree_bytes(ckpt)
+    cases = [(["--data_dir", str(data), "--seed", "7"], "--seed 7 (the saved run used 1337)"),
+             (["--data_dir", str(other)], f"other training data in --data_dir {other}"),
+             (["--data_dir", str(data), "--seq_len", "16"], "--seq_len 16 (the saved run "
+                                                            "used 32)")]
+    for nproc in (2, 1):
+        for extra, says in cases:
+            proc = subprocess.run(
+                torchrun_cmd(nproc, [*ARGS, "--log_dir", str(tmp_path / "log2"),
+                                     "--checkpoint_dir", str(ckpt), "--auto_resume", *extra]),
+                cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+            line = one_error(proc)
+            assert line.startswith(f"dcp_train: error: cannot resume {ckpt / 'step_00000002'} "
+                                   "with these flags: ") and says in line, (nproc, line)
+            assert tree_bytes(ckpt) == before
+
+
+def test_accepted_changes_are_reported_and_an_extended_run_keeps_its_schedule(tmp_path):
+    """--max_lr and --max_steps may change: a WARNING line each and `changes` in the resume
+    record; with --lr_schedule continue the cosine of the saved run (4 steps) goes on: the
+    extra steps run at its final LR. A checkpoint at --max_steps says so."""
+    from helpers import metrics
+
+    data, ckpt = _stopped_run(tmp_path, 4)  # a finished run: max_steps 4
+    log = tmp_path / "log"
+    lrs = {r["step"]: r["lr"] for r in metrics(log) if r["kind"] == "train"}
+    proc = run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(log),
+                         "--checkpoint_dir", str(ckpt), "--auto_resume"])
+    assert "checkpoint is at step 4 and --max_steps is 4: nothing to train" in proc.stdout
+    proc = run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(log),
+                         "--checkpoint_dir", str(ckpt), "--auto_resume", "--max_steps", "6",
+                         "--weight_decay", "0.05"])
+    assert "WARNING: --max_steps changed on resume: 4 -> 6" in proc.stdout
+    assert "WARNING: --weight_decay changed on resume: 0.1 -> 0.05" in proc.stdout
+    resume = [r for r in metrics(log) if r["kind"] == "resume"][-1]
+    assert resume["changes"] == {"max_steps": [4, 6], "weight_decay": [0.1, 0.05]}
+    new = {r["step"]: r["lr"] for r in metrics(log) if r["kind"] == "train" and r["step"] > 4}
+    assert new == {5: 3e-3 * 0.1, 6: 3e-3 * 0.1}  # the saved cosine ended at step 4
+    assert lrs[4] > new[5]
