@@ -36,7 +36,8 @@ import pytest
 import torch
 
 from helpers import (REPO, TINY, assert_same_tensors, child_env, descendants, kill_job,
-                     load_checkpoint, losses, metrics, run_train, start_train, write_shards)
+                     load_checkpoint, losses, metrics, one_error, run_train, start_train,
+                     write_shards)
 from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_reference,
                   run_with_kills)
 
@@ -120,14 +121,6 @@ def plain(args: list[str], env: dict | None = None) -> subprocess.CompletedProce
     """One process without torchrun (world size 1): enough for checks before any training."""
     return subprocess.run([sys.executable, "-m", "dcp_train.main", *args], cwd=REPO,
                           env=child_env(env), capture_output=True, text=True, timeout=180)
-
-
-def one_error(proc) -> str:
-    """The run failed with the same single `dcp_train: error:` line on every rank."""
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("dcp_train: error:")]
-    assert lines and len(set(lines)) == 1, proc.stderr[-4000:]
-    return lines[0]
 
 
 def snapshot(root: Path) -> dict:
