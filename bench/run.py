@@ -235,7 +235,7 @@ def s3_rows(s, results: dict) -> list:
     return [
         row("4 S3", "Checkpointer.save to S3 vs fsspec put, 1 rank", w["ours"], w["raw"], ">=",
             0.7, t_and_bw(w["raw"], n_data), t_and_bw(w["ours"], n),
-            f"upload {fmt_bytes(n)}, server-side copy {fmt_bytes(n)} (rename), delete", note=f"model {s['s3_model']}: moto_server "
+            f"upload {fmt_bytes(n)} in place, manifest PUT commits", note=f"model {s['s3_model']}: moto_server "
             "is a single Python process, ~20 MB/s here"),
         row("4 S3", "bare dcp.save to S3 vs fsspec put, 1 rank", w["dcp"], w["raw"], ">=", 0.7,
             t_and_bw(w["raw"], n_data), t_and_bw(w["dcp"], n), f"upload {fmt_bytes(n)}",
