@@ -148,9 +148,11 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, data):
 def test_ranks_exit_when_torchrun_is_killed_and_the_dir_resumes_bit_exact(tmp_path, data,
                                                                           reference):
     # kill the agent right after the first checkpoint: the ranks are training towards (or
-    # saving) the next one
+    # saving) the next one. A val loss of 200 micro-batches after every step (~0.4 s here;
+    # it changes no training bit) keeps an idle machine from finishing all 10 steps first.
     job, console, ranks = _start(tmp_path, data,
-                                 until=lambda lines: any("committed" in l for l in lines))
+                                 until=lambda lines: any("committed" in l for l in lines),
+                                 extra=("--eval_interval", "1", "--val_steps", "200"))
     os.kill(job.pid, signal.SIGKILL)  # the torchrun process alone
     job.wait(timeout=30)
     t0 = time.monotonic()
