@@ -279,7 +279,7 @@ def main() -> None:
     async_ckpt = None
     if local:
         async_ckpt = make_checkpointer(async_root, so, rank)
-        async_ckpt.save(10_000, sd, rank, asynchronous=True)  # untimed warm-up
+        async_ckpt.save(10_000, sd, rank, ws, asynchronous=True)  # untimed warm-up
         last_record(async_ckpt)
         D.barrier()
 
@@ -292,12 +292,13 @@ def main() -> None:
             dcp.save(sd, storage_writer=st.dcp_writer(dcp_dir))
 
         def ours_save() -> None:
-            ckpt.save(rep + 1, sd, rank)
+            ckpt.save(rep + 1, sd, rank, ws)
             box["record"] = last_record(ckpt)
 
         def async_save() -> None:
             t = time.perf_counter()
-            async_ckpt.save(10_001 + rep, sd, rank, asynchronous=True)
+            async_ckpt.save(10_001 + rep, sd, rank, ws, asynchronous=True)
+            async_ckpt.staged()  # what the next optimizer step would wait for
             box["blocked"] = time.perf_counter() - t
             box["async_record"] = last_record(async_ckpt)  # waits for the commit
 

@@ -67,7 +67,7 @@ def main() -> None:
     for component in [C.ModelState(model), C.OptimizerState(model, opt), progress,
                       C.RankEntry(info.rank, rng=C.RNGState(0, info.rank, progress))]:
         sd.update(component.state_dict())
-    ckpt.save(1, sd, info.rank, asynchronous=True)
+    ckpt.save(1, sd, info.rank, info.world_size, asynchronous=True)
     ckpt.close()
     records = ckpt.records()
     result = {"device": info.device_type, "staged_tensors": len(seen),

@@ -27,10 +27,10 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
    One writer per dir (the lease, lease.py) and one save at a time: a leftover now is
    abandoned.
 
-Asynchronous saves copy the state into reused staging buffers (the only part that blocks the
-training loop), then run steps 1-5 on a background thread that talks over its own gloo group
-(collectives of a background save on the training's group deadlock against FSDP's). At most
-one save is in flight: a new save first waits for the previous one.
+Asynchronous saves run steps 1-5 in a save process per rank (save_process.py): the training
+process only copies the state into reused shared-memory buffers, overlapped with the next
+step, and the next optimizer step waits for that copy if it is not done. At most one save is in
+flight: a new save first collects the previous one.
 """
 
 from __future__ import annotations
@@ -38,13 +38,10 @@ from __future__ import annotations
 import posixpath
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_train import distributed as D
 from dcp_train import faults
@@ -55,6 +52,7 @@ from dcp_train.checkpoint_dir import LATEST, CheckpointDir, step_name
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.faults import fault_point
 from dcp_train.manifest import MANIFEST
+from dcp_train.save_process import SaveProcess
 
 
 class Checkpointer:
@@ -66,41 +64,42 @@ class Checkpointer:
         self.dir, self.storage = directory, directory.storage
         self.keep_last_n = keep_last_n
         self.on_commit = on_commit
-        self._group = self._stager = self._executor = self._pending = None
+        self._saver: Optional[SaveProcess] = None
         self._done: list[dict] = []
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, state_dict: dict, rank: int, asynchronous: bool = False) -> None:
+    def save(self, step: int, state_dict: dict, rank: int, world_size: int,
+             asynchronous: bool = False) -> None:
         """Write, commit and point `latest` at step `step`. Collective. Synchronous: returns
-        once committed. Asynchronous: returns once staged. The `checkpoint` record of each
-        committed save is handed out by `records()`."""
+        once committed. Asynchronous: returns at once; the tensors of `state_dict` must not
+        change before `staged()` returns (see save_process.py). The `checkpoint` record of
+        each committed save is handed out by `records()`."""
         self.wait()
         t0 = time.perf_counter()
         if not asynchronous:
-            self._done.append(self._write_and_commit(step, state_dict, rank, None, t0, None))
+            record = self.write_and_commit(step, state_dict, rank, t0)
+            self._done.append({**record, "blocked_s": record["seconds"], "async": False})
             return
-        if self._group is None:
-            self._group = D.new_cpu_group()
-            self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
-                use_async_staging=False, use_non_blocking_copy=False))
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-save")
-        staged = self._stager.stage(state_dict)
-        blocked = time.perf_counter() - t0
-        self._pending = self._executor.submit(self._write_and_commit, step, staged, rank,
-                                              self._group, t0, blocked)
+        if self._saver is None:
+            self._saver = SaveProcess(self.dir, self.keep_last_n, rank, world_size)
+        self._saver.submit(step, state_dict, t0)
+
+    def staged(self) -> None:
+        """Block until the save in flight has its own copy of the state."""
+        if self._saver is not None:
+            self._saver.staged()
 
     def poll(self) -> None:
         """Collect the save in flight if every rank has finished it. Collective (all ranks
         call it at the same point), so all ranks agree on when it is done."""
-        if self._pending is not None and all(D.agree(self._pending.done, every_rank=True)):
+        if self._saver is not None and self._saver.busy and all(
+                D.agree(self._saver.done, every_rank=True)):
             self.wait()
 
     def wait(self) -> None:
         """Block until the save in flight is committed; raises its CheckpointError."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._done.append(pending.result())
+        if self._saver is not None and self._saver.busy:
+            self._done.append(self._saver.result())
 
     def records(self) -> list[dict]:
         """`checkpoint` records of the saves committed since the last call."""
@@ -109,21 +108,23 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._stager.close()
+        if self._saver is not None:
+            self._saver.close()
+            self._saver = None
 
-    def _write_and_commit(self, step, state_dict, rank, group, t0, blocked) -> dict:
+    def write_and_commit(self, step: int, state_dict: dict, rank: int, t0: float) -> dict:
+        """Steps 1-5 of the module docstring over the default group; the `checkpoint` record
+        (t0: when the save was asked for, time.perf_counter)."""
         faults.at_step(step)
         final = self.dir.step_path(step)
-        problem = space.room_problem(self.dir.root, state_dict, group)  # before any write
+        problem = space.room_problem(self.dir.root, state_dict)  # before any write
         if problem:
             raise CheckpointError(f"saving step {step} refused: {problem}")
 
         def write() -> dict:
             try:
                 writer = self.storage.dcp_writer(target)
-                dcp.save(state_dict, storage_writer=writer, process_group=group)
+                dcp.save(state_dict, storage_writer=writer)
                 fault_point("after_shards", rank, step)
                 return writer.checksums  # computed while writing (dcp_io.py)
             except (Exception, CheckpointException) as e:  # DCP's is a BaseException
@@ -137,13 +138,12 @@ class Checkpointer:
                 raise CheckpointError(f"committing step {step} to {final} failed: "
                                       f"{describe(e, self.dir.root)}") from e
 
-        target = D.agree(lambda: self._target(final), group=group)
-        per_rank_files = D.agree(write, every_rank=True, group=group)
-        size = D.agree(commit, group=group)
+        target = D.agree(lambda: self._target(final))
+        per_rank_files = D.agree(write, every_rank=True)
+        size = D.agree(commit)
         seconds = time.perf_counter() - t0
-        return {"step": step, "path": final, "seconds": seconds,
-                "blocked_s": seconds if blocked is None else blocked,
-                "async": blocked is not None, "bytes": size, "mb_per_s": size / seconds / 1e6}
+        return {"step": step, "path": final, "seconds": seconds, "bytes": size,
+                "mb_per_s": size / seconds / 1e6}
 
     def _target(self, final: str) -> str:
         """Rank 0: the dir this save writes into (step 1 of the module docstring)."""

@@ -164,11 +164,6 @@ def barrier() -> None:
     dist.barrier(group=_cpu_group())
 
 
-def new_cpu_group():
-    """A new gloo group over all ranks (collective: every rank must call it)."""
-    return dist.new_group(backend="gloo")
-
-
 _CPU_GROUP = None
 
 
@@ -176,5 +171,6 @@ def _cpu_group():
     """A gloo group for CPU-side coordination (the default group already is gloo on CPU)."""
     global _CPU_GROUP
     if _CPU_GROUP is None:
-        _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else new_cpu_group()
+        _CPU_GROUP = (dist.group.WORLD if dist.get_backend() == "gloo"
+                      else dist.new_group(backend="gloo"))
     return _CPU_GROUP

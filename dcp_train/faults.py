@@ -31,6 +31,14 @@ POINTS = ("mid_shard", "after_shards", "before_commit", "after_commit", "mid_lat
 
 
 _current_step: int | None = None
+_kill_parent = False
+
+
+def kill_parent_too() -> None:
+    """In a save process (save_process.py): a fault kills its training process as well, so
+    the rank dies as it would with the save in-process."""
+    global _kill_parent
+    _kill_parent = True
 
 
 def at_step(step: int) -> None:
@@ -55,4 +63,6 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
         return
     if want_step and step is not None and int(want_step) != step:
         return
+    if _kill_parent:
+        os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

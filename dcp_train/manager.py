@@ -34,7 +34,7 @@ from dcp_train import distributed as D
 from dcp_train import restore
 from dcp_train.checkpoint import Checkpointer
 from dcp_train.checkpoint_dir import CheckpointDir, Found, reading, unusable
-from dcp_train.components import check_format
+from dcp_train.components import OptimizerState, check_format
 from dcp_train.config import ConfigError
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.lease import LeaseError, WriterLease
@@ -55,6 +55,9 @@ class CheckpointManager:
         self.lease = WriterLease(self.dir.storage)
         self.writer = Checkpointer(self.dir, cfg.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh)
+        for component in shared:  # an async save copies the state before it changes
+            if isinstance(component, OptimizerState):
+                component.optimizer.register_step_pre_hook(lambda *_: self.writer.staged())
         self.committed_step = None  # the step whose state is committed in our dir
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (runcheck.py)
 
@@ -176,7 +179,7 @@ class CheckpointManager:
         sd = {}
         for component in [*self.shared, self.entry]:
             sd.update(component.state_dict())
-        self.writer.save(self.progress.step, sd, self.info.rank,
+        self.writer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
                          asynchronous=self.cfg.async_checkpoint)
         self.committed_step = self.progress.step
         self._log_records()

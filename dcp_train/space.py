@@ -85,7 +85,7 @@ def shortfall(path: str, per_rank: list[tuple[str, int, int | None]]) -> str | N
     return None
 
 
-def room_problem(path: str, state_dict, group=None) -> str | None:
+def room_problem(path: str, state_dict) -> str | None:
     """Collective (every rank, before dcp.save): the refusal line if the save clearly does
     not fit into local `path`, else None; the same answer on every rank."""
     from dcp_train import distributed as D
@@ -93,4 +93,4 @@ def room_problem(path: str, state_dict, group=None) -> str | None:
     if "://" in path and not path.startswith("file://"):
         return None  # the same on every rank: object stores report no free space
     mine = (socket.gethostname(), estimate(state_dict), free_bytes(path))
-    return shortfall(path, D.agree(lambda: mine, every_rank=True, group=group))
+    return shortfall(path, D.agree(lambda: mine, every_rank=True))
