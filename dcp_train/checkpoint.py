@@ -80,9 +80,13 @@ class Checkpointer:
             record = self.write_and_commit(step, state_dict, rank, t0)
             self._done.append({**record, "blocked_s": record["seconds"], "async": False})
             return
+        self.start_save_process(rank, world_size)
+        self._saver.submit(step, state_dict, t0)
+
+    def start_save_process(self, rank: int, world_size: int) -> None:
+        """Start this rank's save process for asynchronous saves, if not yet. Collective."""
         if self._saver is None:
             self._saver = SaveProcess(self.dir, self.keep_last_n, rank, world_size)
-        self._saver.submit(step, state_dict, t0)
 
     def staged(self) -> None:
         """Block until the save in flight has its own copy of the state."""

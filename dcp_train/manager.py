@@ -18,7 +18,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
    ...) is reported as WARNING lines and in the `resume` record;
 4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
    checkpoint fall back to the next one, and is an error for one the user named;
-5. take the writer lease: nothing is written to --checkpoint_dir before this point;
+5. take the writer lease: nothing is written to --checkpoint_dir before this point; with
+   --async_checkpoint, start the save process (save_process.py);
 6. this rank's entry is restored at the same world size; otherwise, and at a fresh start, its
    parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
 7. log the `resume` record.
@@ -73,6 +74,8 @@ class CheckpointManager:
             self._check(found)
             found = self._load(found)
         D.agree(self._acquire_lease)
+        if self.cfg.async_checkpoint:  # its start-up (seconds) overlaps the first steps
+            self.writer.start_save_process(self.info.rank, self.info.world_size)
         if found is None or not self._same_world(found):
             self.entry.fresh()
         if found is None:

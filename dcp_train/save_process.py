@@ -10,8 +10,10 @@ What the training process does for an asynchronous save of step s (Checkpointer.
    one staged copy exists. Parameters and optimizer state change only in `optimizer.step()`,
    so the next `optimizer.step()` waits for the copy (`staged()`, an optimizer step pre-hook
    set by the manager); the training loop itself never waits for it.
-3. The staged state goes to this rank's save process through a pipe (tensors as shared-memory
-   handles, no copy).
+3. The staged state goes to this rank's save process through a pipe. A tensor goes as a
+   shared-memory handle the first time its buffer is sent and as a reference to that buffer
+   afterwards (passing a handle costs the training process ~0.3 ms of its interpreter per
+   tensor; a reference, nothing measurable).
 
 The save process runs the whole synchronous protocol of checkpoint.py on it: DCP planning and
 serialization, CRC-32, writes and uploads, the space check, manifest, commit, `latest` and
@@ -78,6 +80,8 @@ class SaveProcess:
         self._process.start()  # from the main thread: PR_SET_PDEATHSIG follows this thread
         child.close()
         self._pending: Optional[_Pending] = None
+        self._sent: dict = {}  # buffers the save process holds: data_ptr -> (token, storage)
+        self._tokens = 0
 
     @property
     def busy(self) -> bool:
@@ -93,7 +97,7 @@ class SaveProcess:
                 staged = future.result()
                 pending.staged_s = time.perf_counter() - t0
                 pending.copied.set()  # the live tensors may change from here on
-                self._conn.send((step, t0, staged))
+                self._conn.send((step, t0, self._by_reference(staged)))
             except BaseException as e:  # reported by result()
                 pending.failure = e
             finally:
@@ -139,6 +143,31 @@ class SaveProcess:
         outcome["async"] = True
         return outcome
 
+    def _by_reference(self, tree):
+        """`tree` with each tensor as _Buffer (first time) or _Ref (buffer already sent)."""
+        sent, self._sent = self._sent, {}
+
+        def encode(x):
+            if isinstance(x, _Shard):
+                x.local = encode(x.local)
+                return x
+            if isinstance(x, torch.Tensor):
+                key = x.untyped_storage().data_ptr()
+                if key in sent:  # the save process holds this buffer
+                    self._sent[key] = sent[key]
+                if key in self._sent:
+                    return _Ref(self._sent[key][0], x)
+                self._tokens += 1
+                self._sent[key] = (self._tokens, x.untyped_storage())
+                return _Buffer(self._tokens, x)
+            if isinstance(x, dict):
+                return {k: encode(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(encode(v) for v in x)
+            return x
+
+        return encode(tree)
+
     def close(self) -> None:
         """Stop the save process (after `result()` of the save in flight)."""
         if self._process.is_alive():
@@ -168,6 +197,41 @@ class _Shard:
         self.local = t.to_local()
         self.placements, self.shape, self.stride = t.placements, t.shape, t.stride()
         self.ranks = t.device_mesh.mesh.tolist()
+
+
+class _Buffer:
+    """A staged tensor whose buffer the save process does not hold yet (sent as a handle)."""
+
+    def __init__(self, token: int, t: torch.Tensor):
+        self.token, self.tensor = token, t
+
+
+class _Ref:
+    """A staged tensor in a buffer the save process already holds."""
+
+    def __init__(self, token: int, t: torch.Tensor):
+        self.token, self.dtype = token, t.dtype
+        self.offset, self.shape, self.stride = t.storage_offset(), t.shape, t.stride()
+
+
+def _decode(tree, buffers: dict, used: dict):
+    """The save process's side of SaveProcess._by_reference; `used` collects the buffers of
+    this request (the ones kept for the next)."""
+    if isinstance(tree, _Buffer):
+        used[tree.token] = tree.tensor.untyped_storage()
+        return tree.tensor
+    if isinstance(tree, _Ref):
+        used[tree.token] = buffers[tree.token]
+        return torch.empty(0, dtype=tree.dtype).set_(used[tree.token], tree.offset,
+                                                     tree.shape, tree.stride)
+    if isinstance(tree, _Shard):
+        tree.local = _decode(tree.local, buffers, used)
+        return tree
+    if isinstance(tree, dict):
+        return {k: _decode(v, buffers, used) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_decode(v, buffers, used) for v in tree)
+    return tree
 
 
 def _pack(tree):
@@ -211,16 +275,19 @@ def _serve(root, storage_options, verify, keep_last_n, rank, world_size, host, p
                             world_size=world_size)
     checkpointer = Checkpointer(CheckpointDir(root, storage_options, verify=verify),
                                 keep_last_n)
-    meshes: dict = {}
+    meshes, buffers = {}, {}
     while (request := conn.recv()) is not None:
         step, t0, staged = request
+        used: dict = {}
         try:
-            record = checkpointer.write_and_commit(step, _unpack(staged, meshes), rank, t0)
+            staged = _unpack(_decode(staged, buffers, used), meshes)
+            record = checkpointer.write_and_commit(step, staged, rank, t0)
         except CheckpointError as e:
             record = e
         except Exception as e:
             record = CheckpointError(f"saving step {step} failed: {one_line(e)}")
         del staged
+        buffers = used
         conn.send(record)
     dist.destroy_process_group()
 

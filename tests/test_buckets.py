@@ -5,6 +5,7 @@ gs://), real 2- and 3-rank torchrun jobs that only get the servers' env vars, re
 TINY model, 8 steps, a checkpoint every 2 steps, dropout 0.1 (so the RNG state matters).
 
     ref      s3://ckpt/ref      uninterrupted, 2 ranks: the reference of every comparison
+    async    s3://ckpt/async    the same with --async_checkpoint
     stop     s3://ckpt/stop     2 ranks --stop_at_step 4, data read from s3://data/synth;
                                 then --auto_resume to 8 (2 ranks) and --resume step 4 at 3 ranks
     gcs      gs://ckpt/run      stop at 4 then --auto_resume, --keep_last_n_checkpoints 2
@@ -160,6 +161,21 @@ def test_s3_save_at_2_resume_at_3(s3, ref, stopped, base, data):
     [resume] = [r for r in metrics(log) if r["kind"] == "resume"]
     assert (resume["world_size_saved"], resume["world_size"]) == (2, 3)
     assert read_latest(s3fs_of(s3), "ckpt/w3") == step(MAX_STEPS)
+
+
+def test_s3_async_saves_equal_sync_saves(s3, ref, base, data):
+    """--async_checkpoint on S3: the save processes get the storage options through their pipe
+    (never a file) and commit the same bytes as the synchronous reference run."""
+    log = base / "async" / "log"
+    run(2, ["--data_dir", str(data), "--async_checkpoint"], s3.env, log, "s3://ckpt/async")
+    assert losses(log) == losses(ref.log)
+    records = [r for r in metrics(log) if r["kind"] == "checkpoint"]
+    assert [(r["step"], r["async"]) for r in records] == [(s, True) for s in (2, 4, 6, 8)]
+    fs = s3fs_of(s3)
+    assert sorted(committed(fs, "ckpt/async")) == [step(s) for s in (2, 4, 6, 8)]
+    final = download_step(fs, f"s3://ckpt/async/{step(MAX_STEPS)}", base / "async" / "final",
+                          base)
+    assert_same_tensors(ref.final, final)
 
 
 # ----------------------------------------------------- 2. GCS: save, resume, retention, speed
