@@ -126,6 +126,28 @@ def local_tensors(sd) -> list[torch.Tensor]:
     return out
 
 
+def build_state(model_name: str, info) -> tuple:
+    """(model, optimizer, state dict) as the trainer saves them: a real FSDP2-sharded model
+    and AdamW state from one real step."""
+    mcfg = model_config(model_name)
+    torch.manual_seed(0)
+    model = D.shard_model(GPT(mcfg), info)
+    opt = build_optimizer(model, 6e-4, 0.1, info.device_type)
+    T = min(64, mcfg.block_size)
+    x = torch.randint(0, mcfg.vocab_size, (1, T + 1), device=info.device)
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    shared, entry = components(model, opt, info.rank, C.Progress(
+        step=1, tokens=T, world_size=info.world_size, samples_per_step=1,
+        config={"bench_model": model_name}))
+    sd = {}
+    for component in [*shared, entry]:
+        sd.update(component.state_dict())
+    return model, opt, sd
+
+
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--model", default="gpt2-124m")
@@ -187,22 +209,7 @@ def main() -> None:
                     st.rm_tree(path)
         D.barrier()
 
-    # ---- the state: real model, FSDP2-sharded, AdamW state from one real step
-    mcfg = model_config(args.model)
-    torch.manual_seed(0)
-    model = D.shard_model(GPT(mcfg), info)
-    opt = build_optimizer(model, 6e-4, 0.1, info.device_type)
-    T = min(64, mcfg.block_size)
-    x = torch.randint(0, mcfg.vocab_size, (1, T + 1), device=dev)
-    _, loss = model(x[:, :-1], x[:, 1:])
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    shared, entry = components(model, opt, rank, C.Progress(
-        step=1, tokens=T, world_size=ws, samples_per_step=1, config={"bench_model": args.model}))
-    sd = {}
-    for component in [*shared, entry]:
-        sd.update(component.state_dict())
+    model, opt, sd = build_state(args.model, info)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model {args.model}: {n_params:,} params, setup {time.perf_counter() - t_setup:.1f}s")
 

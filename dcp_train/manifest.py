@@ -88,12 +88,13 @@ def read(storage: Storage, dir_path: str) -> dict:
 
 def corrupt(storage: Storage, dir_path: str, files: dict[str, dict]) -> list[str]:
     """A line for each of `files` ({name: manifest entry}) whose CRC-32 differs."""
-    found = []
-    for n, (_, digest) in hash_files(storage, dir_path, sorted(files)).items():
-        if digest != files[n]["crc32"]:
-            found.append(f"file {n} is corrupt (crc32 {digest}, manifest.json says "
-                         f"{files[n]['crc32']})")
-    return found
+    return [corrupt_line(n, digest, files[n]["crc32"])
+            for n, (_, digest) in hash_files(storage, dir_path, sorted(files)).items()
+            if digest != files[n]["crc32"]]
+
+
+def corrupt_line(name: str, digest: str, expected: str) -> str:
+    return f"file {name} is corrupt (crc32 {digest}, manifest.json says {expected})"
 
 
 def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:

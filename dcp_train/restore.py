@@ -2,8 +2,12 @@
 
 Reading every byte of a checkpoint only to check it would double the cost of a resume. So
 discovery (checkpoint_dir.py, `defer=True`) checks everything but the CRC-32s of the shard
-files, and `load` checks those on a background thread while DCP reads the same files (the page
-cache serves both), each rank a share of about equal bytes. Damage found this way is returned,
+files, and `load` checks those without a second pass where it can:
+- local: on a background thread while DCP reads the same files (the page cache serves both),
+  each rank a share of about equal bytes;
+- object stores: a file a rank needs most of is fetched whole and checksummed on arrival
+  (dcp_io.py; at the saved world size, every shard file); after the load the others are
+  checked, each rank a share of about equal bytes (a second download of those only). Damage found this way is returned,
 not raised: the manager then loads the next checkpoint discovery offers (the state read from
 the damaged one is overwritten) or stops, for a checkpoint the user named.
 """
@@ -28,33 +32,50 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
          rank: int, world_size: int) -> Optional[str]:
     """Collective: load `shared` components (every rank's) and, at the saved world size,
     `entry` (this rank's RankEntry) from `found`; with `verify`, check every file's CRC-32
-    meanwhile. Returns None, or what is damaged (then the components hold whatever was read).
-    Any other failure is one CheckpointError on every rank."""
+    (see the module docstring). Returns None, or what is damaged (then the components hold
+    whatever was read). Any other failure is one CheckpointError on every rank."""
     storage = Storage(found.path, storage_options)
-    mine = {n: found.files[n] for n in share(found.files, world_size)[rank]}
+    reader = storage.dcp_reader(found.path)
+    during = verify and storage.is_local  # local: check a share while DCP reads
 
-    def load_and_check() -> list[str]:
+    def load_and_check() -> tuple:
+        mine = {n: found.files[n] for n in share(found.files, world_size)[rank]}
         with ThreadPoolExecutor(1, thread_name_prefix="dcp_train-verify") as pool:
-            checking = pool.submit(M.corrupt, storage, found.path, mine) if verify else None
+            checking = pool.submit(M.corrupt, storage, found.path, mine) if during else None
             error = None
             try:
-                load_into(storage.dcp_reader(found.path), shared, entry)
+                load_into(reader, shared, entry)
             except (Exception, CheckpointException) as e:  # on every rank: a collective load
                 error = f"loading {found.path} failed: {describe(e)}"
             try:
                 problems = checking.result() if checking is not None else []
             except Exception as e:
                 problems, error = [], error or f"verifying {found.path} failed: {describe(e)}"
-        return problems, error
+        return problems, error, getattr(reader, "fetched", {})
 
     gathered = D.agree(load_and_check, every_rank=True)
-    problems = sorted(p for ps, _ in gathered for p in ps)
+    problems = sorted(p for ps, _, _ in gathered for p in ps)
+    if verify and not during:
+        problems += _check_rest(storage, found, [f for _, _, f in gathered], rank, world_size)
     if problems:  # damage explains a failed load too
         return "; ".join(problems)
-    errors = [err for _, err in gathered if err]
+    errors = [err for _, err, _ in gathered if err]
     if errors:
         raise CheckpointError(errors[0])
     return None
+
+
+def _check_rest(storage: Storage, found: Found, fetched: list[dict], rank: int,
+                world_size: int) -> list[str]:
+    """Remote: the files some rank fetched whole were checksummed on arrival (dcp_io.py);
+    compare those, then check the others, each rank a share. Collective."""
+    seen = {n: v for f in fetched for n, v in f.items()}
+    problems = [M.corrupt_line(n, crc, found.files[n]["crc32"])
+                for n, (_, crc) in sorted(seen.items()) if crc != found.files[n]["crc32"]]
+    rest = {n: v for n, v in found.files.items() if n not in seen}
+    mine = {n: rest[n] for n in share(rest, world_size)[rank]}
+    gathered = D.agree(lambda: M.corrupt(storage, found.path, mine), every_rank=True)
+    return problems + sorted(p for ps in gathered for p in ps)
 
 
 def load_into(reader, shared: list, entry=None) -> None:

@@ -74,12 +74,17 @@ def load_metadata(data: bytes, source: str) -> Metadata:
 
 
 class SafeMetadataReader:
-    """Mixin for DCP's FileSystemReader/FsspecReader: read_metadata through load_metadata."""
+    """Mixin for DCP's FileSystemReader/FsspecReader: read_metadata through load_metadata.
+    A reader reads `.metadata` once (restore.load_into and dcp.load both ask for it; on an
+    object store each read is a GET)."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = load_metadata(f.read(), str(self.path))
+        cached = getattr(self, "_safe_metadata", None)
+        if cached is None or cached[0] != path:
+            with self.fs.create_stream(path, "rb") as f:
+                self._safe_metadata = cached = (path, f.read())
+        metadata = load_metadata(cached[1], str(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

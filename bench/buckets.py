@@ -1,0 +1,106 @@
+"""Bucket throughput: our save and resume on S3 and GCS vs one parallel fsspec put / get of the
+same files, measured side by side (bench/bucket_worker.py) against the test servers on
+127.0.0.1 (tests/servers.py: moto_server for S3, the GCS emulator for GCS).
+
+    python -m bench.buckets            # tiny on S3 and GCS (1 and 2 ranks), GPT-2 124M on S3
+    python -m bench.buckets --quick    # tiny on S3 and GCS, 1 rank, 1 repetition
+
+Goals (issue 14): save / put >= 0.9 and resume / get >= 0.8, on both. Writes
+bench/results_buckets.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, ratios, run_child, torchrun  # noqa: E402
+from bench.run import _load_servers  # noqa: E402
+
+
+def fmt(r: dict) -> str:
+    return "n/a" if not r["n"] else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
+
+
+def mb_s(nbytes: int, times: list) -> str:
+    return f"{nbytes / sorted(times)[len(times) // 2] / 1e6:.0f} MB/s"
+
+
+def render(results: list, meta: dict) -> str:
+    lines = [f"Measured {meta['date']} on {meta['machine']}; `python -m bench.buckets "
+             f"{meta['args']}`; wall time {meta['wall_s']:.0f} s; load average at start "
+             f"{meta['load'][0]}, at end {meta['load'][1]}.", "",
+             "| store, model, ranks | checkpoint | save / put (goal >= 0.9) | resume / get (goal "
+             ">= 0.8) | save | put | resume (with CRC-32 check) | get |", "|" + "---|" * 8]
+    for r in results:
+        t, n = r["times"], r["bytes"]
+        lines.append(
+            f"| {r['url']}, {r['model']}, {r['world_size']} | {n / 1e6:.0f} MB | "
+            f"{fmt(ratios(t['put'], t['ours']))} | {fmt(ratios(t['get'], t['resume']))} | "
+            f"{mb_s(n, t['ours'])} | {mb_s(n, t['put'])} | {mb_s(n, t['resume'])} | "
+            f"{mb_s(n, t['get'])} |")
+    lines += ["", "Ratios: median (min-max) of per-repetition time ratios (baseline time / our "
+              "time), paired within a repetition. MB/s: checkpoint bytes / median time."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cells", nargs="*", metavar="STORE:MODEL:RANKS",
+                   help="measure only these, e.g. s3:gpt2-124m:1")
+    p.add_argument("--out", default=str(REPO / "bench" / "results_buckets"))
+    a = p.parse_args(argv)
+    cells = [("s3", "tiny", 1, a.reps), ("gcs", "tiny", 1, a.reps)]
+    if a.quick:
+        cells = [(s, m, w, 1) for s, m, w, _ in cells]
+    else:
+        cells += [("s3", "tiny", 2, a.reps), ("gcs", "tiny", 2, a.reps),
+                  ("s3", "gpt2-124m", 1, 1)]
+    if a.cells:
+        cells = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2]), a.reps)
+                 for c in a.cells]
+    servers = _load_servers()
+    t0, load0 = datetime.datetime.now(), os.getloadavg()
+    results = []
+    started = {"s3": servers.start_s3_server(), "gcs": servers.start_gcs_server()}
+    try:
+        with tempfile.TemporaryDirectory(prefix="dcp_buckets_") as tmp:
+            for i, (store, model, ws, reps) in enumerate(cells):
+                server = started[store]
+                url = f"{server.make_bucket(f'bench{i}')}/run"
+                out = Path(tmp) / f"{i}.json"
+                args = ["-m", "bench.bucket_worker", "--model", model, "--url", url,
+                        "--storage_options", json.dumps(server.storage_options),
+                        "--local_dir", str(Path(tmp) / f"local{i}"), "--reps", str(reps),
+                        "--out", str(out)]
+                proc = run_child(torchrun(ws, args), ws, timeout=3600, env=server.env)
+                print(proc.stdout.strip(), flush=True)
+                results.append(json.loads(out.read_text()))
+    finally:
+        for server in started.values():
+            server.close()
+    meta = {"date": t0.isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+            "args": " ".join(argv if argv is not None else sys.argv[1:]),
+            "wall_s": (datetime.datetime.now() - t0).total_seconds(),
+            "load": [" ".join(f"{x:.1f}" for x in load0),
+                     " ".join(f"{x:.1f}" for x in os.getloadavg())]}
+    text = render(results, meta)
+    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    Path(a.out + ".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
