@@ -13,6 +13,8 @@ killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
     during_retention     rank 0: retention has deleted its first directory
     mid_removal          rank 0: a dir being deleted has lost its manifest.json, not yet its
                          other files (retention, or a step dir written over)
+    mid_replication      this rank has uploaded its files of a local checkpoint to the durable
+                         tier, which has no manifest.json for it yet (replicate.py)
 
 The save protocol calls `at_step(step)` when a save starts, so points reached from code that
 knows no step (atomic.write_atomic's `mid_<file name>`, dcp_io's `mid_shard`) match STEP too,
@@ -27,7 +29,7 @@ import signal
 import torch.distributed as dist
 
 POINTS = ("mid_shard", "after_shards", "before_commit", "after_commit", "mid_latest",
-          "during_retention", "mid_removal")
+          "during_retention", "mid_removal", "mid_replication")
 
 
 _current_step: int | None = None

@@ -25,13 +25,15 @@ from dcp_train.storage import Storage
 
 
 def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
-         rank: int, world_size: int) -> Optional[str]:
+         rank: int, world_size: int, mine: Optional[list] = None) -> Optional[str]:
     """Collective: load `shared` components (every rank's) and, at the saved world size,
     `entry` (this rank's RankEntry) from `found`; with `verify`, check every file's CRC-32
-    meanwhile. Returns None, or what is damaged (then the components hold whatever was read).
+    meanwhile (this rank a share of the files, or the files `mine` names: the local tier's
+    ranks check what they wrote, tiers.py). Returns None, or what is damaged (then the components hold whatever was read).
     Any other failure is one CheckpointError on every rank."""
     storage = Storage(found.path, storage_options)
-    mine = {n: found.files[n] for n in share(found.files, world_size)[rank]}
+    names = share(found.files, world_size)[rank] if mine is None else mine
+    mine = {n: found.files[n] for n in names}
 
     def load_and_check() -> list[str]:
         with ThreadPoolExecutor(1, thread_name_prefix="dcp_train-verify") as pool:
