@@ -29,7 +29,8 @@ import signal
 import torch.distributed as dist
 
 POINTS = ("mid_shard", "after_shards", "before_commit", "after_commit", "mid_latest",
-          "during_retention", "mid_removal", "mid_replication")
+          "during_retention", "mid_removal")
+TIER_POINTS = ("mid_replication",)  # with --local_checkpoint_dir only (tests/test_tiers.py)
 
 
 _current_step: int | None = None
@@ -49,8 +50,9 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
     if rank is None and dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
     name, want_rank, want_step = (spec.split(":") + ["", ""])[:3]
-    if name not in POINTS:
-        raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of {POINTS}")
+    if name not in POINTS + TIER_POINTS:
+        raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of "
+                         f"{POINTS + TIER_POINTS}")
     if name != point:
         return
     if want_rank and rank is not None and int(want_rank) != rank:
