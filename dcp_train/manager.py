@@ -23,9 +23,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
    parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
 7. log the `resume` record.
 
-Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers.py) and, when due on
-the durable tier, are replicated to --checkpoint_dir in the background (replicate.py);
-resume takes the newer of the two tiers (tier_policy.py). Without it, nothing changes.
+Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers.py), and to the durable
+one by background replication (replicate.py); resume takes the newer tier (tier_policy.py).
 """
 
 from __future__ import annotations
@@ -236,7 +235,7 @@ class CheckpointManager:
         self.writer.poll()  # an async save that every rank has finished is logged now
         self._log_records()
         if self.info.is_main:
-            self._refresh_lease()
+            self._lease(self.lease.refresh)
         if reports is None and (self.local is not None or self.clock.enabled):
             reports = D.agree(self.report, every_rank=True)
         if self.replicator is not None:
@@ -282,15 +281,16 @@ class CheckpointManager:
             self.replicator.finish()
         self._log_records()
         if self.info.is_main:
-            self.lease.release()
+            self._lease(self.lease.release)
 
-    def _refresh_lease(self) -> None:
+    def _lease(self, op) -> None:
         try:
-            self.lease.refresh()
+            op()
         except Exception as e:  # with a local tier, an unreachable bucket stops nothing
             if self.local is None:
                 raise
-            self.metrics.say(f"WARNING: refreshing {self.lease.path} failed: {describe(e)}")
+            self.metrics.say(f"WARNING: {op.__name__} of {self.lease.path} failed: "
+                             f"{describe(e)}")
 
     def _log_records(self) -> None:
         for record in self.writer.records():
