@@ -34,6 +34,7 @@ from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, down
                      wait_for)
 
 from dcp_train.checkpoint_dir import step_name as step
+from dcp_train.ckpt import main as ckpt_main
 from dcp_train.config import ConfigError, parse_config
 
 MAX_STEPS = 8
@@ -118,7 +119,8 @@ def finish_and_compare(s3, ref, run: Path, prefix: str, data: Path, base: Path) 
     return resume_record(run / "log")
 
 
-def test_killed_before_the_bucket_has_it_resumes_from_local(s3, ref, killed, data, base):
+def test_killed_before_the_bucket_has_it_resumes_from_local(s3, ref, killed, data, base,
+                                                            capsys):
     shutil.copytree(killed, base / "lost")  # for the next test, before this one goes on
     fs = s3fs_of(s3)
     for f in fs.find("ckpt/killed"):
@@ -135,6 +137,15 @@ def test_killed_before_the_bucket_has_it_resumes_from_local(s3, ref, killed, dat
     present = {p.name for p in (killed / "n1" / step(MAX_STEPS)).iterdir()}
     assert present == own | {".metadata", "manifest.json", "tier.json"} | set(tier["partial"])
     assert not own & set(tier["written"]["0"])
+    # dcp-ckpt ls shows both tiers and what is replicated
+    code = ckpt_main(["ls", "s3://ckpt/killed", "--local", str(killed / "n0"), "--local",
+                      str(killed / "n1"), "--json", "--storage_options",
+                      json.dumps(s3.storage_options)])
+    listing = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(listing["local"]) == 2
+    for local in listing["local"]:
+        marks = {c["step"]: c["replicated"] for c in local["checkpoints"]}
+        assert marks[MAX_STEPS] == "yes" and set(marks.values()) <= {"yes", "no"}, marks
 
 
 def test_local_dir_lost_resumes_from_the_bucket(s3, ref, data, base):
