@@ -103,7 +103,7 @@ class LocalTier:
         faults.at_step(step)
         problem = space.room_problem(self.root, state_dict)
         if problem:
-            raise CheckpointError(f"local save of step {step} refused: {problem}")
+            raise CheckpointError(_local_words(f"local save of step {step} refused: {problem}"))
         name = D.agree(lambda: f"{step_name(step)}.tmp-{secrets.token_hex(4)}")
         target = self.storage.join(name)
         per_rank = D.agree(lambda: self._write(step, state_dict, target), every_rank=True)
@@ -122,8 +122,8 @@ class LocalTier:
             fault_point("after_shards", self.rank, step)
             return writer.checksums
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"saving step {step} to {target} failed: "
-                                  f"{describe(e, self.root)}") from e
+            raise CheckpointError(_local_words(f"saving step {step} to {target} failed: "
+                                               f"{describe(e, self.root)}")) from e
 
     def _copies(self, target: str, per_rank: list[dict]) -> tuple[bytes, dict]:
         """Collective: (.metadata's bytes, {(file, offset, length): bytes} of every entry
@@ -263,6 +263,12 @@ class LocalTier:
 
     def written_by_me(self, path: str) -> list[str]:
         return self.tier_info(path)["written"][str(self.rank)]
+
+
+def _local_words(text: str) -> str:
+    """The advice of an error (errors.no_space_line) in the local tier's flags."""
+    return text.replace("--keep_last_n_checkpoints", "--keep_last_n_local_checkpoints").replace(
+        "another --checkpoint_dir", "another --local_checkpoint_dir")
 
 
 def _shared(md, fqn: str) -> bool:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,25 @@ def tree_bytes(root: Path) -> dict:
     directory is byte for byte unchanged."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "<dir>")
             for p in sorted(Path(root).rglob("*"))}
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, *options: str):
+    """A real tmpfs of `size` at `path` (mount(8) as root); skips the test otherwise."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    opts = ",".join([f"size={size}", *options])
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 # ---------------------------------------------------------------- object store (S3)

@@ -14,6 +14,7 @@ each, rendezvous on 127.0.0.1) are two "nodes" with local dirs base/<run>/n0 and
     outage     the S3 endpoint down while steps are saved: local saves go on, WARNING lines,
                the bucket catches up once it is back; bit-exact
     minutes    --checkpoint_interval_minutes: saves at step boundaries all ranks agree on
+    full       the local tier's disk full: one error line, nothing committed changes
 
 Run: .venv/bin/python -m pytest tests/test_tiers.py -q
 """
@@ -21,6 +22,7 @@ Run: .venv/bin/python -m pytest tests/test_tiers.py -q
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,9 +32,10 @@ from pathlib import Path
 import pytest
 
 from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, download_step,
-                     free_port, kill_job, losses, metrics, read_latest, run_train, s3fs_of,
-                     wait_for)
+                     free_port, kill_job, losses, metrics, one_error, read_latest, run_train,
+                     s3fs_of, tmpfs, wait_for)
 
+from dcp_train.checkpoint_dir import CheckpointDir
 from dcp_train.checkpoint_dir import step_name as step
 from dcp_train.ckpt import main as ckpt_main
 from dcp_train.config import ConfigError, parse_config
@@ -220,6 +223,23 @@ def test_wall_time_intervals_save_at_agreed_step_boundaries(s3, data, base):
     for s in durable:
         assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(found[step(s)]), found
     assert local_steps(run / "n0") == sorted(local)
+
+
+def test_local_disk_full_is_one_line_and_nothing_committed_changes(s3, data, base):
+    """A local tier with room for one checkpoint, not two: the second local save is refused
+    before anything is written, in the local tier's words; step 1 stays committed."""
+    run = base / "full"
+    with tmpfs(run / "mnt", "3m") as mnt:
+        proc = run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(run / "log"),
+                             "--checkpoint_dir", "s3://ckpt/full", "--local_checkpoint_dir",
+                             str(mnt / "n{node}"), "--checkpoint_interval", "1",
+                             "--keep_last_n_local_checkpoints", "1"], env=s3.env, check=False)
+        line = one_error(proc)
+        assert line.startswith(f"dcp_train: error: local save of step 2 refused: no space left "
+                               f"on the filesystem of {mnt / 'n0'}") and line.endswith(
+            "lower --keep_last_n_local_checkpoints, or use another --local_checkpoint_dir"), line
+        assert sorted(os.listdir(mnt / "n0")) == ["latest", step(1)]
+        assert CheckpointDir(str(mnt / "n0")).check(str(mnt / "n0" / step(1))) is None
 
 
 @pytest.mark.parametrize("flags, words", [
