@@ -20,7 +20,6 @@ With --write FILE, the section between the markers below is replaced in FILE (or
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import tempfile
@@ -29,21 +28,13 @@ from pathlib import Path
 
 import torch
 
+from bench.run import _load_servers
 from dcp_train.checkpoint import Checkpointer
 from dcp_train.checkpoint_dir import CheckpointDir
 from dcp_train.replicate import Replicator
 from dcp_train.tiers import LocalTier
 
-REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench.tiers: begin -->", "<!-- bench.tiers: end -->"
-
-
-def _servers():
-    spec = importlib.util.spec_from_file_location("dcp_bench_servers",
-                                                  REPO / "tests" / "servers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def state_dict(mb: int) -> dict:
@@ -114,7 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--write", default="", help="markdown file to put the results section in")
     a = p.parse_args(argv)
-    server = _servers().start_s3_server()
+    server = _load_servers().start_s3_server()
     try:
         server.make_bucket("bench")
         with tempfile.TemporaryDirectory() as work:

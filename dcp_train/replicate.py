@@ -16,8 +16,9 @@ Ranks agree on phase changes at step boundaries, through the one small gather tr
 already does per step (`report()` goes into it, `advance()` reads every rank's report), so
 replication adds no collective to a step. A failed phase (bucket unreachable, ...) is a
 WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. A newer job
-supersedes a waiting or failed one (catching up means copying the newest checkpoint, not
-every one missed). At the end of the run `finish()` waits for the job in flight, with three
+supersedes a waiting one, or a failed one before its commit phase (catching up means copying
+the newest checkpoint, not every one missed; a commit is cheap and may have passed its
+commit point already, so it is retried). At the end of the run `finish()` waits for the job in flight, with three
 attempts; a step that did not make it stays on the local tier, which the next
 --auto_resume resumes from and replicates.
 """
@@ -107,7 +108,7 @@ class Replicator:
         errors = [s for s in states if s not in ("done", "failed")]
         if job.error is None and not errors:
             self._next_phase(job, reports[0][4])
-        elif self.waiting is not None:
+        elif self.waiting is not None and job.phase != "commit":  # a commit is retried
             self.say(f"WARNING: replication of step {job.step} given up "
                      f"({job.error or errors[0]}): step {self.waiting.step} is newer")
             self._start(self.waiting)
