@@ -32,8 +32,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dcp_train import distributed as D
+from dcp_train import manifest as M
+from dcp_train.checkpoint_dir import LATEST, step_name
 from dcp_train.errors import describe
 from dcp_train.faults import fault_point
+from dcp_train.manifest import MANIFEST
 
 PHASES = ("prepare", "upload", "commit")
 
@@ -182,8 +185,19 @@ class Replicator:
         return job.target
 
     def _commit(self, job: Job) -> int:
+        """The durable commit (checkpoint.py); a retry that finds this very manifest already
+        committed (an attempt failed after its commit point) only redoes `latest` and
+        retention."""
         final = self.durable.dir.step_path(job.step)
-        return self.durable._commit(job.target, final, job.step, job.per_rank)
+        files = {n: v for d in job.per_rank for n, v in d.items()}
+        manifest = M.build(job.step, len(job.per_rank), files)
+        there = posixpath.join(final, MANIFEST)
+        if job.attempts == 1 or not self.storage.exists(there) or \
+                self.storage.read_bytes(there) != manifest:
+            return self.durable._commit(job.target, final, job.step, job.per_rank)
+        self.storage.write_atomic(self.storage.join(LATEST), (step_name(job.step) + "\n").encode())
+        self.durable.apply_retention(job.step)
+        return sum(size for size, _ in files.values())
 
     # ------------------------------------------------------------------ the end
     def steps(self) -> set[int]:

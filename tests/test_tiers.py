@@ -30,15 +30,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, download_step,
                      free_port, kill_job, losses, metrics, one_error, read_latest, run_train,
                      s3fs_of, tmpfs, wait_for)
 
+from dcp_train.checkpoint import Checkpointer
 from dcp_train.checkpoint_dir import CheckpointDir
 from dcp_train.checkpoint_dir import step_name as step
 from dcp_train.ckpt import main as ckpt_main
 from dcp_train.config import ConfigError, parse_config
+from dcp_train.replicate import Job, Replicator
+from dcp_train.tiers import LocalTier
 
 MAX_STEPS = 8
 ARGS = [*TINY, "--dropout", "0.1", "--max_steps", str(MAX_STEPS), "--batch_size", "2",
@@ -240,6 +244,26 @@ def test_local_disk_full_is_one_line_and_nothing_committed_changes(s3, data, bas
             "lower --keep_last_n_local_checkpoints, or use another --local_checkpoint_dir"), line
         assert sorted(os.listdir(mnt / "n0")) == ["latest", step(1)]
         assert CheckpointDir(str(mnt / "n0")).check(str(mnt / "n0" / step(1))) is None
+
+
+def test_a_commit_retried_after_its_commit_point_finishes(s3, base):
+    """In this process (a world of one): a durable commit that failed after its manifest PUT
+    (here: `latest` deleted, as if the attempt died there) is retried without a listing
+    mismatch, and `latest` names the step again."""
+    local = LocalTier(str(base / "retry" / "n{node}"), 2, 0, 1)
+    local.setup()
+    durable = Checkpointer(CheckpointDir("s3://ckpt/retry", s3.storage_options))
+    rep = Replicator(durable, 0, say=print, log=lambda kind, **fields: None)
+    rec = local.save(1, {"model.w": torch.arange(4096.0)}, replicate=True, durable_step=-1)
+    job = Job(1, rec["path"], rec["per_rank"], phase="upload", attempts=1)
+    job.target = rep._prepare(job)
+    rep._upload(job)
+    assert rep._commit(job) == rec["bytes"]
+    fs = s3fs_of(s3)
+    fs.rm_file("ckpt/retry/latest")
+    job.attempts = 2
+    assert rep._commit(job) == rec["bytes"] and read_latest(fs, "ckpt/retry") == step(1)
+    assert sorted(committed(fs, "ckpt/retry")) == [step(1)]
 
 
 @pytest.mark.parametrize("flags, words", [
