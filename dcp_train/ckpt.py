@@ -2,6 +2,8 @@
 
     dcp-ckpt ls DIR                  committed checkpoints (step, size, world size, val loss),
                                      which one `latest` names, abandoned temp/uncommitted dirs
+    dcp-ckpt ls DIR --local LDIR     also the local tier's dir LDIR (repeat for each node's),
+                                     with whether each local checkpoint is in DIR (replicated)
     dcp-ckpt inspect CKPT            every entry (shape, dtype, shards), per-rank entries, config
     dcp-ckpt verify CKPT             sizes and CRC-32 of every file against manifest.json,
                                      missing and extra files; exit code 0 (ok) or 1 (problems)
@@ -28,12 +30,12 @@ import warnings
 
 from dcp_train import redact
 from dcp_train.checkpoint_dir import TMP_RE, CheckpointDir
-from dcp_train.ckpt_show import print_inspect, print_listing
+from dcp_train.ckpt_show import print_inspect, print_listing, print_tiers
 from dcp_train.components import read_meta
 from dcp_train.errors import CheckpointError
 from dcp_train.export import DTYPES, ExportError, export_tensors, hf_config, load_model_weights
 from dcp_train.export import write_export
-from dcp_train.manifest import MANIFEST, ManifestError
+from dcp_train.manifest import MANIFEST, TIER, ManifestError
 from dcp_train.manifest import problems as manifest_problems
 from dcp_train.manifest import read as read_manifest
 from dcp_train.storage import Storage
@@ -88,6 +90,31 @@ def _listed(storage: Storage, step: int, name: str, path: str) -> dict:
     if "error" in manifest:
         item["error"] = manifest["error"]
     return item
+
+
+def list_tiers(durable: CheckpointDir, local_dirs: list[str]) -> dict:
+    """list_checkpoints of the durable dir, with `local`: the listing of each local tier dir,
+    each checkpoint marked `replicated`: yes (the durable dir has that step), pending (meant
+    for it, not there yet) or no (a local-only save)."""
+    info = list_checkpoints(durable)
+    in_durable = {c["step"] for c in info["checkpoints"] if "error" not in c}
+    info["local"] = []
+    for path in local_dirs:
+        local = list_checkpoints(CheckpointDir(path))
+        for c in local["checkpoints"]:
+            try:
+                meant = json.loads(_read_local(c["path"], TIER)).get("replicate")
+            except (OSError, ValueError):
+                meant = None
+            c["replicated"] = "yes" if c["step"] in in_durable else (
+                "pending" if meant else "no")
+        info["local"].append(local)
+    return info
+
+
+def _read_local(path: str, name: str) -> str:
+    with open(os.path.join(path, name)) as f:
+        return f.read()
 
 
 def _why_abandoned(name: str) -> str:
@@ -145,6 +172,9 @@ def _step_dir(args, opts) -> tuple[Storage, str]:
 
 
 def cmd_ls(args, opts) -> int:
+    if args.local:
+        return _show(list_tiers(CheckpointDir(args.dir, opts), args.local), args.json,
+                     print_tiers)
     return _show(list_checkpoints(CheckpointDir(args.dir, opts)), args.json, print_listing)
 
 
@@ -196,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list checkpoints, `latest` and abandoned dirs")
     ls.add_argument("dir", help="checkpoint dir (--checkpoint_dir of the run)")
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--local", action="append", default=[], metavar="LDIR",
+                    help="a local tier dir (--local_checkpoint_dir of a node; repeat per node)")
     for name, text in (("inspect", "entries, shapes, dtypes, config"),
                        ("verify", "sizes + CRC-32 against manifest.json; exit 1 on problems"),
                        ("export", "consolidated model weights in one file")):

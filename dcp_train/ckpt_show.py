@@ -20,11 +20,14 @@ def _fmt_loss(x) -> str:
 
 def print_listing(info: dict) -> None:
     print(info["root"])
-    rows = [("", "name", "step", "size", "world", "val_loss", "tokens")]
+    tiers = any("replicated" in c for c in info["checkpoints"])
+    rows = [("", "name", "step", "size", "world", "val_loss", "tokens") +
+            (("replicated",) if tiers else ())]
     for c in info["checkpoints"]:
         rows.append(("*" if c["latest"] else "", c["name"], str(c["step"]), human(c["bytes"]),
                      str(c["world_size"] or "?"), _fmt_loss(c["val_loss"]),
-                     "-" if c["tokens"] is None else str(c["tokens"])))
+                     "-" if c["tokens"] is None else str(c["tokens"])) +
+                    ((c.get("replicated", ""),) if tiers else ()))
     if len(rows) > 1:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
@@ -44,6 +47,15 @@ def print_listing(info: dict) -> None:
         print("abandoned:")
         for a in info["abandoned"]:
             print(f"  {a['name']}  {human(a['bytes'])}  ({a['reason']})")
+
+
+def print_tiers(info: dict) -> None:
+    """`dcp-ckpt ls DIR --local LDIR ...`: the durable dir, then each local tier dir."""
+    print("durable tier:", end=" ")
+    print_listing(info)
+    for local in info["local"]:
+        print("local tier:", end=" ")
+        print_listing(local)
 
 
 def print_inspect(info: dict) -> None:

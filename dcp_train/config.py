@@ -121,6 +121,16 @@ class Config:
                                 default="checkpoints")
     checkpoint_interval: int = _help("save every N steps (and always at the last step; 0: "
                                      "only the last)", default=5000)
+    checkpoint_interval_minutes: float = _help("also save when M minutes have passed since "
+                                               "the last save (0: off)", default=0.0)
+    local_checkpoint_dir: str = _help("node-local dir of the local tier ({node}: the node rank); "
+                                      "saves go here first, then to --checkpoint_dir", default="")
+    local_checkpoint_interval: int = _help("save on the local tier every N steps (0: off)",
+                                           default=0)
+    local_checkpoint_interval_minutes: float = _help("also save locally every M minutes (0: off)",
+                                                     default=0.0)
+    keep_last_n_local_checkpoints: int = _help("keep the N newest local checkpoints (-1: all)",
+                                               default=2)
     keep_last_n_checkpoints: int = _help("keep the N newest committed checkpoints (-1: all)",
                                          default=-1)
     auto_resume: bool = _help("resume from the newest committed checkpoint, if there is one",
@@ -244,10 +254,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--checkpoint_path is only used with --resume; add --resume")
     if cfg.resume and cfg.auto_resume:
         raise ConfigError("--resume and --auto_resume contradict each other; pass one of them")
-    if cfg.checkpoint_interval < 0:
-        raise ConfigError("--checkpoint_interval must be >= 0")
-    if cfg.keep_last_n_checkpoints == 0 or cfg.keep_last_n_checkpoints < -1:
-        raise ConfigError("--keep_last_n_checkpoints must be -1 (keep all) or >= 1")
+    from dcp_train.tier_policy import validate as validate_tiers
+    validate_tiers(cfg)  # intervals, retention, the local tier
     try:  # the text may hold credentials: the messages never repeat it
         options = cfg.storage_options_dict
     except ValueError as e:

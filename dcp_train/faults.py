@@ -13,6 +13,8 @@ killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
     during_retention     rank 0: retention has deleted its first directory
     mid_removal          rank 0: a dir being deleted has lost its manifest.json, not yet its
                          other files (retention, or a step dir written over)
+    mid_replication      this rank has uploaded its files of a local checkpoint to the durable
+                         tier, which has no manifest.json for it yet (replicate.py)
 
 The save protocol calls `at_step(step)` when a save starts, so points reached from code that
 knows no step (atomic.write_atomic's `mid_<file name>`, dcp_io's `mid_shard`) match STEP too,
@@ -28,6 +30,7 @@ import torch.distributed as dist
 
 POINTS = ("mid_shard", "after_shards", "before_commit", "after_commit", "mid_latest",
           "during_retention", "mid_removal")
+TIER_POINTS = ("mid_replication",)  # with --local_checkpoint_dir only (tests/test_tiers.py)
 
 
 _current_step: int | None = None
@@ -55,8 +58,9 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
     if rank is None and dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
     name, want_rank, want_step = (spec.split(":") + ["", ""])[:3]
-    if name not in POINTS:
-        raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of {POINTS}")
+    if name not in POINTS + TIER_POINTS:
+        raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of "
+                         f"{POINTS + TIER_POINTS}")
     if name != point:
         return
     if want_rank and rank is not None and int(want_rank) != rank:

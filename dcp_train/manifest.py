@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dcp_train.storage import Storage
 
 MANIFEST = "manifest.json"
+TIER = "tier.json"  # local tier only (tiers.py): not part of the checkpoint
 STEP_RE = re.compile(r"^step_(\d{8})$")
 _CHUNK = 8 << 20
 _THREADS = 4
@@ -114,7 +115,7 @@ def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:
         found.append(f"manifest.json says step {manifest['step']}, the dir is {name}")
     if ".metadata" not in files:
         found.append("manifest.json lists no .metadata")
-    present = set(storage.listdir(dir_path)) - {MANIFEST}
+    present = set(storage.listdir(dir_path)) - {MANIFEST, TIER}
     found += [f"extra file {n} (not in manifest.json)" for n in sorted(present - set(files))]
     found += [f"missing file {n}" for n in sorted(set(files) - present)]
     names = sorted(set(files) & present)

@@ -29,19 +29,22 @@ from dcp_train.storage import Storage
 
 
 def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
-         rank: int, world_size: int) -> Optional[str]:
+         rank: int, world_size: int, mine: Optional[list] = None) -> Optional[str]:
     """Collective: load `shared` components (every rank's) and, at the saved world size,
     `entry` (this rank's RankEntry) from `found`; with `verify`, check every file's CRC-32
-    (see the module docstring). Returns None, or what is damaged (then the components hold
-    whatever was read). Any other failure is one CheckpointError on every rank."""
+    (see the module docstring; on a local dir, this rank checks a share of the files, or the
+    files `mine` names: the local tier's ranks check what they wrote, tiers.py). Returns None,
+    or what is damaged (then the components hold whatever was read). Any other failure is one
+    CheckpointError on every rank."""
     storage = Storage(found.path, storage_options)
     reader = storage.dcp_reader(found.path)
     during = verify and storage.is_local  # local: check a share while DCP reads
+    names = share(found.files, world_size)[rank] if mine is None else mine
 
     def load_and_check() -> tuple:
-        mine = {n: found.files[n] for n in share(found.files, world_size)[rank]}
+        checked = {n: found.files[n] for n in names}
         with ThreadPoolExecutor(1, thread_name_prefix="dcp_train-verify") as pool:
-            checking = pool.submit(M.corrupt, storage, found.path, mine) if during else None
+            checking = pool.submit(M.corrupt, storage, found.path, checked) if during else None
             error = None
             try:
                 load_into(reader, shared, entry)

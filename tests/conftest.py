@@ -12,6 +12,20 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
 
 import pytest  # noqa: E402
 
+from helpers import write_shards  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(request, tmp_path_factory) -> Path:
+    """A temp dir per test module, named after it."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def data(base) -> Path:
+    """Synthetic token shards (helpers.write_shards) in base/data."""
+    return write_shards(base / "data")
+
 
 @pytest.fixture(scope="module")
 def s3():

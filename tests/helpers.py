@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +187,66 @@ def tree_bytes(root: Path) -> dict:
     directory is byte for byte unchanged."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "<dir>")
             for p in sorted(Path(root).rglob("*"))}
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, *options: str):
+    """A real tmpfs of `size` at `path` (mount(8) as root); skips the test otherwise."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    opts = ",".join([f"size={size}", *options])
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+# ---------------------------------------------------------------- object store (S3)
+LATEST = "latest"
+
+
+def s3fs_of(s3):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.invalidate_cache()
+    return fs
+
+
+def listing(fs, path: str) -> list[str]:
+    """Names directly under bucket path `path` (fresh, no listing cache)."""
+    try:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, refresh=True))
+    except FileNotFoundError:
+        return []
+
+
+def committed(fs, path: str) -> dict[str, dict[str, int]]:
+    """{step dir: {file: size}} of the committed step dirs (with manifest.json) under path."""
+    out = {}
+    for name in listing(fs, path):
+        if re.fullmatch(r"step_\d{8}", name) and fs.exists(f"{path}/{name}/manifest.json"):
+            found = fs.find(f"{path}/{name}", detail=True)
+            out[name] = {f.rsplit("/", 1)[-1]: info["size"] for f, info in found.items()}
+    return out
+
+
+def read_latest(fs, path: str) -> str | None:
+    try:
+        return fs.cat_file(f"{path}/{LATEST}").decode().strip()
+    except FileNotFoundError:
+        return None
+
+
+def download_step(fs, url: str, dest: Path, tmp: Path) -> dict:
+    """A remote step dir as a flat dict of full tensors (downloaded, then dcp_to_torch_save)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    fs.get(url.rstrip("/") + "/", str(dest) + "/", recursive=True)
+    return load_checkpoint(dest, tmp)

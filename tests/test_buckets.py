@@ -19,7 +19,6 @@ Run: .venv/bin/python -m pytest tests/test_buckets.py -q
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -28,67 +27,20 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from helpers import (REPO, TINY, assert_same_tensors, child_env, digests, free_port, kill_job,
-                     load_checkpoint, losses, metrics, run_train, start_train, torchrun_cmd,
-                     wait_for, write_shards)
+from helpers import (LATEST, REPO, TINY, assert_same_tensors, child_env, committed, digests,
+                     download_step, free_port, kill_job, listing, losses,
+                     metrics, read_latest, run_train, s3fs_of, start_train, torchrun_cmd,
+                     wait_for)
 
 from dcp_train.checkpoint_dir import step_name as step
 
 MAX_STEPS = 8
 ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", str(MAX_STEPS),
         "--batch_size", "2", "--total_batch_size", "384", "--seed", "4321"]  # 12 samples/step
-LATEST = "latest"
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("buckets")
-
-
-@pytest.fixture(scope="module")
-def data(base) -> Path:
-    return write_shards(base / "data")
-
-
-def s3fs_of(s3):
-    fs = fsspec.filesystem("s3", **s3.storage_options)
-    fs.invalidate_cache()
-    return fs
-
-
-def listing(fs, path: str) -> list[str]:
-    """Names directly under bucket path `path` (fresh, no listing cache)."""
-    try:
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, refresh=True))
-    except FileNotFoundError:
-        return []
-
-
-def committed(fs, path: str) -> dict[str, dict[str, int]]:
-    """{step dir: {file: size}} of the committed step dirs (with manifest.json) under path."""
-    out = {}
-    for name in listing(fs, path):
-        if re.fullmatch(r"step_\d{8}", name) and fs.exists(f"{path}/{name}/manifest.json"):
-            found = fs.find(f"{path}/{name}", detail=True)
-            out[name] = {f.rsplit("/", 1)[-1]: info["size"] for f, info in found.items()}
-    return out
-
-
-def read_latest(fs, path: str) -> str | None:
-    try:
-        return fs.cat_file(f"{path}/{LATEST}").decode().strip()
-    except FileNotFoundError:
-        return None
-
-
-def download_step(fs, url: str, dest: Path, tmp: Path) -> dict:
-    """A remote step dir as a flat dict of full tensors (downloaded, then dcp_to_torch_save)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    fs.get(url.rstrip("/") + "/", str(dest) + "/", recursive=True)
-    return load_checkpoint(dest, tmp)
-
-
+# base, data: conftest.py; s3fs_of, listing, committed, read_latest, download_step: helpers.py
 def run(nproc, args, env, log, ckpt, check=True):
     return run_train(nproc, [*ARGS, "--log_dir", str(log), "--checkpoint_dir", ckpt, *args],
                      env=env, check=check)

@@ -11,37 +11,18 @@ import errno
 import os
 import re
 import subprocess
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 from helpers import (TINY, assert_same_tensors, free_port, load_checkpoint, losses, metrics,
-                     run_train, write_shards)
+                     run_train, tmpfs, write_shards)
 
 from dcp_train import errors
 from dcp_train.checkpoint_dir import CheckpointDir, step_name
 
 NO_SPACE = "no space left on the filesystem of {} (disk full or quota)"
-
-
-@contextmanager
-def tmpfs(path: Path, size: str, *options: str):
-    """A real tmpfs of `size` at `path` (mount(8) as root); skips the test otherwise."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    opts = ",".join([f"size={size}", *options])
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def _raised(fn) -> BaseException:

@@ -36,8 +36,7 @@ import pytest
 import torch
 
 from helpers import (REPO, TINY, assert_same_tensors, child_env, descendants, kill_job,
-                     load_checkpoint, losses, metrics, one_error, run_train, start_train,
-                     write_shards)
+                     load_checkpoint, losses, metrics, one_error, run_train, start_train)
 from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_reference,
                   run_with_kills)
 
@@ -57,16 +56,6 @@ KEEP_ALL = ["--keep_last_n_checkpoints", "-1"]
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults")
-
-
-@pytest.fixture(scope="module")
-def data(base) -> Path:
-    return write_shards(base / "data")
-
-
 @dataclass
 class Ref:
     losses: dict[int, float]
