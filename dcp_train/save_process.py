@@ -54,6 +54,7 @@ from torch.distributed.tensor import DTensor
 from dcp_train import distributed as D
 from dcp_train import faults
 from dcp_train.errors import CheckpointError, one_line
+from dcp_train.metrics import resident_mb
 
 
 class SaveProcess:
@@ -282,6 +283,7 @@ def _serve(root, storage_options, verify, keep_last_n, rank, world_size, host, p
         try:
             staged = _unpack(_decode(staged, buffers, used), meshes)
             record = checkpointer.write_and_commit(step, staged, rank, t0)
+            record["save_process_rss_mb"] = resident_mb()
         except CheckpointError as e:
             record = e
         except Exception as e:

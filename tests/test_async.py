@@ -75,7 +75,7 @@ def test_sigkill_while_async_write_in_flight(tmp_path, data, sync_reference):
 
 def test_resident_memory_stays_flat_over_async_saves(tmp_path, data):
     """Staging buffers are reused: over 24 saves of a ~45 MB checkpoint (~22 MB per rank)
-    rank 0's resident memory settles after the allocator's warm-up (the same happens with
+    the resident memory of rank 0 and of its save process settles after the allocator's warm-up (the same happens with
     synchronous saves) and then stays flat. Upstream's leak, one staged copy per save, would
     add ~22 MB per save: ~260 MB over the second half alone."""
     steps = 24
@@ -96,6 +96,9 @@ def test_resident_memory_stays_flat_over_async_saves(tmp_path, data):
     # alike: allocator arenas of the writer threads and DCP bookkeeping, not staging buffers
     assert max(rss[12:]) - rss[11] < 3 * per_rank_mb, (rss, per_rank_mb)
     assert rss[-1] - rss[0] < 5 * per_rank_mb, (rss, per_rank_mb)  # bounded warm-up
+    saver = [r["save_process_rss_mb"] for r in records]  # rank 0's save process, the same
+    assert max(saver[12:]) - saver[11] < 3 * per_rank_mb, (saver, per_rank_mb)
+    assert saver[-1] - saver[0] < 5 * per_rank_mb, (saver, per_rank_mb)
 
 
 def _tagged_pids(tag: str) -> list[int]:
