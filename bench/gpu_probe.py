@@ -32,6 +32,8 @@ def _tensors(tree) -> list:
         return [t for v in tree.values() for t in _tensors(v)]
     if hasattr(tree, "to_local"):
         tree = tree.to_local()
+    if hasattr(tree, "local"):  # a DTensor on its way to the save process (save_process.py)
+        tree = tree.local
     return [tree] if isinstance(tree, torch.Tensor) else []
 
 

@@ -1,7 +1,7 @@
 """What an asynchronous save costs the training: tokens/s with an async save every K steps vs
 without saves, measured side by side (paired runs, rotated order) in one invocation.
 
-    python -m bench.overlap            # models tiny and small, 1 and 2 ranks (~10 min here)
+    python -m bench.overlap            # models tiny and small, 1 and 2 ranks (~11 min here)
     python -m bench.overlap --quick    # tiny only, 1 rank (~1 min)
 
 For each (model, world size) it runs the trainer three ways: no saves, `--async_checkpoint`
@@ -40,7 +40,7 @@ from bench.run import save_times, seg_rates, segments  # noqa: E402
 from dcp_train.metrics import read_metrics  # noqa: E402
 
 SHAPES = {  # per model: micro-batch, tokens per step (a step of ~0.1 s and ~1 s here)
-    "tiny": dict(batch=4, total=256),
+    "tiny": dict(batch=4, total=512),
     "small": dict(batch=4, total=2048),
 }
 
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="tiny model, 1 rank, 1 run")
     p.add_argument("--interval", type=int, default=3, help="an async save every N steps")
-    p.add_argument("--segments", type=int, default=4, help="measured segments per run")
+    p.add_argument("--segments", type=int, default=3, help="measured segments per run")
     p.add_argument("--train_runs", type=int, default=2, help="runs of each kind per cell")
     p.add_argument("--child_timeout", type=float, default=900.0)
     p.add_argument("--out", default=str(REPO / "bench" / "results_overlap"))

@@ -1,6 +1,6 @@
 """Two-tier checkpoints: what a save blocks, and how fast replication uploads.
 
-    python -m bench.tiers [--mb 64] [--reps 3] [--write bench/results.md]
+    python -m bench.tiers [--mb 64] [--reps 3] [--write bench/results_tiers.md]
 
 One process (a world of one), a state dict of `--mb` MB of fp32 tensors, the local tier in a
 temp dir on local disk and the durable tier on a moto S3 server on 127.0.0.1

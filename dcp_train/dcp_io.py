@@ -200,27 +200,34 @@ class _LocalWriter(_CheckedWriter, FileSystemWriter):
 
 class _RemoteFS(_FsspecFS):
     """torch's fsspec FileSystem that keeps the storage options across reset(), replaces
-    rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT, and reads the files named
-    in `whole` with one whole-file fetch (concurrent ranged GETs), recording their size and
-    CRC-32 in `fetched`."""
+    rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT, and serves the files it
+    prefetched whole from memory, recording their size and CRC-32 in `fetched`."""
 
     def __init__(self, fs, storage_options: dict):
         super().__init__()
         self.fs = fs
         self.storage_options = storage_options
-        self.whole: set[str] = set()
+        self.whole: dict[str, bytes] = {}  # prefetched, until DCP opens them
         self.fetched: dict[str, list] = {}
 
     @contextmanager
     def create_stream(self, path, mode):
         name = posixpath.basename(str(path))
         if "r" in mode and name in self.whole:
-            data = _fetch(self.fs, str(path))
+            data = self.whole.pop(name)
             self.fetched[name] = [len(data), f"{zlib.crc32(data):08x}"]
             yield io.BytesIO(data)
             return
         with super().create_stream(path, mode) as stream:
             yield stream
+
+    def prefetch(self, paths: list[str]) -> None:
+        """Download `paths` whole, all at once (fsspec fetches them concurrently; s3fs splits a
+        large object into concurrent ranged GETs, gcsfs when asked to)."""
+        kwargs = {"concurrency": FETCH_CONCURRENCY} if {"gs", "gcs"} & set(
+            _protocols(self.fs)) else {}
+        data = self.fs.cat(paths, **kwargs) if paths else {}
+        self.whole = {posixpath.basename(p): v for p, v in data.items()}
 
     def init_path(self, path, **kwargs):
         return super().init_path(path, **{**self.storage_options, **kwargs})
@@ -246,9 +253,10 @@ class _LocalReader(SafeMetadataReader, FileSystemReader):
 
 
 class _RemoteReader(SafeMetadataReader, FsspecReader):
-    """Reads a file this rank needs most of (half its bytes or more: at the saved world size,
-    its own shard files) with one whole-file fetch; the others with ranged reads of what it
-    needs. `fetched`: {name: [size, crc32 hex]} of the files fetched whole, so their check
+    """Downloads the files this rank needs most of (half their bytes or more: at the saved
+    world size, its own shard files) whole and all at once before DCP reads them, and holds
+    them in memory meanwhile (about this rank's share of the checkpoint); the others are read
+    with ranged reads of what it needs. `fetched`: {name: [size, crc32 hex]} of the files fetched whole, so their check
     needs no second download (restore.py)."""
 
     def __init__(self, path: str, storage_options: dict):
@@ -266,16 +274,13 @@ class _RemoteReader(SafeMetadataReader, FsspecReader):
         for index in {item.storage_index for item in plan.items}:
             info = self.storage_data[index]
             wanted[info.relative_path] = wanted.get(info.relative_path, 0) + info.length
-        self.fs.whole = {name for name, n in wanted.items() if 2 * n >= total[name]}
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name, n in wanted.items()
+                          if 2 * n >= total[name]])
         return super().read_data(plan, planner)
 
 
 FETCH_CONCURRENCY = 8  # concurrent ranged GETs of one file (gcsfs; s3fs: its max_concurrency)
 
 
-def _fetch(fs, path: str) -> bytes:
-    """A whole object: s3fs splits a large one into concurrent ranged GETs by itself, gcsfs
-    when asked to."""
-    if "gs" in fs.protocol or "gcs" in fs.protocol:
-        return fs.cat_file(path, concurrency=FETCH_CONCURRENCY)
-    return fs.cat_file(path)
+def _protocols(fs) -> tuple:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)

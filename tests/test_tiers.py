@@ -168,11 +168,12 @@ def test_local_dir_lost_resumes_from_the_bucket(s3, ref, data, base):
 def test_outage_local_saves_go_on_and_replication_catches_up(s3, ref, data, base):
     """One node, 2 ranks; a val loss after every step makes a step ~1 s (no training bit
     changes). The endpoint goes down after step 3 is in the bucket and comes back once a
-    replication has failed with a WARNING line; training goes on meanwhile (local saves),
-    and the bucket catches up: it ends at step 8."""
+    replication has failed with a WARNING line; training goes on meanwhile (local saves,
+    keeping 1 but never removing step 6, not yet in the bucket), and the bucket catches up:
+    it ends at step 8."""
     run, fs = base / "outage", s3fs_of(s3)
     args = [*node_args(run, "s3://ckpt/outage"), "--data_dir", str(data),
-            "--eval_interval", "1", "--val_steps", "150"]
+            "--eval_interval", "1", "--val_steps", "150", "--keep_last_n_local_checkpoints", "1"]
     out = open(run.parent / "outage.out", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                              "2", "--master_addr", "127.0.0.1", "--master_port",
@@ -198,6 +199,8 @@ def test_outage_local_saves_go_on_and_replication_catches_up(s3, ref, data, base
     print(f"\noutage {down_for:.1f}s; local steps meanwhile: {during}")
     assert proc.returncode == 0, text[-4000:]
     assert "WARNING: replicat" in text and max(during) >= 6, text[-4000:]
+    # local retention keeps 1, but never the only copy of step 6, due for the bucket
+    assert 6 in during and not {4, 5} & set(during), during
     fs = s3fs_of(s3)
     assert read_latest(fs, "ckpt/outage") == step(MAX_STEPS)
     assert losses(run / "log") == losses(ref["log"])
