@@ -10,10 +10,8 @@ What the training process does for an asynchronous save of step s (Checkpointer.
    one staged copy exists. Parameters and optimizer state change only in `optimizer.step()`,
    so the next `optimizer.step()` waits for the copy (`staged()`, an optimizer step pre-hook
    set by the manager); the training loop itself never waits for it.
-3. The staged state goes to this rank's save process through a pipe. A tensor goes as a
-   shared-memory handle the first time its buffer is sent and as a reference to that buffer
-   afterwards (passing a handle costs the training process ~0.3 ms of its interpreter per
-   tensor; a reference, nothing measurable).
+3. The staged state goes to this rank's save process through a pipe (state_pipe.py: each
+   buffer crosses once, as a shared-memory handle; later saves send references).
 
 The save process runs the whole synchronous protocol of checkpoint.py on it: DCP planning and
 serialization, CRC-32, writes and uploads, the space check, manifest, commit, `latest` and
@@ -49,12 +47,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.tensor import DTensor
 
 from dcp_train import distributed as D
 from dcp_train import faults
 from dcp_train.errors import CheckpointError, one_line
 from dcp_train.metrics import resident_mb
+from dcp_train.state_pipe import Decoder, Encoder, pack
 
 
 class SaveProcess:
@@ -81,8 +79,7 @@ class SaveProcess:
         self._process.start()  # from the main thread: PR_SET_PDEATHSIG follows this thread
         child.close()
         self._pending: Optional[_Pending] = None
-        self._sent: dict = {}  # buffers the save process holds: data_ptr -> (token, storage)
-        self._tokens = 0
+        self._encoder = Encoder()
 
     @property
     def busy(self) -> bool:
@@ -91,14 +88,14 @@ class SaveProcess:
     def submit(self, step: int, state_dict: dict, t0: float) -> None:
         """Start saving `state_dict` as step `step` (t0: when the save was asked for)."""
         pending = self._pending = _Pending(step, t0)
-        staging = self._stager.stage(_pack(state_dict))
+        staging = self._stager.stage(pack(state_dict))
 
         def send(future) -> None:  # on the staging thread, once the copy is done
             try:
                 staged = future.result()
                 pending.staged_s = time.perf_counter() - t0
                 pending.copied.set()  # the live tensors may change from here on
-                self._conn.send((step, t0, self._by_reference(staged)))
+                self._conn.send((step, t0, self._encoder.encode(staged)))
             except BaseException as e:  # reported by result()
                 pending.failure = e
             finally:
@@ -144,31 +141,6 @@ class SaveProcess:
         outcome["async"] = True
         return outcome
 
-    def _by_reference(self, tree):
-        """`tree` with each tensor as _Buffer (first time) or _Ref (buffer already sent)."""
-        sent, self._sent = self._sent, {}
-
-        def encode(x):
-            if isinstance(x, _Shard):
-                x.local = encode(x.local)
-                return x
-            if isinstance(x, torch.Tensor):
-                key = x.untyped_storage().data_ptr()
-                if key in sent:  # the save process holds this buffer
-                    self._sent[key] = sent[key]
-                if key in self._sent:
-                    return _Ref(self._sent[key][0], x)
-                self._tokens += 1
-                self._sent[key] = (self._tokens, x.untyped_storage())
-                return _Buffer(self._tokens, x)
-            if isinstance(x, dict):
-                return {k: encode(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return type(x)(encode(v) for v in x)
-            return x
-
-        return encode(tree)
-
     def close(self) -> None:
         """Stop the save process (after `result()` of the save in flight)."""
         if self._process.is_alive():
@@ -189,78 +161,6 @@ class _Pending:
         self.blocked_s = self.staged_s = 0.0
 
 
-# ---------------------------------------------------------------- what goes through the pipe
-class _Shard:
-    """A DTensor as its local tensor and what it takes to rebuild it over the save
-    processes' group (a mesh of the same ranks, on CPU)."""
-
-    def __init__(self, t: DTensor):
-        self.local = t.to_local()
-        self.placements, self.shape, self.stride = t.placements, t.shape, t.stride()
-        self.ranks = t.device_mesh.mesh.tolist()
-
-
-class _Buffer:
-    """A staged tensor whose buffer the save process does not hold yet (sent as a handle)."""
-
-    def __init__(self, token: int, t: torch.Tensor):
-        self.token, self.tensor = token, t
-
-
-class _Ref:
-    """A staged tensor in a buffer the save process already holds."""
-
-    def __init__(self, token: int, t: torch.Tensor):
-        self.token, self.dtype = token, t.dtype
-        self.offset, self.shape, self.stride = t.storage_offset(), t.shape, t.stride()
-
-
-def _decode(tree, buffers: dict, used: dict):
-    """The save process's side of SaveProcess._by_reference; `used` collects the buffers of
-    this request (the ones kept for the next)."""
-    if isinstance(tree, _Buffer):
-        used[tree.token] = tree.tensor.untyped_storage()
-        return tree.tensor
-    if isinstance(tree, _Ref):
-        used[tree.token] = buffers[tree.token]
-        return torch.empty(0, dtype=tree.dtype).set_(used[tree.token], tree.offset,
-                                                     tree.shape, tree.stride)
-    if isinstance(tree, _Shard):
-        tree.local = _decode(tree.local, buffers, used)
-        return tree
-    if isinstance(tree, dict):
-        return {k: _decode(v, buffers, used) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_decode(v, buffers, used) for v in tree)
-    return tree
-
-
-def _pack(tree):
-    """`tree` with every DTensor as a _Shard and every dict and list copied (no tensor
-    data is copied)."""
-    if isinstance(tree, DTensor):
-        return _Shard(tree)
-    if isinstance(tree, dict):
-        return {k: _pack(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_pack(v) for v in tree)
-    return tree
-
-
-def _unpack(tree, meshes: dict):
-    if isinstance(tree, _Shard):
-        key = repr(tree.ranks)
-        if key not in meshes:
-            meshes[key] = dist.device_mesh.DeviceMesh("cpu", tree.ranks)
-        return DTensor.from_local(tree.local, meshes[key], tree.placements, run_check=False,
-                                  shape=tree.shape, stride=tree.stride)
-    if isinstance(tree, dict):
-        return {k: _unpack(v, meshes) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_unpack(v, meshes) for v in tree)
-    return tree
-
-
 # ------------------------------------------------------------------------ the save process
 def _serve(root, storage_options, verify, keep_last_n, rank, world_size, host, port,
            parent, conn) -> None:
@@ -276,12 +176,11 @@ def _serve(root, storage_options, verify, keep_last_n, rank, world_size, host, p
                             world_size=world_size)
     checkpointer = Checkpointer(CheckpointDir(root, storage_options, verify=verify),
                                 keep_last_n)
-    meshes, buffers = {}, {}
+    decoder = Decoder()
     while (request := conn.recv()) is not None:
         step, t0, staged = request
-        used: dict = {}
         try:
-            staged = _unpack(_decode(staged, buffers, used), meshes)
+            staged = decoder.decode(staged)
             record = checkpointer.write_and_commit(step, staged, rank, t0)
             record["save_process_rss_mb"] = resident_mb()
         except CheckpointError as e:
@@ -289,7 +188,6 @@ def _serve(root, storage_options, verify, keep_last_n, rank, world_size, host, p
         except Exception as e:
             record = CheckpointError(f"saving step {step} failed: {one_line(e)}")
         del staged
-        buffers = used
         conn.send(record)
     dist.destroy_process_group()
 
