@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, ChildFailed, ratios, run_child, torchrun  # noqa: E402
+from bench.common import (REPO, ChildFailed, ratios, run_child, run_meta,  # noqa: E402
+                          torchrun, write_results)
 from bench.run import _load_servers  # noqa: E402
 
 
@@ -110,16 +110,8 @@ def main(argv=None) -> None:
     finally:
         for server in started.values():
             server.close()
-    meta = {"date": t0.isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
-            "args": " ".join(argv if argv is not None else sys.argv[1:]),
-            "wall_s": (datetime.datetime.now() - t0).total_seconds(),
-            "load": [" ".join(f"{x:.1f}" for x in load0),
-                     " ".join(f"{x:.1f}" for x in os.getloadavg())]}
-    text = render(results, meta)
-    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    Path(a.out + ".md").write_text(text)
-    print(text)
+    meta = run_meta(t0, load0, argv)
+    write_results(a.out, meta, results, render(results, meta))
 
 
 if __name__ == "__main__":

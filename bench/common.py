@@ -133,3 +133,22 @@ def drop_page_cache() -> bool:
 
 def describe_model(name: str) -> dict:
     return {"name": name, **MODELS[name]}
+
+
+def run_meta(started, load0: tuple, argv, **extra) -> dict:
+    """What a results file says about its run: date, machine, command line, wall time, load."""
+    import datetime
+    import platform
+    return {"date": started.isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+            "args": " ".join(argv if argv is not None else sys.argv[1:]), **extra,
+            "wall_s": (datetime.datetime.now() - started).total_seconds(),
+            "load": [" ".join(f"{x:.1f}" for x in load0),
+                     " ".join(f"{x:.1f}" for x in os.getloadavg())]}
+
+
+def write_results(out: str, meta: dict, results: list, text: str) -> None:
+    """OUT.json (meta and every raw number) and OUT.md (the table); prints the table."""
+    Path(out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    Path(out + ".md").write_text(text)
+    print(text)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -34,7 +32,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, model_flags, ratios, torchrun  # noqa: E402
+from bench.common import (REPO, model_flags, ratios, run_meta, torchrun,  # noqa: E402
+                          write_results)
 from bench.procwatch import run_watched  # noqa: E402
 from bench.run import save_times, seg_rates, segments  # noqa: E402
 from dcp_train.metrics import read_metrics  # noqa: E402
@@ -155,17 +154,8 @@ def main(argv=None) -> None:
         for model, ws in cells:
             print(f"[overlap] {model}, {ws} rank(s)", flush=True)
             results.append(measure(model, ws, a, Path(tmp), lambda m: print(m, flush=True)))
-    meta = {"date": t0.isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
-            "args": " ".join(argv if argv is not None else sys.argv[1:]),
-            "interval": a.interval, "segments": a.segments, "train_runs": a.train_runs,
-            "wall_s": (datetime.datetime.now() - t0).total_seconds(),
-            "load": [" ".join(f"{x:.1f}" for x in load0),
-                     " ".join(f"{x:.1f}" for x in os.getloadavg())]}
-    text = render(results, meta)
-    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    Path(a.out + ".md").write_text(text)
-    print(text)
+    meta = run_meta(t0, load0, argv, interval=a.interval, segments=a.segments, train_runs=a.train_runs)
+    write_results(a.out, meta, results, render(results, meta))
 
 
 if __name__ == "__main__":
