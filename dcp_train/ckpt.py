@@ -95,7 +95,8 @@ def _listed(storage: Storage, step: int, name: str, path: str) -> dict:
 def list_tiers(durable: CheckpointDir, local_dirs: list[str]) -> dict:
     """list_checkpoints of the durable dir, with `local`: the listing of each local tier dir,
     each checkpoint marked `replicated`: yes (the durable dir has that step), pending (meant
-    for it, not there yet) or no (a local-only save)."""
+    for it, not there yet), superseded (meant for it, but a newer step got there first: its
+    replication was skipped for the newer one, replicate.py) or no (a local-only save)."""
     info = list_checkpoints(durable)
     in_durable = {c["step"] for c in info["checkpoints"] if "error" not in c}
     info["local"] = []
@@ -106,8 +107,8 @@ def list_tiers(durable: CheckpointDir, local_dirs: list[str]) -> dict:
                 meant = json.loads(_read_local(c["path"], TIER)).get("replicate")
             except (OSError, ValueError):
                 meant = None
-            c["replicated"] = "yes" if c["step"] in in_durable else (
-                "pending" if meant else "no")
+            c["replicated"] = "yes" if c["step"] in in_durable else "no" if not meant else (
+                "superseded" if c["step"] < max(in_durable, default=-1) else "pending")
         info["local"].append(local)
     return info
 

@@ -1,7 +1,8 @@
 """Test-only fault injection: SIGKILL a chosen rank at a named point of the save protocol.
 
-Off unless the environment variable DCP_TRAIN_FAULT is set, as `POINT[:RANK[:STEP]]`
-(RANK and STEP default to any). The process kills itself with SIGKILL, exactly like an OOM
+Off unless the environment variable DCP_TRAIN_FAULT is set, as `POINT[:RANK[:STEP[:pause]]]`
+(RANK and STEP default to any). With `pause` the process stops at the point instead (sleeps
+until something kills it): for tests that deliver the SIGKILL from outside at a known point. The process kills itself with SIGKILL, exactly like an OOM
 killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
 
     mid_shard            this rank has written part of one of its DCP files (dcp_io.py)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch.distributed as dist
 
@@ -57,7 +59,7 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
     step = _current_step if step is None else step
     if rank is None and dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
-    name, want_rank, want_step = (spec.split(":") + ["", ""])[:3]
+    name, want_rank, want_step, action = (spec.split(":") + ["", "", ""])[:4]
     if name not in POINTS + TIER_POINTS:
         raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of "
                          f"{POINTS + TIER_POINTS}")
@@ -66,6 +68,9 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
     if want_rank and rank is not None and int(want_rank) != rank:
         return
     if want_step and step is not None and int(want_step) != step:
+        return
+    if action == "pause":
+        time.sleep(3600)
         return
     if _kill_parent:
         os.kill(os.getppid(), signal.SIGKILL)

@@ -156,14 +156,14 @@ def uploading(fs, path: str, name: str) -> bool:
 
 
 def test_s3_sigkill_mid_upload_resumes_from_previous(s3, ref, base, data):
-    """Killed as soon as step 6's dir appears (its first shard uploaded, written in place,
-    no manifest yet). A save stays uncommitted for ~0.2-0.4 s; the poll sees it within
-    ~0.05 s."""
+    """SIGKILLed from outside while step 6 is being written in place: rank 1 stops in the
+    middle of one of its files (DCP_TRAIN_FAULT ...:pause), so the dir is there without a
+    manifest however loaded the machine is, and the kill comes from the test."""
     log, url, path = base / "kill" / "log", "s3://ckpt/kill", "ckpt/kill"
     args = [*ARGS, "--data_dir", str(data), "--keep_last_n_checkpoints", "2",
             "--log_dir", str(log), "--checkpoint_dir", url]
     fs = s3fs_of(s3)
-    proc = start_train(2, args, s3.env)
+    proc = start_train(2, args, {**s3.env, "DCP_TRAIN_FAULT": "mid_shard:1:6:pause"})
     try:
         seen = []
 
