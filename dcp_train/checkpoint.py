@@ -57,8 +57,9 @@ from dcp_train.save_process import SaveProcess
 
 class Checkpointer:
     """Writes checkpoints of step s into `directory` (a CheckpointDir) and keeps the newest
-    `keep_last_n` (-1: all). `on_commit()` runs on rank 0 after each commit (the lease's
-    heartbeat)."""
+    `keep_last_n` (-1: all). `on_commit()` runs on rank 0 after each synchronous commit (the
+    lease's heartbeat; the manager refreshes the lease at every step anyway, which covers
+    asynchronous saves)."""
 
     def __init__(self, directory: CheckpointDir, keep_last_n: int = -1, on_commit=None):
         self.dir, self.storage = directory, directory.storage

@@ -116,7 +116,7 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def agree(fn, *, every_rank: bool = False, group=None):
+def agree(fn, *, every_rank: bool = False):
     """The one way ranks agree on a decision or a failure.
 
     every_rank=False: fn() runs on rank 0 only and every rank returns rank 0's result.
@@ -124,8 +124,8 @@ def agree(fn, *, every_rank: bool = False, group=None):
     (index = rank). If fn() raised (an Exception) on any rank, every rank raises the same
     exception instead: the lowest failing rank's, same type and message, so all ranks stop
     together with the same words and none is left waiting in a collective. Without an
-    initialised process group this is a world of one. Collective over `group` (default: the
-    CPU group), so every rank must call it at the same point."""
+    initialised process group this is a world of one. Collective over the CPU group, so every
+    rank must call it at the same point."""
     if not (dist.is_available() and dist.is_initialized()):
         result = fn()
         return [result] if every_rank else result
@@ -135,7 +135,7 @@ def agree(fn, *, every_rank: bool = False, group=None):
             outcome = (True, fn())
         except Exception as e:
             outcome = (False, _portable(e))
-    group = group or _cpu_group()
+    group = _cpu_group()
     if every_rank:
         outcomes = [None] * dist.get_world_size(group)
         dist.all_gather_object(outcomes, outcome, group=group)
