@@ -5,7 +5,7 @@
 # (--auto_resume) and finishes at once. Extra arguments go to dcp_train.main.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/setup.sh
+source launch/setup.sh ""  # no extras (without an argument it would get this script's flags)
 torchrun --standalone --nproc_per_node=2 -m dcp_train.main --preset tiny --max_steps 100 \
   --keep_last_n_checkpoints 2 --auto_resume \
   --log_dir runs/quickstart/log --checkpoint_dir runs/quickstart/checkpoints "$@"
