@@ -138,27 +138,27 @@ class Checkpointer:
 
         def commit() -> int:
             try:
-                return self._commit(target, final, step, per_rank_files)
+                return self.commit(target, final, step, per_rank_files)
             except (Exception, CheckpointException) as e:
                 raise CheckpointError(f"committing step {step} to {final} failed: "
                                       f"{describe(e, self.dir.root)}") from e
 
-        target = D.agree(lambda: self._target(final))
+        target = D.agree(lambda: self.target_dir(final))
         per_rank_files = D.agree(write, every_rank=True)
         size = D.agree(commit)
         seconds = time.perf_counter() - t0
         return {"step": step, "path": final, "seconds": seconds, "bytes": size,
                 "mb_per_s": size / seconds / 1e6}
 
-    def _target(self, final: str) -> str:
+    def target_dir(self, final: str) -> str:
         """Rank 0: the dir this save writes into (step 1 of the module docstring)."""
         if self.storage.is_local:
             return f"{final}.tmp-{secrets.token_hex(4)}"
         if self.storage.exists(final):
-            self._remove(final)
+            self.remove(final)
         return final
 
-    def _commit(self, target: str, final: str, step: int, per_rank_files: list[dict]) -> int:
+    def commit(self, target: str, final: str, step: int, per_rank_files: list[dict]) -> int:
         """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
         on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
@@ -171,37 +171,41 @@ class Checkpointer:
             self.storage.write_atomic(posixpath.join(target, MANIFEST), manifest)
             fault_point("before_commit", 0, step)
             if self.storage.exists(final):  # committed by a run that crashed before `latest`,
-                self._remove(final)  # or ahead of an explicit older --resume
+                self.remove(final)  # or ahead of an explicit older --resume
             self.storage.rename_dir(target, final)
         else:
             fault_point("before_commit", 0, step)
             self.storage.write_atomic(posixpath.join(final, MANIFEST), manifest)  # the commit
         fault_point("after_commit", 0, step)
+        self.advance(step)
+        return sum(s for s, _ in files.values())
+
+    def advance(self, step: int) -> None:
+        """Rank 0, after step `step` is committed: `latest`, retention, on_commit."""
         self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
         self.apply_retention(step)
         if self.on_commit is not None:
             self.on_commit()
-        return sum(s for s, _ in files.values())
 
     # --------------------------------------------------------------- retention
-    def apply_retention(self, step: Optional[int] = None) -> list[str]:
-        """Rank 0: delete old committed dirs beyond N (never the one `latest` names) and
-        leftovers; returns the names removed."""
+    def apply_retention(self, step: Optional[int] = None, protect=None) -> list[str]:
+        """Rank 0: delete old committed dirs beyond N (never the one `latest` names, nor one
+        for which `protect(step, name)` is true) and leftovers; returns the names removed."""
         committed, leftovers = self.dir.scan()
         keep = set(committed)
         if self.keep_last_n > 0:
             keep = set(sorted(committed)[-self.keep_last_n:])
         latest = self.dir.latest_name()
-        removed = [name for s, name in sorted(committed.items())
-                   if s not in keep and name != latest]
+        removed = [name for s, name in sorted(committed.items()) if s not in keep
+                   and name != latest and not (protect is not None and protect(s, name))]
         removed += leftovers
         for i, name in enumerate(removed):
-            self._remove(self.storage.join(name))
+            self.remove(self.storage.join(name))
             if i == 0:
                 fault_point("during_retention", 0, step)
         return removed
 
-    def _remove(self, path: str) -> None:
+    def remove(self, path: str) -> None:
         """Delete a step dir (or leftover), manifest.json first: a crash midway leaves a dir
         that no longer counts as committed, which the next retention removes, never a
         committed dir with files missing."""

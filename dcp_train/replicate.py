@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 from dcp_train import distributed as D
 from dcp_train import manifest as M
-from dcp_train.checkpoint_dir import LATEST, step_name
 from dcp_train.errors import describe
 from dcp_train.faults import fault_point
 from dcp_train.manifest import MANIFEST
@@ -168,7 +167,7 @@ class Replicator:
 
     # ------------------------------------------------------------------ the phases
     def _prepare(self, job: Job) -> str:
-        return self.durable._target(self.durable.dir.step_path(job.step))
+        return self.durable.target_dir(self.durable.dir.step_path(job.step))
 
     def _upload(self, job: Job) -> str:
         mine = sorted(job.per_rank[self.rank])
@@ -194,9 +193,8 @@ class Replicator:
         there = posixpath.join(final, MANIFEST)
         if job.attempts == 1 or not self.storage.exists(there) or \
                 self.storage.read_bytes(there) != manifest:
-            return self.durable._commit(job.target, final, job.step, job.per_rank)
-        self.storage.write_atomic(self.storage.join(LATEST), (step_name(job.step) + "\n").encode())
-        self.durable.apply_retention(job.step)
+            return self.durable.commit(job.target, final, job.step, job.per_rank)
+        self.durable.advance(job.step)
         return sum(size for size, _ in files.values())
 
     # ------------------------------------------------------------------ the end

@@ -73,8 +73,7 @@ class LocalTier:
         self.root = local_path(template, self.node)
         self.dir = CheckpointDir(self.root)
         self.storage = self.dir.storage
-        self.remover = Checkpointer(self.dir)  # its manifest-first removal
-        self.keep_last_n = keep_last_n
+        self.remover = Checkpointer(self.dir, keep_last_n)  # its removal and retention
         self.nodes: list[int] = []
 
     def setup(self) -> None:
@@ -167,7 +166,7 @@ class LocalTier:
                                   M.build(step, self.world_size, files))
         final = self.dir.step_path(step)
         if self.storage.exists(final):
-            self.remover._remove(final)
+            self.remover.remove(final)
         self.storage.rename_dir(target, final)
         self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
         self.retain(durable_step)
@@ -194,18 +193,8 @@ class LocalTier:
     def retain(self, durable_step: int) -> list[str]:
         """Keep the newest N committed dirs and the one `latest` names; never remove a dir meant
         for the durable tier that is newer than its newest checkpoint (`durable_step`)."""
-        committed, leftovers = self.dir.scan()
-        keep = set(committed)
-        if self.keep_last_n > 0:
-            keep = set(sorted(committed)[-self.keep_last_n:])
-        latest, removed = self.dir.latest_name(), []
-        for s, name in sorted(committed.items()):
-            if s in keep or name == latest or (s > durable_step and self._meant(name)):
-                continue
-            removed.append(name)
-        for name in removed + leftovers:
-            self.remover._remove(self.storage.join(name))
-        return removed + leftovers
+        return self.remover.apply_retention(
+            protect=lambda s, name: s > durable_step and self._meant(name))
 
     def _meant(self, name: str) -> bool:
         try:
