@@ -22,7 +22,7 @@ import socket
 import time
 import uuid
 
-from dcp_train.storage import Storage
+from dcp_train.checkpoint.io.storage import Storage
 
 LEASE = "writer.lease"
 

@@ -44,8 +44,8 @@ import shutil
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from dcp_train import dcp_io
-from dcp_train.atomic import fsync_dir, write_atomic
+from dcp_train.checkpoint.io import dcp_io
+from dcp_train.checkpoint.io.atomic import fsync_dir, write_atomic
 
 
 class Storage:

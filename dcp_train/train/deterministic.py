@@ -46,18 +46,19 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dcp_train.config import Config, ConfigError
+from dcp_train.config import Config
+from dcp_train.errors import ConfigError
 from dcp_train.model import GPT
 
 
 def micro_batches_per_step(cfg: Config) -> int:
     """V: the global micro-batches of --batch_size sequences in one step."""
-    samples = cfg.total_batch_size // cfg.seq_len
-    if samples % cfg.batch_size:
+    samples = cfg.training.total_batch_size // cfg.training.seq_len
+    if samples % cfg.training.batch_size:
         raise ConfigError(f"--deterministic needs the {samples} samples of a step "
                           f"(--total_batch_size/--seq_len) to be a multiple of --batch_size "
-                          f"{cfg.batch_size}; change --batch_size or --total_batch_size")
-    return samples // cfg.batch_size
+                          f"{cfg.training.batch_size}; change --batch_size or --total_batch_size")
+    return samples // cfg.training.batch_size
 
 
 def setup(cfg: Config, world_size: int, device_type: str) -> None:
@@ -67,7 +68,7 @@ def setup(cfg: Config, world_size: int, device_type: str) -> None:
     if v % world_size:
         works = ", ".join(str(w) for w in range(1, v + 1) if v % w == 0)
         raise ConfigError(f"--deterministic splits each step into {v} micro-batches of "
-                          f"--batch_size {cfg.batch_size}, which world size {world_size} does "
+                          f"--batch_size {cfg.training.batch_size}, which world size {world_size} does "
                           f"not divide; run on {works} ranks, or change --batch_size")
     if device_type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -81,11 +82,11 @@ def check_resume(saved_config: dict, cfg: Config) -> None:
     """The mode cannot be switched on or off on resume, and in the mode --batch_size (which
     fixes the decomposition) cannot change."""
     saved = bool(saved_config.get("deterministic", False))
-    if saved != cfg.deterministic:
+    if saved != cfg.training.deterministic:
         raise ConfigError(f"the checkpoint was written {'with' if saved else 'without'} "
                           f"--deterministic; resume it {'with' if saved else 'without'} the "
                           "flag, or start a new run in another --checkpoint_dir")
-    if saved and saved_config["batch_size"] != cfg.batch_size:
+    if saved and saved_config["batch_size"] != cfg.training.batch_size:
         raise ConfigError(f"the checkpoint was written with --deterministic --batch_size "
                           f"{saved_config['batch_size']}; keep that --batch_size (it fixes the "
                           "micro-batches whose bits the mode reproduces)")
@@ -170,7 +171,7 @@ class DeterministicStep:
         for k in range(self.per_rank):
             ids, x, y = next(batches)
             sample_ids += ids.tolist()
-            torch.manual_seed(micro_seed(self.cfg.seed, step, self.first + k))
+            torch.manual_seed(micro_seed(self.cfg.training.seed, step, self.first + k))
             _, loss = self.replica(x.to(self.device), y.to(self.device))
             loss.backward()
             grads.append([p.grad for p in params])
@@ -196,7 +197,7 @@ class DeterministicStep:
         grads, losses = self._micro_batches(batches, step, sample_ids)
         full = exact_sum(grads, self.total)
         norm = torch.nn.utils.get_total_norm(full)
-        coef = torch.clamp(self.cfg.grad_clip / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
+        coef = torch.clamp(self.cfg.training.grad_clip / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
         torch._foreach_mul_(full, coef)
         for p, g in zip(self.sharded, full):
             g = g.to(p.dtype)

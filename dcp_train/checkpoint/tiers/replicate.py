@@ -32,10 +32,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dcp_train import distributed as D
-from dcp_train import manifest as M
+from dcp_train.checkpoint.io import manifest as M
 from dcp_train.errors import describe
-from dcp_train.faults import fault_point
-from dcp_train.manifest import MANIFEST
+from dcp_train.run.faults import fault_point
+from dcp_train.checkpoint.io.manifest import MANIFEST
 
 PHASES = ("prepare", "upload", "commit")
 

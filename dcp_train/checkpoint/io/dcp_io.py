@@ -46,8 +46,8 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _Fsspe
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
 
-from dcp_train.faults import fault_point  # noqa: E402
-from dcp_train.safe_metadata import SafeMetadataReader  # noqa: E402
+from dcp_train.run.faults import fault_point  # noqa: E402
+from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
 
 WRITE_THREADS = 2
 

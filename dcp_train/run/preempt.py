@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resume with --auto_resume
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 
-from dcp_train import redact
+from dcp_train.run import redact
+from dcp_train.config import redacted_config
 from dcp_train.data.fingerprint import fingerprint_diff
 
 STREAM = ("seed", "seq_len", "total_batch_size")
@@ -45,9 +46,9 @@ def _flat(config: dict) -> dict:
 def compare_run(saved_config: dict, saved_fingerprint: dict | None, cfg,
                 fingerprint: dict) -> tuple[list[str], dict]:
     """(errors, changes) of resuming the saved run with `cfg` (see the module docstring).
-    saved_config: the checkpoint's stored config (redacted, as redact.redacted_config)."""
+    saved_config: the checkpoint's stored config (redacted, as config.redacted_config)."""
     old = _flat(redact.redact_config_dict(saved_config))
-    new = _flat(redact.redacted_config(cfg))
+    new = _flat(redacted_config(cfg))
     errors = []
     for name in STREAM + MODEL_DIMS:
         before = old.get(name, _MISSING)
@@ -56,7 +57,7 @@ def compare_run(saved_config: dict, saved_fingerprint: dict | None, cfg,
     if saved_fingerprint is not None:
         diff = fingerprint_diff(saved_fingerprint, fingerprint)
         if diff:
-            errors.append(f"other training data in --data_dir {cfg.data_dir} ({'; '.join(diff)})")
+            errors.append(f"other training data in --data_dir {cfg.data.data_dir} ({'; '.join(diff)})")
     changes = {}
     for name, value in new.items():
         if name in STREAM + MODEL_DIMS + NOT_COMPARED:

@@ -24,7 +24,6 @@ nothing here copies them anywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -66,13 +65,6 @@ def redact_options_text(text: str) -> str:
     if not isinstance(options, dict):
         return REDACTED
     return json.dumps(redact(options), sort_keys=True)
-
-
-def redacted_config(cfg) -> dict:
-    """dataclasses.asdict(cfg) with credentials redacted: what a checkpoint's `meta` and the
-    metrics `config` record store. `storage_options` stays a JSON string (redacted)."""
-    config = dataclasses.asdict(cfg)
-    return redact_config_dict(config)
 
 
 def redact_config_dict(config: dict) -> dict:

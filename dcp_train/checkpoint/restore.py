@@ -22,10 +22,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
-from dcp_train import manifest as M
-from dcp_train.checkpoint_dir import Found
+from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.layout import Found
 from dcp_train.errors import CheckpointError, describe
-from dcp_train.storage import Storage
+from dcp_train.checkpoint.io.storage import Storage
 
 
 def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,

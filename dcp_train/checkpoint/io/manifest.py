@@ -29,7 +29,7 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from dcp_train.storage import Storage
+from dcp_train.checkpoint.io.storage import Storage
 
 MANIFEST = "manifest.json"
 TIER = "tier.json"  # local tier only (tiers.py): not part of the checkpoint

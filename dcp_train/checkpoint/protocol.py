@@ -27,7 +27,7 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
    One writer per dir (the lease, lease.py) and one save at a time: a leftover now is
    abandoned.
 
-Asynchronous saves run steps 1-5 in a save process per rank (save_process.py): the training
+Asynchronous saves run steps 1-5 in a save process per rank (async_save/): the training
 process only copies the state into reused shared-memory buffers, overlapped with the next
 step, and the next optimizer step waits for that copy if it is not done. At most one save is in
 flight: a new save first collects the previous one.
@@ -44,28 +44,31 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
-from dcp_train import faults
-from dcp_train import manifest as M
-from dcp_train import space
-from dcp_train.atomic import fsync_dir
-from dcp_train.checkpoint_dir import LATEST, CheckpointDir, step_name
+from dcp_train.run import faults
+from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.io import space
+from dcp_train.checkpoint.io.atomic import fsync_dir
+from dcp_train.checkpoint.layout import LATEST, CheckpointDir, step_name
 from dcp_train.errors import CheckpointError, describe
-from dcp_train.faults import fault_point
-from dcp_train.manifest import MANIFEST
-from dcp_train.save_process import SaveProcess
+from dcp_train.run.faults import fault_point
+from dcp_train.checkpoint.io.manifest import MANIFEST
 
 
 class Checkpointer:
     """Writes checkpoints of step s into `directory` (a CheckpointDir) and keeps the newest
     `keep_last_n` (-1: all). `on_commit()` runs on rank 0 after each synchronous commit (the
     lease's heartbeat; the manager refreshes the lease at every step anyway, which covers
-    asynchronous saves)."""
+    asynchronous saves). `save_process(directory, keep_last_n, rank, world_size)` starts this
+    rank's save process for asynchronous saves (async_save.save_process.SaveProcess, passed in
+    by the manager: the save process runs this module, which therefore never imports it)."""
 
-    def __init__(self, directory: CheckpointDir, keep_last_n: int = -1, on_commit=None):
+    def __init__(self, directory: CheckpointDir, keep_last_n: int = -1, on_commit=None,
+                 save_process=None):
         self.dir, self.storage = directory, directory.storage
         self.keep_last_n = keep_last_n
         self.on_commit = on_commit
-        self._saver: Optional[SaveProcess] = None
+        self._start_saver = save_process
+        self._saver = None
         self._done: list[dict] = []
 
     # ------------------------------------------------------------------ saving
@@ -87,7 +90,9 @@ class Checkpointer:
     def start_save_process(self, rank: int, world_size: int) -> None:
         """Start this rank's save process for asynchronous saves, if not yet. Collective."""
         if self._saver is None:
-            self._saver = SaveProcess(self.dir, self.keep_last_n, rank, world_size)
+            if self._start_saver is None:
+                raise ValueError("asynchronous saves need Checkpointer(..., save_process=...)")
+            self._saver = self._start_saver(self.dir, self.keep_last_n, rank, world_size)
 
     def staged(self) -> None:
         """Block until the save in flight has its own copy of the state."""

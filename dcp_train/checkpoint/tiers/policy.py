@@ -16,26 +16,17 @@ else the durable one. The reason goes to the console and the `resume` record.
 
 from __future__ import annotations
 
-import os
 import time
 
-from dcp_train.config import ConfigError
-
 TIERS = ("durable", "local")
-PLACEHOLDER = "{node}"
-
-
-def local_path(template: str, node: int) -> str:
-    """--local_checkpoint_dir of node `node`: `{node}` replaced by its rank, made absolute."""
-    return os.path.abspath(template.replace(PLACEHOLDER, str(node)))
 
 
 class Clock:
     """The wall-time intervals, in minutes, of both tiers (0: off)."""
 
     def __init__(self, cfg):
-        self.minutes = {"durable": cfg.checkpoint_interval_minutes,
-                        "local": cfg.local_checkpoint_interval_minutes}
+        self.minutes = {"durable": cfg.checkpoint.checkpoint_interval_minutes,
+                        "local": cfg.checkpoint.local_checkpoint_interval_minutes}
         self.start()
 
     @property
@@ -83,31 +74,3 @@ def choose(usable: list[dict], nodes: list[int], durable_step: int) -> tuple[boo
         why = (f"local step {newest} is not usable by rank {rank} (node {nodes[rank]}): "
                f"{problem}")
     return False, why
-
-
-def validate(cfg) -> None:
-    """Flag checks of both tiers (config.validate calls this); one-line ConfigErrors."""
-    if cfg.checkpoint_interval < 0 or cfg.local_checkpoint_interval < 0:
-        raise ConfigError("--checkpoint_interval and --local_checkpoint_interval must be >= 0")
-    for flag in ("keep_last_n_checkpoints", "keep_last_n_local_checkpoints"):
-        if getattr(cfg, flag) == 0 or getattr(cfg, flag) < -1:
-            raise ConfigError(f"--{flag} must be -1 (keep all) or >= 1")
-    for flag in ("checkpoint_interval_minutes", "local_checkpoint_interval_minutes"):
-        if not getattr(cfg, flag) >= 0:
-            raise ConfigError(f"--{flag} must be >= 0 (0: off), got {getattr(cfg, flag)}")
-    local = cfg.local_checkpoint_dir
-    if not local:
-        if cfg.local_checkpoint_interval or cfg.local_checkpoint_interval_minutes:
-            raise ConfigError("--local_checkpoint_interval(_minutes) needs "
-                              "--local_checkpoint_dir PATH")
-        return
-    if "://" in local:
-        raise ConfigError(f"--local_checkpoint_dir must be a node-local path, not a URL "
-                          f"({local}); the durable tier is --checkpoint_dir")
-    durable = cfg.checkpoint_dir.removeprefix("file://")
-    if "://" not in durable and local_path(local, 0) == os.path.abspath(durable):
-        raise ConfigError("--local_checkpoint_dir is --checkpoint_dir; give the local tier "
-                          "its own node-local dir")
-    if cfg.async_checkpoint:
-        raise ConfigError("--async_checkpoint and --local_checkpoint_dir: the durable copy is "
-                          "already made in the background; drop --async_checkpoint")

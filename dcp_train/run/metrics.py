@@ -15,7 +15,8 @@ import os
 import platform
 import sys
 
-from dcp_train import redact
+from dcp_train.config import redacted_config
+from dcp_train.run import redact
 
 
 class Metrics:
@@ -31,7 +32,7 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from dcp_train.config import ConfigError
+                from dcp_train.errors import ConfigError
                 raise ConfigError("--tensorboard needs the tensorboard package: "
                                   "pip install 'dcp_train[tensorboard]'") from None
             self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
@@ -67,7 +68,7 @@ def launch_record(cfg, world_size: int, device: str) -> dict:
     import torch
 
     import dcp_train
-    return {"config": redact.redacted_config(cfg), "world_size": world_size, "device": device,
+    return {"config": redacted_config(cfg), "world_size": world_size, "device": device,
             "torch": torch.__version__, "dcp_train": dcp_train.__version__,
             "python": platform.python_version()}
 

@@ -36,9 +36,7 @@ Contracts:
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import threading
 import time
 from typing import Optional
@@ -49,10 +47,9 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_train import distributed as D
-from dcp_train import faults
 from dcp_train.errors import CheckpointError, one_line
-from dcp_train.metrics import resident_mb
-from dcp_train.state_pipe import Decoder, Encoder, pack
+from dcp_train.checkpoint.async_save.child import serve
+from dcp_train.checkpoint.async_save.state_pipe import Encoder, pack
 
 
 class SaveProcess:
@@ -73,7 +70,7 @@ class SaveProcess:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(
-            target=_serve, name=f"dcp_train-save-{rank}", daemon=True,
+            target=serve, name=f"dcp_train-save-{rank}", daemon=True,
             args=(directory.root, directory.storage.storage_options, directory.verify,
                   keep_last_n, rank, world_size, host, port, os.getpid(), child))
         self._process.start()  # from the main thread: PR_SET_PDEATHSIG follows this thread
@@ -159,52 +156,3 @@ class _Pending:
         self.copied, self.sent = threading.Event(), threading.Event()
         self.failure: Optional[BaseException] = None
         self.blocked_s = self.staged_s = 0.0
-
-
-# ------------------------------------------------------------------------ the save process
-def _serve(root, storage_options, verify, keep_last_n, rank, world_size, host, port,
-           parent, conn) -> None:
-    _die_with(parent)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    faults.kill_parent_too()
-    from dcp_train.checkpoint import Checkpointer
-    from dcp_train.checkpoint_dir import CheckpointDir
-
-    store = dist.TCPStore(host, port, world_size + 1, is_master=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("save", store), rank=rank,
-                            world_size=world_size)
-    checkpointer = Checkpointer(CheckpointDir(root, storage_options, verify=verify),
-                                keep_last_n)
-    decoder = Decoder()
-    while (request := conn.recv()) is not None:
-        step, t0, staged = request
-        try:
-            staged = decoder.decode(staged)
-            record = checkpointer.write_and_commit(step, staged, rank, t0)
-            record["save_process_rss_mb"] = resident_mb()
-        except CheckpointError as e:
-            record = e
-        except Exception as e:
-            record = CheckpointError(f"saving step {step} failed: {one_line(e)}")
-        del staged
-        conn.send(record)
-    dist.destroy_process_group()
-
-
-def _die_with(parent: int) -> None:
-    """End this process when `parent` ends, however it ends."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the watch below
-    if os.getppid() != parent:  # it ended before the line above
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.1)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="dcp_train-save-watch").start()

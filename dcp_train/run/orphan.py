@@ -22,11 +22,11 @@ Only under torchrun (TORCHELASTIC_RUN_ID is set), where the parent is the agent.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 
-EXIT_ORPHANED = 128 + signal.SIGHUP  # as if hung up: the controlling agent is gone
+from dcp_train.errors import EXIT_ORPHANED
+
 POLL_S = 0.5
 _parent: int | None = None  # the agent's pid, while watched
 
