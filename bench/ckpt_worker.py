@@ -47,15 +47,15 @@ from torch.distributed.tensor import DTensor
 
 from bench.common import drop_page_cache, model_config
 from dcp_train import distributed as D
-from dcp_train.checkpoint import state as C
 from dcp_train.checkpoint import restore
+from dcp_train.checkpoint import state as C
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
-from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.io.lease import WriterLease
+from dcp_train.checkpoint.io.storage import Storage
+from dcp_train.checkpoint.layout import CheckpointDir
+from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer
-from dcp_train.checkpoint.io.storage import Storage
 
 
 # Phase timers, reset before each timed operation. CRC-32 verification is timed where it

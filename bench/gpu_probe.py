@@ -21,9 +21,9 @@ from bench.common import model_config
 from dcp_train import distributed as D
 from dcp_train.checkpoint import state as C
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
-from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.io.lease import WriterLease
+from dcp_train.checkpoint.layout import CheckpointDir
+from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer
 

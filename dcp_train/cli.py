@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import fields
 from typing import Optional
 
-from dcp_train.config import PRESET_RUN_DEFAULTS, PRESETS, SECTIONS, Config, ModelConfig, validate
+from dcp_train.config import PRESETS, PRESET_RUN_DEFAULTS, SECTIONS, Config, ModelConfig, validate
 from dcp_train.errors import ConfigError
 from dcp_train.run import redact
 

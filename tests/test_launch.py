@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from dcp_train.tools import ckpt
 from dcp_train.checkpoint.io.storage import Storage
+from dcp_train.tools import ckpt
 from helpers import (REPO, TINY, assert_same_tensors, child_env, free_port, kill_job,
                      load_checkpoint, losses, metrics, run_train, wait_for, write_shards)
 

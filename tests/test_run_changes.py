@@ -17,13 +17,13 @@ import pytest
 
 from helpers import write_shards
 
-from dcp_train.cli import parse_config
-from dcp_train.data import find_shards
-from dcp_train.data.fingerprint import (SAMPLE_BYTES, SAMPLES, data_fingerprint,
-                                        fingerprint_diff, window_offsets)
-from dcp_train.optim import (lr_at, lr_of, saved_schedule, schedule_for_launch, schedule_of)
-from dcp_train.config import redacted_config
 from dcp_train.checkpoint.compat import change_lines, compare_run, end_note, mismatch_message
+from dcp_train.cli import parse_config
+from dcp_train.config import redacted_config
+from dcp_train.data import find_shards
+from dcp_train.data.fingerprint import (SAMPLES, SAMPLE_BYTES, data_fingerprint, fingerprint_diff,
+                                        window_offsets)
+from dcp_train.optim import lr_at, lr_of, saved_schedule, schedule_for_launch, schedule_of
 
 BASE = ["--preset", "tiny", "--vocab_size", "512", "--block_size", "32", "--seq_len", "32",
         "--generate_interval", "0", "--hellaswag_interval", "0"]

@@ -33,11 +33,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.atomic import TEMP_RE
-from dcp_train.checkpoint.state import read_meta
-from dcp_train.errors import ConfigError
-from dcp_train.errors import CheckpointError, describe, one_line
 from dcp_train.checkpoint.io.manifest import MANIFEST, STEP_RE
 from dcp_train.checkpoint.io.storage import Storage
+from dcp_train.checkpoint.state import read_meta
+from dcp_train.errors import CheckpointError, ConfigError, describe, one_line
 
 LATEST = "latest"
 METADATA = ".metadata"  # DCP's small index file, read before any shard

@@ -33,21 +33,20 @@ from __future__ import annotations
 import posixpath
 import time
 
-from dcp_train.train import deterministic
 from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
-from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
-from dcp_train.checkpoint.state import OptimizerState, check_format
-from dcp_train.errors import ConfigError
-from dcp_train.errors import CheckpointError, describe
-from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
-from dcp_train.run.metrics import resident_mb
-from dcp_train.checkpoint.tiers.replicate import Replicator
 from dcp_train.checkpoint.compat import change_lines, compare_run, end_note, mismatch_message
-from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
+from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
+from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
+from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.state import OptimizerState, check_format
 from dcp_train.checkpoint.tiers.local import LocalTier
+from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
+from dcp_train.checkpoint.tiers.replicate import Replicator
+from dcp_train.errors import CheckpointError, ConfigError, describe
+from dcp_train.run.metrics import resident_mb
+from dcp_train.train import deterministic
 
 
 def due(interval: int, step: int, last: bool) -> bool:

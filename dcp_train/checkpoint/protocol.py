@@ -44,14 +44,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
-from dcp_train.run import faults
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io import space
 from dcp_train.checkpoint.io.atomic import fsync_dir
+from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.checkpoint.layout import LATEST, CheckpointDir, step_name
 from dcp_train.errors import CheckpointError, describe
+from dcp_train.run import faults
 from dcp_train.run.faults import fault_point
-from dcp_train.checkpoint.io.manifest import MANIFEST
 
 
 class Checkpointer:

@@ -23,9 +23,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import Found
 from dcp_train.errors import CheckpointError, describe
-from dcp_train.checkpoint.io.storage import Storage
 
 
 def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,

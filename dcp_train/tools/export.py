@@ -31,9 +31,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from dcp_train.checkpoint.state import tensor_json
 from dcp_train.config import ModelConfig
 from dcp_train.model import GPT
-from dcp_train.checkpoint.state import tensor_json
 
 MODEL_PREFIX = "model."
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight

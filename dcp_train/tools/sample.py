@@ -16,11 +16,11 @@ import warnings
 import torch
 
 from dcp_train.checkpoint.layout import CheckpointDir
-from dcp_train.tools.ckpt import ToolError
+from dcp_train.data.tokenizer import EOT, TokenizerError, get_tokenizer
 from dcp_train.errors import CheckpointError
+from dcp_train.tools.ckpt import ToolError
 from dcp_train.tools.export import ExportError, load_model_weights, model_from_weights
 from dcp_train.train.generate import generate
-from dcp_train.data.tokenizer import EOT, TokenizerError, get_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:

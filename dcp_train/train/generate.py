@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcp_train.compiled import eager
-from dcp_train.train.evaluate import block_size_of, eval_mode
 from dcp_train.data.tokenizer import EOT
+from dcp_train.train.evaluate import block_size_of, eval_mode
 
 
 def decode(enc, tokens: list[int]) -> str:

@@ -15,26 +15,26 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from dcp_train import compiled as C
-from dcp_train.train import deterministic
 from dcp_train import distributed as D
-from dcp_train.checkpoint.state import (LoaderState, ModelState, OptimizerState, Progress, RankEntry, RNGState)
+from dcp_train.checkpoint.manager import CheckpointManager, due
+from dcp_train.checkpoint.state import (LoaderState, ModelState, OptimizerState, Progress, RNGState,
+                                        RankEntry)
 from dcp_train.config import Config, DataConfig, EvalConfig, grad_accum_steps, redacted_config
-from dcp_train.errors import ConfigError
 from dcp_train.data import TokenShards, build_train_loader, find_shards, val_batches
 from dcp_train.data.fingerprint import data_fingerprint
 from dcp_train.data.prepare import ensure_default_data
 from dcp_train.data.remote import cache_dir, fetch_shards, is_remote
+from dcp_train.data.tokenizer import get_tokenizer
+from dcp_train.errors import EXIT_PREEMPTED, ConfigError
+from dcp_train.model import GPT
+from dcp_train.optim import build_optimizer, lr_of, saved_schedule, schedule_for_launch
+from dcp_train.run.metrics import Metrics, launch_record
+from dcp_train.run.preempt import Preemption
+from dcp_train.train import deterministic
 from dcp_train.train.evaluate import val_loss
 from dcp_train.train.flops import Throughput, model_flops_per_token, peak_flops
 from dcp_train.train.generate import generate
 from dcp_train.train.hellaswag import hellaswag_accuracy
-from dcp_train.checkpoint.manager import CheckpointManager, due
-from dcp_train.run.metrics import Metrics, launch_record
-from dcp_train.model import GPT
-from dcp_train.optim import build_optimizer, lr_of, saved_schedule, schedule_for_launch
-from dcp_train.run.preempt import Preemption
-from dcp_train.errors import EXIT_PREEMPTED
-from dcp_train.data.tokenizer import get_tokenizer
 
 
 def train(cfg: Config, info: D.DistInfo) -> int:

@@ -47,9 +47,9 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_train import distributed as D
-from dcp_train.errors import CheckpointError, one_line
 from dcp_train.checkpoint.async_save.child import serve
 from dcp_train.checkpoint.async_save.state_pipe import Encoder, pack
+from dcp_train.errors import CheckpointError, one_line
 
 
 class SaveProcess:

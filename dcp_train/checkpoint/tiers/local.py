@@ -49,18 +49,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_train import distributed as D
-from dcp_train.run import faults
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io import space
-from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.layout import LATEST, METADATA, CheckpointDir, Found, step_name
-from dcp_train.checkpoint.state import read_meta
-from dcp_train.errors import ConfigError
-from dcp_train.errors import CheckpointError, describe
-from dcp_train.run.faults import fault_point
 from dcp_train.checkpoint.io.manifest import MANIFEST, TIER
 from dcp_train.checkpoint.io.safe_metadata import load_metadata
+from dcp_train.checkpoint.layout import LATEST, METADATA, CheckpointDir, Found, step_name
+from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.state import read_meta
 from dcp_train.config import PLACEHOLDER, local_path
+from dcp_train.errors import CheckpointError, ConfigError, describe
+from dcp_train.run import faults
+from dcp_train.run.faults import fault_point
 
 def node_rank() -> int:
     """This process's node: torchrun's GROUP_RANK (its --node_rank), 0 outside torchrun."""

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.errors import describe
 from dcp_train.run.faults import fault_point
-from dcp_train.checkpoint.io.manifest import MANIFEST
 
 PHASES = ("prepare", "upload", "commit")
 
