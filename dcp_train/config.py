@@ -219,32 +219,33 @@ def local_path(template: str, node: int) -> str:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no torch.distributed. World-size checks live in train.py."""
-    m = cfg.model
-    if cfg.training.seq_len is None:
-        cfg.training.seq_len = m.block_size
-    if cfg.training.seq_len > m.block_size:
-        raise ConfigError(f"--seq_len {cfg.training.seq_len} exceeds --block_size {m.block_size}")
+    """Checks that need no torch.distributed (world-size checks: grad_accum_steps and
+    train/deterministic.py). Fills in seq_len (default: block_size)."""
+    t, m, ck, ev = cfg.training, cfg.model, cfg.checkpoint, cfg.eval
+    if t.seq_len is None:
+        t.seq_len = m.block_size
+    if t.seq_len > m.block_size:
+        raise ConfigError(f"--seq_len {t.seq_len} exceeds --block_size {m.block_size}")
     if m.n_embd % m.n_head:
         raise ConfigError(f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {m.dropout}")
     for name in ("max_steps", "batch_size", "seq_len", "total_batch_size", "vocab_size"):
-        value = getattr(m if name == "vocab_size" else cfg.training, name)
+        value = getattr(m if name == "vocab_size" else t, name)
         if value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
-    if cfg.training.warmup_steps < 0 or cfg.data.num_workers < 0:
+    if t.warmup_steps < 0 or cfg.data.num_workers < 0:
         raise ConfigError("--warmup_steps and --num_workers must be >= 0")
-    if cfg.training.total_batch_size % cfg.training.seq_len:
-        raise ConfigError(f"--total_batch_size {cfg.training.total_batch_size} is not a multiple of "
-                          f"--seq_len {cfg.training.seq_len}; use a multiple so a step is whole sequences")
-    if cfg.checkpoint.resume and not cfg.checkpoint.checkpoint_path:
+    if t.total_batch_size % t.seq_len:
+        raise ConfigError(f"--total_batch_size {t.total_batch_size} is not a multiple of "
+                          f"--seq_len {t.seq_len}; use a multiple so a step is whole sequences")
+    if ck.resume and not ck.checkpoint_path:
         raise ConfigError("--resume needs --checkpoint_path PATH (a step_XXXXXXXX dir)")
-    if cfg.checkpoint.checkpoint_path and not cfg.checkpoint.resume:
+    if ck.checkpoint_path and not ck.resume:
         raise ConfigError("--checkpoint_path is only used with --resume; add --resume")
-    if cfg.checkpoint.resume and cfg.checkpoint.auto_resume:
+    if ck.resume and ck.auto_resume:
         raise ConfigError("--resume and --auto_resume contradict each other; pass one of them")
-    validate_checkpoint(cfg.checkpoint)  # intervals, retention, the local tier
+    validate_checkpoint(ck)  # intervals, retention, the local tier
     try:  # the text may hold credentials: the messages never repeat it
         options = cfg.storage_options_dict
     except ValueError as e:
@@ -253,9 +254,9 @@ def validate(cfg: Config) -> None:
     if not isinstance(options, dict):
         raise ConfigError("--storage_options must be a JSON object ({...}), got a JSON "
                           f"{type(options).__name__}")
-    if cfg.training.lr_schedule not in ("continue", "recompute"):
-        raise ConfigError(f"--lr_schedule must be continue or recompute, got {cfg.training.lr_schedule!r}")
-    if m.vocab_size < 50257 and (cfg.eval.generate_interval > 0 or cfg.eval.hellaswag_interval > 0):
+    if t.lr_schedule not in ("continue", "recompute"):
+        raise ConfigError(f"--lr_schedule must be continue or recompute, got {t.lr_schedule!r}")
+    if m.vocab_size < 50257 and (ev.generate_interval > 0 or ev.hellaswag_interval > 0):
         raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
                           "50257 tokens, which text samples and HellaSwag need; set "
                           "--generate_interval 0 --hellaswag_interval 0 or a larger vocab")
@@ -296,11 +297,12 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step so that total_batch_size tokens make one step."""
-    per_micro = cfg.training.batch_size * cfg.training.seq_len * world_size
-    if cfg.training.total_batch_size % per_micro:
+    t = cfg.training
+    per_micro = t.batch_size * t.seq_len * world_size
+    if t.total_batch_size % per_micro:
         raise ConfigError(
-            f"--total_batch_size {cfg.training.total_batch_size} is not divisible by batch_size*seq_len*"
-            f"world_size = {cfg.training.batch_size}*{cfg.training.seq_len}*{world_size} = {per_micro}; "
-            f"change --batch_size or --total_batch_size")
-    return cfg.training.total_batch_size // per_micro
+            f"--total_batch_size {t.total_batch_size} is not divisible by batch_size*seq_len*"
+            f"world_size = {t.batch_size}*{t.seq_len}*{world_size} = {per_micro}; "
+            "change --batch_size or --total_batch_size")
+    return t.total_batch_size // per_micro
 

@@ -57,7 +57,8 @@ def compare_run(saved_config: dict, saved_fingerprint: dict | None, cfg,
     if saved_fingerprint is not None:
         diff = fingerprint_diff(saved_fingerprint, fingerprint)
         if diff:
-            errors.append(f"other training data in --data_dir {cfg.data.data_dir} ({'; '.join(diff)})")
+            errors.append(f"other training data in --data_dir {cfg.data.data_dir} "
+                          f"({'; '.join(diff)})")
     changes = {}
     for name, value in new.items():
         if name in STREAM + MODEL_DIMS + NOT_COMPARED:

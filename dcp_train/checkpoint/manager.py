@@ -56,19 +56,20 @@ def due(interval: int, step: int, last: bool) -> bool:
 class CheckpointManager:
     def __init__(self, cfg, info, metrics, progress, shared: list, entry):
         self.cfg, self.info, self.metrics = cfg, info, metrics
+        ck = self.ck = cfg.checkpoint  # the checkpoint section of the config
         self.progress, self.shared, self.entry = progress, shared, entry
-        self.dir = CheckpointDir(cfg.checkpoint.checkpoint_dir, cfg.storage_options_dict,
-                                 verify=cfg.checkpoint.verify_checkpoint)
+        self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
+                                 verify=ck.verify_checkpoint)
         self.lease = WriterLease(self.dir.storage)
-        self.writer = Checkpointer(self.dir, cfg.checkpoint.keep_last_n_checkpoints,
+        self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh, save_process=SaveProcess)
         for component in shared:  # an async save copies the state before it changes
             if isinstance(component, OptimizerState):
                 component.optimizer.register_step_pre_hook(lambda *_: self.writer.staged())
         self.committed_step = None  # the step whose state is committed in our dir(s)
         self.local = self.replicator = None
-        if cfg.checkpoint.local_checkpoint_dir:
-            self.local = LocalTier(cfg.checkpoint.local_checkpoint_dir, cfg.checkpoint.keep_last_n_local_checkpoints,
+        if ck.local_checkpoint_dir:
+            self.local = LocalTier(ck.local_checkpoint_dir, ck.keep_last_n_local_checkpoints,
                                    info.rank, info.world_size)
             self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log)
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
@@ -87,13 +88,13 @@ class CheckpointManager:
             self._check(found)
             found = self._load(found)
         D.agree(self._acquire_lease)
-        if self.cfg.checkpoint.async_checkpoint:  # its start-up (seconds) overlaps the first steps
+        if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.writer.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
         if found is None or not self._same_world(found):
             self.entry.fresh()
         if found is None:
-            if self.cfg.checkpoint.auto_resume:
+            if self.ck.auto_resume:
                 self.metrics.say(f"no checkpoint in {self.dir.root}: starting fresh at step 0")
             return
         if found.path == self.dir.step_path(found.step) or self._from_local:
@@ -110,9 +111,9 @@ class CheckpointManager:
         loading), or None."""
         self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
         self._check_lease()  # another live run writes here: refuse before reading its dirs
-        if self.cfg.checkpoint.resume:
-            return self.dir.open(self.cfg.checkpoint.checkpoint_path, defer=True)
-        if self.cfg.checkpoint.auto_resume:
+        if self.ck.resume:
+            return self.dir.open(self.ck.checkpoint_path, defer=True)
+        if self.ck.auto_resume:
             return self.dir.find_latest(defer=True)
         committed, _ = self.dir.scan()
         if committed:  # a fresh start would overwrite that run's step dirs and `latest`
@@ -143,7 +144,7 @@ class CheckpointManager:
                 self._check(found)
                 continue
             if not found.discovered:
-                raise CheckpointError(unusable(self.cfg.checkpoint.checkpoint_path, problem))
+                raise CheckpointError(unusable(self.ck.checkpoint_path, problem))
             rejected[posixpath.basename(found.path)] = problem
             found = D.agree(lambda: self.dir.fall_back(found, rejected))
             self._check(found)
@@ -156,8 +157,8 @@ class CheckpointManager:
         """Every rank: the durable tier's `durable`, or the local tier's newest checkpoint
         that every rank can load (tier_policy.choose); self.tier says which and why."""
         usable = D.agree(self.local.usable, every_rank=True)
-        if not self.cfg.checkpoint.auto_resume:
-            if any(usable) and not self.cfg.checkpoint.resume:
+        if not self.ck.auto_resume:
+            if any(usable) and not self.ck.resume:
                 raise ConfigError(f"--local_checkpoint_dir {self.local.root} holds a run at "
                                   f"step {max(s for u in usable for s in u)}; pass "
                                   "--auto_resume to continue it or use another dir")
@@ -243,9 +244,9 @@ class CheckpointManager:
         if self.replicator is not None:
             self.replicator.advance([r[1] for r in reports])
         by_time = reports[0][0] if reports else (False, False)
-        if due(self.cfg.checkpoint.checkpoint_interval, step, last) or by_time[0] or last or stopping:
+        if due(self.ck.checkpoint_interval, step, last) or by_time[0] or last or stopping:
             self.save()
-        elif self.local is not None and (due(self.cfg.checkpoint.local_checkpoint_interval, step, False)
+        elif self.local is not None and (due(self.ck.local_checkpoint_interval, step, False)
                                          or by_time[1]):
             self.save(durable=False)
 
@@ -256,7 +257,7 @@ class CheckpointManager:
             sd.update(component.state_dict())
         if self.local is None:
             self.writer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
-                             asynchronous=self.cfg.checkpoint.async_checkpoint)
+                             asynchronous=self.ck.async_checkpoint)
         else:
             rec = self.local.save(self.progress.step, sd, durable,
                                   self.replicator.durable_step)

@@ -64,11 +64,12 @@ def micro_batches_per_step(cfg: Config) -> int:
 def setup(cfg: Config, world_size: int, device_type: str) -> None:
     """Refuse a world size that does not divide V (before anything is written), then pin the
     kernels: one CPU intra-op thread; deterministic algorithms on CUDA."""
+    t = cfg.training
     v = micro_batches_per_step(cfg)
     if v % world_size:
         works = ", ".join(str(w) for w in range(1, v + 1) if v % w == 0)
         raise ConfigError(f"--deterministic splits each step into {v} micro-batches of "
-                          f"--batch_size {cfg.training.batch_size}, which world size {world_size} does "
+                          f"--batch_size {t.batch_size}, which world size {world_size} does "
                           f"not divide; run on {works} ranks, or change --batch_size")
     if device_type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

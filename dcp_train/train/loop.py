@@ -40,47 +40,49 @@ from dcp_train.train.hellaswag import hellaswag_accuracy
 def train(cfg: Config, info: D.DistInfo) -> int:
     """Run to --max_steps (or --stop_at_step); returns the exit code: 0, or EXIT_PREEMPTED
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
+    t, workers = cfg.training, cfg.data.num_workers
     metrics = Metrics(cfg.logging.log_dir, info.is_main, tensorboard=cfg.logging.tensorboard)
     metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
     preempt = Preemption(cfg.checkpoint.preempt_timeout)
-    if cfg.training.deterministic:  # a world size that does not divide the micro-batches: error here
+    if t.deterministic:  # a world size that does not divide the micro-batches: error here
         deterministic.setup(cfg, info.world_size, info.device_type)
     accum = grad_accum_steps(cfg, info.world_size)
-    samples_per_step = cfg.training.total_batch_size // cfg.training.seq_len
+    samples_per_step = t.total_batch_size // t.seq_len
     train_files, val_files, enc, hellaswag_interval = prepare_inputs(cfg, info, metrics)
 
     # model: identical init on every rank, then sharded
-    torch.manual_seed(cfg.training.seed)
+    torch.manual_seed(t.seed)
     compile_blocks = C.resolve(cfg.hardware.compile, info.device_type)
     model = D.shard_model(GPT(cfg.model), info, compile=compile_blocks)
-    optimizer = build_optimizer(model, cfg.training.max_lr, cfg.training.weight_decay, info.device_type)
+    optimizer = build_optimizer(model, t.max_lr, t.weight_decay, info.device_type)
     one_step = step_function(cfg, model, info, accum)
     progress = Progress(world_size=info.world_size, samples_per_step=samples_per_step,
                         config=redacted_config(cfg),
                         data_fingerprint=D.agree(lambda: data_fingerprint(train_files)))
     loader = LoaderState(lambda step: build_train_loader(
-        train_files, cfg.training.seq_len, cfg.training.batch_size, samples_per_step, info.rank,
-        info.world_size, cfg.training.seed, cfg.data.num_workers, start_step=step), cfg.data.num_workers, progress)
+        train_files, t.seq_len, t.batch_size, samples_per_step, info.rank,
+        info.world_size, t.seed, workers, start_step=step), workers, progress)
     ckpt = CheckpointManager(cfg, info, metrics, progress,
                              shared=[ModelState(model), OptimizerState(model, optimizer),
                                      progress],
-                             entry=RankEntry(info.rank, rng=RNGState(cfg.training.seed, info.rank,
+                             entry=RankEntry(info.rank, rng=RNGState(t.seed, info.rank,
                                                                      progress), loader=loader))
     ckpt.resume()
     progress.lr_schedule = schedule_for_launch(
-        saved_schedule(progress.saved) if progress.saved else None, cfg.training.max_lr,
-        cfg.training.warmup_steps, cfg.training.max_steps, cfg.training.lr_schedule)
+        saved_schedule(progress.saved) if progress.saved else None, t.max_lr,
+        t.warmup_steps, t.max_steps, t.lr_schedule)
     metrics.say(f"model {sum(p.numel() for p in model.parameters()):,} params, "
                 f"{'bf16' if info.device_type == 'cuda' else 'fp32'}, world {info.world_size}, "
                 f"grad accum {accum}, device {info.device}")
-    speed = Throughput(cfg.training.total_batch_size, info.world_size,
-                       model_flops_per_token(model, cfg.training.seq_len),
-                       peak_flops(info.device_type, cfg.hardware.peak_tflops, D.device_name(info)))
+    speed = Throughput(t.total_batch_size, info.world_size,
+                       model_flops_per_token(model, t.seq_len),
+                       peak_flops(info.device_type, cfg.hardware.peak_tflops,
+                                  D.device_name(info)))
     metrics.say(f"compile {'on' if compile_blocks else 'off'}; MFU: {speed.describe()}")
 
     batches = iter(loader.loader)
     t_start = time.perf_counter()
-    final_step = cfg.training.max_steps if cfg.training.stop_at_step < 0 else min(cfg.training.stop_at_step, cfg.training.max_steps)
+    final_step = t.max_steps if t.stop_at_step < 0 else min(t.stop_at_step, t.max_steps)
     stopping = False
     for step in range(progress.step + 1, final_step + 1):
         last = step == final_step
@@ -96,13 +98,13 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         if info.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        progress.step, progress.tokens = step, progress.tokens + cfg.training.total_batch_size
+        progress.step, progress.tokens = step, progress.tokens + t.total_batch_size
         rates = speed.rates(dt)
         metrics.log("train", step=step, loss=loss, lr=lr, grad_norm=norm,
                     tokens=progress.tokens, **rates,
                     batch_digest=hashlib.sha256(repr(all_ids).encode()).hexdigest()[:16])
         metrics.say(f"step {step:6d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                    f"tok/s {cfg.training.total_batch_size / dt:9.0f} | {speed.text(rates)} | "
+                    f"tok/s {t.total_batch_size / dt:9.0f} | {speed.text(rates)} | "
                     f"elapsed {time.perf_counter() - t_start:7.1f}s")
         evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, progress, last)
         ckpt.step(step, last=last, stopping=stopping, reports=[g[2] for g in gathered])
@@ -196,8 +198,8 @@ def prepare_inputs(cfg: Config, info: D.DistInfo, metrics: Metrics):
     hellaswag_interval = cfg.eval.hellaswag_interval
     if hellaswag_interval > 0 and not os.path.isfile(cfg.eval.hellaswag_path):
         if cfg.eval.hellaswag_path != EvalConfig.hellaswag_path:
-            raise ConfigError(f"--hellaswag_path {cfg.eval.hellaswag_path} does not exist; get it with "
-                              "python -m dcp_train.hellaswag --download DIR")
+            raise ConfigError(f"--hellaswag_path {cfg.eval.hellaswag_path} does not exist; get "
+                              "it with python -m dcp_train.hellaswag --download DIR")
         hellaswag_interval = 0  # the default file is optional: say so and go on without it
         metrics.say(f"HellaSwag off: {cfg.eval.hellaswag_path} not found (python -m "
                     "dcp_train.hellaswag --download data/hellaswag fetches it)")
