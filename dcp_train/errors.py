@@ -27,7 +27,7 @@ CheckpointException) and names the first kind it recognises:
 
 Known kinds read `<kind>: <details>; <what to do> (<Type: message>)`, of the exception in the
 chain that showed the kind (botocore's outer EndpointConnectionError names the URL, its cause
-only host:port); anything else is the innermost cause as `Type: message`, as checkpoint.py's
+only host:port); anything else is the innermost cause as `Type: message`, as protocol.py's
 `_cause` always did. Free space
 comes from os.statvfs of the nearest existing ancestor of a local `path`.
 """

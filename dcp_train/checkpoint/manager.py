@@ -6,15 +6,15 @@
     ckpt.close()                                   # at the end: the last step is committed
 
 It owns the policy (when to save, sync or async, retention, which checkpoint to resume from)
-and the writer lease; the components (components.py) own what is saved and how it comes back.
+and the writer lease; the components (state.py) own what is saved and how it comes back.
 
 resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
 1. probe the storage, refuse a dir another live run writes (the lease, read only);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
-   newest valid one (checkpoint_dir.py); without either a dir that holds committed
+   newest valid one (layout.py); without either a dir that holds committed
    checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
 3. check that this run can continue it: a format this code reads, and the same data, seed,
-   sequence length, batch geometry and model (runcheck.py); what may change (LR, intervals,
+   sequence length, batch geometry and model (compat.py); what may change (LR, intervals,
    ...) is reported as WARNING lines and in the `resume` record;
 4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
    checkpoint fall back to the next one, and is an error for one the user named;
@@ -24,8 +24,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
    parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
 7. log the `resume` record.
 
-Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers.py), and to the durable
-one by background replication (replicate.py); resume takes the newer tier (tier_policy.py).
+Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py), and to the durable
+one by background replication (replicate.py); resume takes the newer tier (tiers/policy.py).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class CheckpointManager:
             self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log)
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
         self.tier = None  # with a local tier: (tier resumed from, why)
-        self.changes = {}  # {flag: [saved, now]} of what this resume changed (runcheck.py)
+        self.changes = {}  # {flag: [saved, now]} of what this resume changed (compat.py)
 
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -175,7 +175,7 @@ class CheckpointManager:
     def _check(self, found: Found) -> None:
         """Refuse a checkpoint this run cannot continue: a newer format, a switch of
         --deterministic, or other data, seed, sequence length, batch geometry or model
-        (runcheck.py); keep what may change."""
+        (compat.py); keep what may change."""
         check_format(found.meta, found.path)
         deterministic.check_resume(found.meta["config"], self.cfg)
         errors, self.changes = compare_run(found.meta["config"], found.meta.get(
@@ -225,7 +225,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------ saving
     def report(self):
-        """This rank's part of train.py's per-step gather: rank 0's (durable, local) due by
+        """This rank's part of train/loop.py's per-step gather: rank 0's (durable, local) due by
         wall time, and the replication's state (replicate.py)."""
         return (self.clock.due() if self.info.is_main else None,
                 self.replicator.report() if self.replicator else None)

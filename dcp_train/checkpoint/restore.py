@@ -1,7 +1,7 @@
 """Loading a checkpoint into the components, with its verification running at the same time.
 
 Reading every byte of a checkpoint only to check it would double the cost of a resume. So
-discovery (checkpoint_dir.py, `defer=True`) checks everything but the CRC-32s of the shard
+discovery (layout.py, `defer=True`) checks everything but the CRC-32s of the shard
 files, and `load` checks those without a second pass where it can:
 - local: on a background thread while DCP reads the same files (the page cache serves both),
   each rank a share of about equal bytes;
@@ -33,7 +33,7 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
     """Collective: load `shared` components (every rank's) and, at the saved world size,
     `entry` (this rank's RankEntry) from `found`; with `verify`, check every file's CRC-32
     (see the module docstring; on a local dir, this rank checks a share of the files, or the
-    files `mine` names: the local tier's ranks check what they wrote, tiers.py). Returns None,
+    files `mine` names: the local tier's ranks check what they wrote, tiers/local.py). Returns None,
     or what is damaged (then the components hold whatever was read). Any other failure is one
     CheckpointError on every rank."""
     storage = Storage(found.path, storage_options)

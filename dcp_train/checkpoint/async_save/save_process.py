@@ -13,7 +13,7 @@ What the training process does for an asynchronous save of step s (Checkpointer.
 3. The staged state goes to this rank's save process through a pipe (state_pipe.py: each
    buffer crosses once, as a shared-memory handle; later saves send references).
 
-The save process runs the whole synchronous protocol of checkpoint.py on it: DCP planning and
+The save process runs the whole synchronous protocol of protocol.py on it: DCP planning and
 serialization, CRC-32, writes and uploads, the space check, manifest, commit, `latest` and
 retention, over a gloo group of the save processes only (rank 0 of the training hosts its
 store). Python work in there competes for cores, not for the training interpreter's GIL.

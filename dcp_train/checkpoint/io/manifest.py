@@ -1,5 +1,5 @@
 """manifest.json: the list of every file of a step dir with its size and CRC-32, and the
-check of a step dir against it. Writing it is the commit point of a save (checkpoint.py).
+check of a step dir against it. Writing it is the commit point of a save (protocol.py).
 
     {"step": 20, "world_size": 2,
      "files": {".metadata": {"size": 41234, "crc32": "9a0c1f3e"}, "__0_0.distcp": {...}, ...},
@@ -17,7 +17,7 @@ shard can rewrite the manifest too; the defence there is safe_metadata.py (nothi
 checkpoint is ever unpickled beyond DCP's metadata classes). zlib releases the GIL, so the
 files of a step dir are checked on several threads at once. Each rank computes the checksums
 of the files it writes while writing them (dcp_io.py); on resume, verification reads every
-file once more, shared across ranks and at the same time as DCP's own read (checkpoint.py).
+file once more, shared across ranks and at the same time as DCP's own read (protocol.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dcp_train.checkpoint.io.storage import Storage
 
 MANIFEST = "manifest.json"
-TIER = "tier.json"  # local tier only (tiers.py): not part of the checkpoint
+TIER = "tier.json"  # local tier only (tiers/local.py): not part of the checkpoint
 STEP_RE = re.compile(r"^step_(\d{8})$")
 _CHUNK = 8 << 20
 _THREADS = 4

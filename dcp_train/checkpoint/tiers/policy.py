@@ -1,11 +1,11 @@
 """When to save on which tier, and which tier to resume from (the manager's policy for two
-tiers; the tiers themselves are tiers.py and replicate.py).
+tiers; the tiers themselves are tiers/local.py and replicate.py).
 
 Intervals. A tier saves when its step interval is due (--checkpoint_interval,
 --local_checkpoint_interval) or when its wall-time interval has passed since its last save
 (--checkpoint_interval_minutes, --local_checkpoint_interval_minutes; counted from the end of
 the resume for the first). Rank 0's clock decides: its answer travels in the one gather
-train.py does per step, so every rank saves after the same step. A save due on the durable
+train/loop.py does per step, so every rank saves after the same step. A save due on the durable
 tier with a local tier configured is one save: local commit, then replication.
 
 Resume (--auto_resume). The newest checkpoint that is complete on either tier: the local

@@ -1,8 +1,8 @@
 """Replication: a committed local checkpoint copied to the durable tier in the background.
 
-A save due on both tiers is one save: committed on the local tier (tiers.py), then handed to
+A save due on both tiers is one save: committed on the local tier (tiers/local.py), then handed to
 the Replicator, which copies it to --checkpoint_dir under the durable tier's own rules
-(checkpoint.py, whose protocol it calls): files in place under `step_XXXXXXXX/` (a temp dir
+(protocol.py, whose protocol it calls): files in place under `step_XXXXXXXX/` (a temp dir
 on a local durable dir), `manifest.json` last (the commit; its sizes and CRC-32s are the ones
 computed while the local save wrote the files, nothing is read twice), `latest` only after,
 then the durable retention. One job runs in three phases, each on a background thread:
@@ -12,7 +12,7 @@ then the durable retention. One job runs in three phases, each on a background t
               fsspec put; then a listing checks their sizes against the manifest's
     commit    rank 0, once every rank's upload is done: check the listing, manifest, `latest`
 
-Ranks agree on phase changes at step boundaries, through the one small gather train.py
+Ranks agree on phase changes at step boundaries, through the one small gather train/loop.py
 already does per step (`report()` goes into it, `advance()` reads every rank's report), so
 replication adds no collective to a step. A failed phase (bucket unreachable, ...) is a
 WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. A newer job
@@ -184,7 +184,7 @@ class Replicator:
         return job.target
 
     def _commit(self, job: Job) -> int:
-        """The durable commit (checkpoint.py); a retry that finds this very manifest already
+        """The durable commit (protocol.py); a retry that finds this very manifest already
         committed (an attempt failed after its commit point) only redoes `latest` and
         retention."""
         final = self.durable.dir.step_path(job.step)
