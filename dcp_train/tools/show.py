@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+
 def human(n: int | None) -> str:
     if n is None:
         return "?"

@@ -61,6 +61,7 @@ from dcp_train.errors import CheckpointError, ConfigError, describe
 from dcp_train.run import faults
 from dcp_train.run.faults import fault_point
 
+
 def node_rank() -> int:
     """This process's node: torchrun's GROUP_RANK (its --node_rank), 0 outside torchrun."""
     return int(os.environ.get("GROUP_RANK", "0"))
