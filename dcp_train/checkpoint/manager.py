@@ -36,17 +36,16 @@ import time
 from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
-from dcp_train.checkpoint.compat import change_lines, compare_run, end_note, mismatch_message
+from dcp_train.checkpoint.compat import change_lines, check_resume, end_note
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.state import OptimizerState, check_format
+from dcp_train.checkpoint.state import OptimizerState
 from dcp_train.checkpoint.tiers.local import LocalTier
 from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
 from dcp_train.checkpoint.tiers.replicate import Replicator
 from dcp_train.errors import CheckpointError, ConfigError, describe
 from dcp_train.run.metrics import resident_mb
-from dcp_train.train import deterministic
 
 
 def due(interval: int, step: int, last: bool) -> bool:
@@ -176,12 +175,8 @@ class CheckpointManager:
         """Refuse a checkpoint this run cannot continue: a newer format, a switch of
         --deterministic, or other data, seed, sequence length, batch geometry or model
         (compat.py); keep what may change."""
-        check_format(found.meta, found.path)
-        deterministic.check_resume(found.meta["config"], self.cfg)
-        errors, self.changes = compare_run(found.meta["config"], found.meta.get(
-            "data_fingerprint"), self.cfg, self.progress.data_fingerprint)
-        if errors:
-            raise ConfigError(mismatch_message(found.path, errors))
+        self.changes = check_resume(found.meta, found.path, self.cfg,
+                                    self.progress.data_fingerprint)
 
     def _same_world(self, found: Found) -> bool:
         return found.meta["world_size"] == self.info.world_size

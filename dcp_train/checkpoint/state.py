@@ -43,7 +43,6 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from dcp_train import rng
-from dcp_train.errors import CheckpointError
 
 # 1: the layout above (every checkpoint so far). Bump it when a change means older code would
 # misread a checkpoint; this code refuses a newer one and must keep loading every older one.
@@ -68,14 +67,6 @@ def read_meta(reader) -> dict:
         warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
         dcp.load(sd, storage_reader=reader, no_dist=True)
     return tensor_json(sd["meta"])
-
-
-def check_format(meta: dict, path: str) -> None:
-    version = meta.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this "
-                              f"dcp_train reads ({FORMAT_VERSION}); resume it with the "
-                              "dcp_train version that wrote it, or upgrade")
 
 
 def tied_aliases(model) -> dict[str, str]:
