@@ -1,5 +1,7 @@
-"""dcp_train.main with deterministic kernels, for the GPU check's bit-exact resume while
-dcp_train.main has no --deterministic flag (issue 17): launch it in place of dcp_train.main,
+"""dcp_train.main with deterministic kernels only: the ordinary FSDP2 step (no replica, no
+exact sums), for checking a bit-exact resume at one world size on CUDA without the cost of
+`--deterministic` (whose mode, train/deterministic.py, also makes the bits independent of
+the world size). Launch it in place of dcp_train.main,
 
     torchrun --nproc_per_node 1 -m bench.deterministic_main [dcp_train.main flags]
 

@@ -91,10 +91,9 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         loss, norm, sample_ids = one_step(optimizer, batches, step, lr)
         # one small gather per step: the step's sample ids, whether a rank got a signal, and
         # what the checkpoint manager agrees on (wall-time intervals, replication)
-        gathered = D.agree(lambda: (sample_ids, preempt.requested, ckpt.report()),
-                           every_rank=True)
-        all_ids = sorted(i for ids, _, _ in gathered for i in ids)
-        stopping = any(flag for _, flag, _ in gathered)
+        reports = D.agree(lambda: ckpt.report(sample_ids, preempt.requested), every_rank=True)
+        all_ids = sorted(i for r in reports for i in r.sample_ids)
+        stopping = any(r.stop_requested for r in reports)
         if info.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -107,7 +106,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                     f"tok/s {t.total_batch_size / dt:9.0f} | {speed.text(rates)} | "
                     f"elapsed {time.perf_counter() - t_start:7.1f}s")
         evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, progress, last)
-        ckpt.step(step, last=last, stopping=stopping, reports=[g[2] for g in gathered])
+        ckpt.step(step, last=last, stopping=stopping, reports=reports)
         if stopping:
             metrics.say(f"preempted: stopped after step {step} with a checkpoint; exit code "
                         f"{EXIT_PREEMPTED} (continue with --auto_resume)")
