@@ -16,9 +16,9 @@ import dataclasses
 from dataclasses import fields
 from typing import Optional
 
+from dcp_train import redact
 from dcp_train.config import PRESETS, PRESET_RUN_DEFAULTS, SECTIONS, Config, ModelConfig, validate
 from dcp_train.errors import ConfigError
-from dcp_train.run import redact
 
 PRESET_RUN_DEFAULTS_KEYS = {k for d in PRESET_RUN_DEFAULTS.values() for k in d}
 

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dcp_train import redact
 from dcp_train.errors import ConfigError
-from dcp_train.run import redact
 
 
 def _help(text: str, **kw):

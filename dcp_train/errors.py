@@ -40,7 +40,7 @@ import signal
 import socket
 import sys
 
-from dcp_train.run import redact
+from dcp_train import redact
 
 
 def _dcp_failures(e: BaseException) -> list[BaseException]:

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import json
 
+from dcp_train import redact
 from dcp_train.checkpoint.state import FORMAT_VERSION
 from dcp_train.config import Config, redacted_config
 from dcp_train.data.fingerprint import fingerprint_diff
 from dcp_train.errors import CheckpointError, ConfigError
-from dcp_train.run import redact
 
 STREAM = ("seed", "seq_len", "total_batch_size")
 MODEL_DIMS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")

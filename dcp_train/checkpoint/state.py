@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from dcp_train import rng
+from dcp_train.checkpoint import rng
 
 # 1: the layout above (every checkpoint so far). Bump it when a change means older code would
 # misread a checkpoint; this code refuses a newer one and must keep loading every older one.

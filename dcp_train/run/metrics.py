@@ -15,8 +15,8 @@ import os
 import platform
 import sys
 
+from dcp_train import redact
 from dcp_train.config import redacted_config
-from dcp_train.run import redact
 
 
 class Metrics:

@@ -28,13 +28,13 @@ import posixpath
 import sys
 import warnings
 
+from dcp_train import redact
 from dcp_train.checkpoint.io.manifest import (MANIFEST, TIER, ManifestError,
                                               problems as manifest_problems, read as read_manifest)
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import TMP_RE, CheckpointDir
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.errors import CheckpointError
-from dcp_train.run import redact
 from dcp_train.tools.export import (DTYPES, ExportError, export_tensors, hf_config,
                                     load_model_weights, write_export)
 from dcp_train.tools.show import print_inspect, print_listing, print_tiers
