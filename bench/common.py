@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -92,18 +93,26 @@ class ChildFailed(RuntimeError):
 
 def run_child(cmd: list[str], nproc: int, timeout: float, env: dict | None = None,
               log=None) -> subprocess.CompletedProcess:
-    """Run a child (torchrun or python) from the repo root; raise ChildFailed with its tail."""
+    """Run a child (torchrun or python) from the repo root; raise ChildFailed with its tail.
+    The child runs in its own session: on a timeout its whole process group (torchrun's
+    workers, their save processes) is killed, not just the launcher."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(nproc, env), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(nproc, env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise ChildFailed(failure_text(cmd, f"killed after its {timeout:.0f} s", output)) from None
     if log is not None:
         log(f"    ({time.perf_counter() - t0:.1f}s) {' '.join(cmd[-12:])[:160]}")
     if proc.returncode != 0:
-        raise ChildFailed(failure_text(cmd, proc.returncode, proc.stdout + proc.stderr))
-    return proc
+        raise ChildFailed(failure_text(cmd, proc.returncode, output))
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
 
 
-def failure_text(cmd: list[str], rc: int, output: str) -> str:
+def failure_text(cmd: list[str], rc, output: str) -> str:
     """The command, the first rank's traceback (torchrun prints it among much else), the tail."""
     lines = output.splitlines()
     first = next((line for line in lines if line.startswith("[rank")), None)
