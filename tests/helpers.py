@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcp_train.export import load_full_state
+from dcp_train.tools.export import load_full_state
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TIKTOKEN = REPO.parent / "shared" / "tiktoken_cache"
@@ -148,7 +148,7 @@ def digests(log_dir: Path) -> dict[int, str]:
 
 
 def load_checkpoint(step_dir: Path, tmp: Path) -> dict:
-    """A DCP checkpoint as one flat dict of full tensors (dcp_train.export.load_full_state)."""
+    """A DCP checkpoint as one flat dict of full tensors (dcp_train.tools.export.load_full_state)."""
     return load_full_state(step_dir, tmp)
 
 
