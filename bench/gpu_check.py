@@ -113,12 +113,26 @@ def table(res: dict) -> str:
     add("env", "torch in the supported range, private DCP parts present",
         e.get("torch_supported"), "", e.get("ok"))
     for part, err in res["errors"].items():
-        rows.append(f"| {part} | FAILED | {err.splitlines()[0][:300]} | | False |")
+        lines = err.splitlines()
+        cause = next((x for x in lines if "dcp_train: error:" in x), lines[0])
+        rows.append(f"| {part} | FAILED | {cause[:300]} | | False |")
     return "\n".join(rows) + "\n"
 
 
-def run_parts(a, s, work: Path, res: dict) -> None:
-    """Every part in its box under the global deadline; failures recorded, the rest go on."""
+def write(res: dict, target: Path, t0: float) -> str:
+    """The results so far: JSON at `target`, the table beside it (.md); returns the table."""
+    res["elapsed_s"] = time.perf_counter() - t0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(res, indent=1))
+    md = table(res)
+    target.with_suffix(".md").write_text(md)
+    return md
+
+
+def run_parts(a, s, work: Path, res: dict, target: Path) -> None:
+    """Every part in its box under the global deadline; failures recorded, the rest go on;
+    the results file rewritten after each part (a run killed from outside keeps them)."""
+    t0 = time.perf_counter()
     deadline = time.monotonic() + (a.deadline or s["deadline"])
     for name in [x for x in a.parts.split(",") if x]:
         out = res["parts"].setdefault(name, {})
@@ -135,6 +149,7 @@ def run_parts(a, s, work: Path, res: dict) -> None:
             log(f"[{name}] FAILED: {res['errors'][name][-2500:]}")
         out["part_seconds"] = round(time.perf_counter() - t, 1)
         log(f"[{name}] ok={out.get('ok')} in {out['part_seconds']} s")
+        write(res, target, t0)
 
 
 def main(argv=None) -> int:
@@ -163,14 +178,9 @@ def main(argv=None) -> int:
     res = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": a.device, "tiny": a.tiny,
            "argv": sys.argv[1:] if argv is None else argv, "settings": s, "goals": GOALS,
            "parts": {}, "errors": {}}
-    t0 = time.perf_counter()
-    run_parts(a, s, work, res)
-    res["elapsed_s"] = time.perf_counter() - t0
     target = Path(a.out or REPO / "bench" / f"gpu_results{'_tiny' if a.tiny else ''}.json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(res, indent=1))
+    run_parts(a, s, work, res, target)
     md = table(res)
-    target.with_suffix(".md").write_text(md)
     log("\n" + md + f"\nwrote {target} and {target.with_suffix('.md')}")
     subprocess.run(["rm", "-rf", str(work)])
     failed = res["errors"] or any(p.get("ok") is False for p in res["parts"].values())
