@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from helpers import TINY, assert_same_tensors, load_checkpoint, metrics, run_train, write_shards
+from helpers import (TINY, assert_same_tensors, load_checkpoint, metrics, rank_rng, run_train,
+                     write_shards)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"
 ARGS = [*TINY, "--n_embd", "16", "--dropout", "0.1", "--batch_size", "4",
@@ -30,12 +31,6 @@ def _train_records(log_dir: Path) -> dict[int, tuple]:
             for r in metrics(log_dir) if r["kind"] == "train"}
 
 
-def _plain_rng(sd: dict, rank: int) -> dict:
-    """The numpy and Python generator states in rank `rank`'s entry of a loaded checkpoint."""
-    entry = sd[f"rank_{rank:05d}.json"]
-    return json.loads(bytes(entry.numpy().tobytes()).decode())["rng"]
-
-
 def test_format1_checkpoint_resumes_bit_exact(tmp_path):
     """The fixture (written by the code before the checkpoint manager) resumes at 2 ranks.
     Reference: the same resume stopped after step 3 (saved in today's format) and resumed
@@ -52,6 +47,7 @@ def test_format1_checkpoint_resumes_bit_exact(tmp_path):
     resumes = [r for r in metrics(straight / "log") if r["kind"] == "resume"]
     assert [(r["step"], Path(r["path"]).name, r["world_size_saved"], r["rng"], r["note"])
             for r in resumes] == [(2, "step_00000002", 2, "restored", "")]
+    assert [r["step"] for r in metrics(stopped / "log") if r["kind"] == "resume"] == [2, 3]
     got, ref = _train_records(straight / "log"), _train_records(stopped / "log")
     assert sorted(got) == [3, 4] and got == ref
     final = load_checkpoint(ckpt / "step_00000004", tmp_path)
@@ -62,7 +58,7 @@ def test_format1_checkpoint_resumes_bit_exact(tmp_path):
     # (integers, the same on every CPU)
     fixture = load_checkpoint(FIXTURE / "step_00000002", tmp_path)
     for rank in (0, 1):
-        assert _plain_rng(final, rank) == _plain_rng(fixture, rank)
+        assert rank_rng(final, rank)[1] == rank_rng(fixture, rank)[1]
     meta = json.loads(bytes(final["meta"].numpy().tobytes()).decode())
     assert (meta["step"], meta["tokens"], meta["world_size"]) == (4, 4 * 512, 2)
     assert not torch.equal(final["model.transformer.wte.weight"],
