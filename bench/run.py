@@ -282,7 +282,8 @@ def part_train(a, s, work: Path, results: dict) -> None:
     # The same OpenMP wait policy for every training run. Left unset, libgomp spins between
     # parallel regions until a process has more OpenMP threads than CPUs; the thread of an
     # async save adds a thread team, which switches spinning off for the rest of that run and
-    # changes its speed by up to 2x either way on 2 cores (README, "Things we learned").
+    # changes its speed by up to 2x either way on 2 cores (docs/benchmarks.md, "Things we
+    # learned while measuring").
     omp = {} if a.omp_wait_policy == "unset" else {"OMP_WAIT_POLICY": a.omp_wait_policy}
     log(f"[train] {s['train_model']}, 1 rank, {s['train_runs']} x {len(runs)} runs of "
         f"{s['train_steps']} steps of {s['train_total']} tokens, save every {s['interval']} "
