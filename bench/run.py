@@ -282,10 +282,12 @@ def part_train(a, s, work: Path, results: dict) -> None:
     # The same OpenMP wait policy for every training run. Left unset, libgomp spins between
     # parallel regions until a process has more OpenMP threads than CPUs; the thread of an
     # async save adds a thread team, which switches spinning off for the rest of that run and
-    # changes its speed by up to 2x either way on 2 cores (README, "Things we learned").
+    # changes its speed by up to 2x either way on 2 cores (docs/benchmarks.md, "Things we
+    # learned while measuring").
     omp = {} if a.omp_wait_policy == "unset" else {"OMP_WAIT_POLICY": a.omp_wait_policy}
     log(f"[train] {s['train_model']}, 1 rank, {s['train_runs']} x {len(runs)} runs of "
-        f"{s['train_steps']} steps of {s['train_total']} tokens, save every {s['interval']}")
+        f"{s['train_steps']} steps of {s['train_total']} tokens, save every {s['interval']} "
+        f"(runs: {', '.join(name for name, _ in runs)})")
     for rep in range(s["train_runs"]):
         k = rep % len(runs)
         for name, interval in runs[k:] + runs[:k]:
@@ -355,20 +357,13 @@ def train_rows(s, results: dict) -> list:
         ]
 
     sync_s = sum((save_times(m, s, "seconds") for m in metrics["sync"]), [])
-    if marks.get("async"):
-        blocked = sum((save_times(m, s, "blocked_s") for m in metrics["async"]), [])
-        rows.append(row("3 async", "async save: seconds blocked / sync save seconds", blocked,
-                        sync_s, "<=", 0.10, f"sync save {statistics.median(sync_s):.2f} s",
-                        f"blocked {statistics.median(blocked):.3f} s", per_save, invert=True,
-                        note=seg_note))
-        rows += throughput_rows("3 async", f"tokens/s, async save every {s['interval']} steps "
-                                "/ no saves", "async", "nosave", 0.97, per_save, "")
-    else:  # results written by an older bench/run.py without async runs
-        why = "no --async_checkpoint runs in these results"
-        rows.append(na_row("3 async", "async save: seconds blocked / sync save seconds",
-                           "<= 0.1", why))
-        rows.append(na_row("3 async", f"tokens/s, async save every {s['interval']} steps / "
-                           "no saves", ">= 0.97", why))
+    blocked = sum((save_times(m, s, "blocked_s") for m in metrics["async"]), [])
+    rows.append(row("3 async", "async save: seconds blocked / sync save seconds", blocked,
+                    sync_s, "<=", 0.10, f"sync save {statistics.median(sync_s):.2f} s",
+                    f"blocked {statistics.median(blocked):.3f} s", per_save, invert=True,
+                    note=seg_note))
+    rows += throughput_rows("3 async", f"tokens/s, async save every {s['interval']} steps "
+                            "/ no saves", "async", "nosave", 0.97, per_save, "")
     rows += throughput_rows("3 async", f"tokens/s, SYNC save every {s['interval']} steps / "
                             "no saves", "sync", "nosave", 0.97, per_save,
                             f"reference; sync save {statistics.median(sync_s):.2f} s; ")
