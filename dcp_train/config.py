@@ -61,6 +61,11 @@ class Config:
     preset: str = _help(f"model preset, one of {sorted(PRESETS)}; dimension flags override it",
                         default="gpt2-124m")
     model: ModelConfig = field(default_factory=ModelConfig)  # filled from preset + flags
+    init_from: str = _help(
+        "start a fresh run from a Hugging Face GPT-2 dir or fsspec URL (config.json + "
+        "model.safetensors, as save_pretrained or dcp-ckpt export --hf write them): model "
+        "dimensions from its config.json (dimension flags must agree), each rank loads its "
+        "own shards; ignored when --auto_resume finds a checkpoint", default="")
 
     # schedule and batch
     max_steps: int = _help("number of optimizer updates to reach", default=19073)
@@ -218,6 +223,9 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
     model_overrides = {f.name: args.pop(f.name) for f in fields(ModelConfig)}
     model = dataclasses.replace(PRESETS[preset],
                                 **{k: v for k, v in model_overrides.items() if v is not None})
+    if args["init_from"]:
+        model = dataclasses.replace(model, **_init_from_dims(
+            args["init_from"], args["storage_options"], model_overrides))
     run_defaults = {f.name: f.default for f in fields(Config) if f.name != "model"}
     run_defaults.update(PRESET_RUN_DEFAULTS[preset])
     args = {k: run_defaults[k] if v is None and k in PRESET_RUN_DEFAULTS_KEYS else v
@@ -226,6 +234,26 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
     validate(cfg)
     redact.remember(cfg.storage_options_dict)  # scrubbed from every line printed or stored
     return cfg
+
+
+def _init_from_dims(url: str, storage_options: str, explicit: dict) -> dict:
+    """The model dimensions of --init_from's config.json; ConfigError if a dimension flag
+    given on the command line differs from it."""
+    from dcp_train.hf_config import InitFromError, hf_model_dims
+    try:
+        options = json.loads(storage_options)
+    except ValueError:
+        options = None  # validate() reports the bad JSON
+    try:
+        dims = hf_model_dims(url, options if isinstance(options, dict) else {})
+    except InitFromError as e:
+        raise ConfigError(str(e)) from None
+    clash = [f"--{k} {explicit[k]} (its config.json: {v})" for k, v in dims.items()
+             if explicit.get(k) is not None and explicit[k] != v]
+    if clash:
+        raise ConfigError(f"--init_from {url} does not fit {'; '.join(clash)}; drop these "
+                          "flags: the model dimensions come from the checkpoint")
+    return dims
 
 
 def validate(cfg: Config) -> None:

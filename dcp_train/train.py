@@ -29,6 +29,7 @@ from dcp_train.evaluate import val_loss
 from dcp_train.flops import Throughput, model_flops_per_token, peak_flops
 from dcp_train.generate import generate
 from dcp_train.hellaswag import hellaswag_accuracy
+from dcp_train.hf_import import load_hf_weights, local_init_dir
 from dcp_train.manager import CheckpointManager, due
 from dcp_train.metrics import Metrics, launch_record
 from dcp_train.model import GPT
@@ -67,6 +68,8 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                              entry=RankEntry(info.rank, rng=RNGState(cfg.seed, info.rank,
                                                                      progress), loader=loader))
     ckpt.resume()
+    if cfg.init_from:
+        init_from_hf(cfg, info, model, progress, metrics)
     progress.lr_schedule = schedule_for_launch(
         saved_schedule(progress.saved) if progress.saved else None, cfg.max_lr,
         cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
@@ -168,6 +171,21 @@ def evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, prog
         for i, text in enumerate(generate(model, enc, cfg.prompt, rank=info.rank,
                                           device=device)):
             metrics.say(f"sample {i}: {text!r}")
+
+
+def init_from_hf(cfg: Config, info: D.DistInfo, model, progress: Progress,
+                 metrics: Metrics) -> None:
+    """--init_from: the HF GPT-2 weights onto the sharded model, each rank its own shards; a
+    run that resumed a checkpoint keeps the checkpoint's weights and says so."""
+    if progress.saved is not None:
+        metrics.say(f"--init_from {cfg.init_from} ignored: resumed from the checkpoint at "
+                    f"step {progress.step}, which holds the weights")
+        return
+    fetch = lambda: local_init_dir(cfg.init_from, cfg.storage_options_dict)  # noqa: E731
+    directory = D.agree(fetch if info.local_rank == 0 else lambda: None, every_rank=True)
+    directory = directory[info.rank - info.local_rank]  # this node's copy
+    D.agree(lambda: load_hf_weights(model, directory), every_rank=True)
+    metrics.say(f"weights from --init_from {cfg.init_from}")
 
 
 def local_data_dir(cfg: Config, info: D.DistInfo) -> str:
