@@ -2,7 +2,7 @@
 
 The GPT-2 is a small random GPT2LMHeadModel built and saved here with transformers (no hub
 download), with odd sizes so that FSDP's shards are uneven. Checked:
-- at 1 and 2 ranks, the sharded model's logits right after the import (before any step) equal
+- at 1 and 2 ranks, from a local dir and from an S3 URL (moto), the sharded model's logits right after the import (before any step) equal
   transformers' logits of the same file to 1e-4, both computed in this test run; also for an
   older-style file (GPT2Model names without `transformer.`, attn.bias / attn.masked_bias mask
   buffers, an lm_head.weight beside wte);
@@ -68,13 +68,13 @@ def old_style_dir(hf_dir, tmp_path_factory):
     return old
 
 
-def logits_after_import(nproc: int, directory, tmp_path) -> dict:
+def logits_after_import(nproc: int, directory, tmp_path, env: dict | None = None) -> dict:
     out = tmp_path / f"logits_{nproc}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(REPO / "tests" / "hf_logits_worker.py"), str(out), *ARGS,
            "--init_from", str(directory), "--log_dir", str(tmp_path / "log")]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"weights from --init_from {directory}" in proc.stdout
@@ -89,6 +89,22 @@ def test_logits_equal_transformers(nproc, style, hf_dir, old_style_dir, tmp_path
         expected = hf_dir[1](got["idx"]).logits
     assert got["logits"].shape == expected.shape == (2, BLOCK, VOCAB)
     torch.testing.assert_close(got["logits"], expected, atol=1e-4, rtol=0)
+
+
+def test_from_a_bucket(hf_dir, s3, tmp_path):
+    """An s3:// URL: each node's local rank 0 downloads it once into the cache."""
+    import fsspec
+
+    path, model = hf_dir
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.put([str(path / n) for n in ("config.json", "model.safetensors")], "data/gpt2/")
+    cache = tmp_path / "cache"
+    got = logits_after_import(2, "s3://data/gpt2", tmp_path,
+                              env={**s3.env, "DCP_TRAIN_CACHE_DIR": str(cache)})
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], model(got["idx"]).logits, atol=1e-4, rtol=0)
+    (cached,) = (cache / "init").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_checkpoint_holds_the_imported_weights(hf_dir, tmp_path):
