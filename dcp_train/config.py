@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -115,6 +116,10 @@ class Config:
     tensorboard: bool = _help("also write the metrics as TensorBoard scalars to "
                               "<log_dir>/tensorboard (needs the tensorboard package)",
                               default=False)
+    wandb: bool = _help("also send the metrics records to Weights & Biases (rank 0; needs the "
+                        "wandb package); a resumed run continues the same wandb run",
+                        default=False)
+    wandb_project: str = _help("the wandb project of --wandb", default="dcp_train")
     device: str = _help("auto, cpu or cuda", default="auto")
     compile: Optional[bool] = _help("torch.compile each transformer block: true, false or auto "
                                     "(on for CUDA, off for CPU)", default=None)
@@ -301,8 +306,18 @@ def validate(cfg: Config) -> None:
     if cfg.peak_tflops < 0:
         raise ConfigError(f"--peak_tflops must be >= 0 (0: from the GPU's name), got "
                           f"{cfg.peak_tflops}")
+    if cfg.wandb and not _installed("wandb"):  # every rank says it, before anything starts
+        raise ConfigError("--wandb needs the wandb package: pip install 'dcp_train[wandb]' "
+                          "(or pip install wandb)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] is None: its import is blocked
+        return False
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

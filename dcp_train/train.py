@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import uuid
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -41,7 +42,8 @@ from dcp_train.tokenizer import get_tokenizer
 def train(cfg: Config, info: D.DistInfo) -> int:
     """Run to --max_steps (or --stop_at_step); returns the exit code: 0, or EXIT_PREEMPTED
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
-    metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard)
+    metrics = Metrics(cfg.log_dir, info.is_main, tensorboard=cfg.tensorboard,
+                      wandb_project=cfg.wandb_project if cfg.wandb else None)
     metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
     preempt = Preemption(cfg.preempt_timeout)
     if cfg.deterministic:  # a world size that does not divide the micro-batches: error here
@@ -70,6 +72,9 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     ckpt.resume()
     if cfg.init_from:
         init_from_hf(cfg, info, model, progress, metrics)
+    if progress.wandb_id is None:  # step 0, or a checkpoint older than the field
+        progress.wandb_id = D.agree(lambda: uuid.uuid4().hex[:12])
+    metrics.start_run(progress.wandb_id)
     progress.lr_schedule = schedule_for_launch(
         saved_schedule(progress.saved) if progress.saved else None, cfg.max_lr,
         cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
