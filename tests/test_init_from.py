@@ -7,7 +7,8 @@ download), with odd sizes so that FSDP's shards are uneven. Checked:
   older-style file (GPT2Model names without `transformer.`, attn.bias / attn.masked_bias mask
   buffers, an lm_head.weight beside wte);
 - with a learning rate of 0, checkpoint 1 of a real training run holds the file's weights
-  (Conv1D weights transposed, tied embedding) exactly;
+  (Conv1D weights transposed, tied embedding) exactly, and `dcp-ckpt export --hf` of it
+  starts another run with exactly those weights again (the round trip);
 - a 2-rank run trains and checkpoints; stopped at step 3 and resumed with --auto_resume (which
   ignores --init_from and says so in one line), it ends bit for bit like the uninterrupted run;
 - dimension flags that contradict config.json, and a config that is not GPT-2, are one error.
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from dcp_train import ckpt
 from dcp_train.config import ConfigError, parse_config
 from helpers import (REPO, assert_same_tensors, child_env, free_port, load_checkpoint, losses,
                      run_train, write_shards)
@@ -122,6 +124,16 @@ def test_checkpoint_holds_the_imported_weights(hf_dir, tmp_path):
         ours = saved[f"model.{key}"]
         assert torch.equal(ours, value.t() if key.endswith(HF_CONV1D) else value), key
     assert "transformer.wte.weight" in hf  # the tied embedding and lm_head, compared above
+
+    # the way back: dcp-ckpt export --hf of that checkpoint starts a run with the same weights
+    export = tmp_path / "export"
+    step_1 = str(tmp_path / "ckpt" / "step_00000001")
+    assert ckpt.main(["export", step_1, "--out", str(export), "--hf"]) == 0
+    run_train(1, ARGS + ["--init_from", str(export), "--max_lr", "0", "--max_steps", "1",
+                         "--data_dir", str(data), "--log_dir", str(tmp_path / "log2"),
+                         "--checkpoint_dir", str(tmp_path / "ckpt2")])
+    again = load_checkpoint(tmp_path / "ckpt2" / "step_00000001", tmp_path)
+    assert_same_tensors(saved, again, prefixes=("model.",))
 
 
 def test_train_checkpoint_resume_bit_exact(hf_dir, tmp_path):
