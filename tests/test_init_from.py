@@ -2,8 +2,9 @@
 
 The GPT-2 is a small random GPT2LMHeadModel built and saved here with transformers (no hub
 download), with odd sizes so that FSDP's shards are uneven. Checked:
-- at 1 and 2 ranks, from a local dir and from an S3 URL (moto), the sharded model's logits right after the import (before any step) equal
-  transformers' logits of the same file to 1e-4, both computed in this test run; also for an
+- at 1 and 2 ranks, from a local dir and from an S3 URL (moto), the sharded model's logits
+  right after the import (before any step) equal transformers' logits of the same file to
+  1e-4, both computed in this test run; also for an
   older-style file (GPT2Model names without `transformer.`, attn.bias / attn.masked_bias mask
   buffers, an lm_head.weight beside wte);
 - with a learning rate of 0, checkpoint 1 of a real training run holds the file's weights
