@@ -12,19 +12,19 @@ import sys
 import torch
 
 from dcp_train import distributed as D
-from dcp_train.components import Progress
-from dcp_train.config import parse_config
-from dcp_train.metrics import Metrics
+from dcp_train.checkpoint.state import Progress
+from dcp_train.cli import parse_config
 from dcp_train.model import GPT
-from dcp_train.train import init_from_hf
+from dcp_train.run.metrics import Metrics
+from dcp_train.train.loop import init_from_hf
 
 
 def main(out: str, argv: list[str]) -> None:
     cfg = parse_config(argv)
     info = D.setup("cpu")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training.seed)
     model = D.shard_model(GPT(cfg.model), info)
-    init_from_hf(cfg, info, model, Progress(), Metrics(cfg.log_dir, info.is_main))
+    init_from_hf(cfg, info, model, Progress(), Metrics(cfg.logging.log_dir, info.is_main))
     ids = torch.Generator().manual_seed(0)
     idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.block_size), generator=ids)
     model.eval()

@@ -28,8 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from dcp_train import ckpt
-from dcp_train.config import ConfigError, parse_config
+from dcp_train.cli import parse_config
+from dcp_train.errors import ConfigError
+from dcp_train.tools import ckpt
 from helpers import (REPO, assert_same_tensors, child_env, free_port, load_checkpoint, losses,
                      run_train, write_shards)
 

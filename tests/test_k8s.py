@@ -17,7 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dcp_train.config import grad_accum_steps, parse_config
+from dcp_train.cli import parse_config
+from dcp_train.config import grad_accum_steps
 from helpers import REPO
 
 MANIFEST = REPO / "launch" / "k8s" / "pytorchjob.yaml"
@@ -82,13 +83,14 @@ def test_trainer_flags_parse_and_fit_every_world_size(job):
     flags = trainer_flags(job)
     assert "--auto_resume" in flags  # every (re)start continues from the newest checkpoint
     cfg = parse_config(flags)  # the real parser: unknown flags or bad values fail here
-    assert cfg.auto_resume and cfg.checkpoint_dir.startswith(("s3://", "gs://"))
-    assert cfg.local_checkpoint_dir
+    ck = cfg.checkpoint
+    assert ck.auto_resume and ck.checkpoint_dir.startswith(("s3://", "gs://"))
+    assert ck.local_checkpoint_dir
     policy = job["spec"]["elasticPolicy"]
     for nodes in range(policy["minReplicas"], policy["maxReplicas"] + 1):
         grad_accum_steps(cfg, nodes * policy["nProcPerNode"])  # raises if it does not divide
     grace = worker(job)["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > cfg.preempt_timeout, "SIGTERM must leave time to save a checkpoint"
+    assert grace > ck.preempt_timeout, "SIGTERM must leave time to save a checkpoint"
 
 
 def test_credentials_only_from_a_secret(job):
@@ -111,7 +113,7 @@ def test_local_tier_on_a_node_local_volume(job):
     spec = worker(job)["template"]["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
-    cfg = parse_config(trainer_flags(job))
-    (mount,) = [p for p in mounts if cfg.local_checkpoint_dir.startswith(p.rstrip("/") + "/")]
+    local = parse_config(trainer_flags(job)).checkpoint.local_checkpoint_dir
+    (mount,) = [p for p in mounts if local.startswith(p.rstrip("/") + "/")]
     assert "hostPath" in volumes[mounts[mount]], "the local tier outlives a pod on its node"
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
