@@ -56,7 +56,10 @@ def received_bytes(desc: str, total: int, rank: int = 0, interval: float = 0.2):
 
     def poll() -> None:
         while not done.wait(interval):
-            progress.update(max(0, min(total, _rchar() - start) - progress.n))
+            count()
+
+    def count() -> None:
+        progress.update(max(0, min(total, _rchar() - start) - progress.n))
 
     watcher = threading.Thread(target=poll, name="dcp_train-progress", daemon=True)
     watcher.start()
@@ -65,4 +68,6 @@ def received_bytes(desc: str, total: int, rank: int = 0, interval: float = 0.2):
     finally:
         done.set()
         watcher.join()
+        count()
+        progress.refresh()  # the final count, whatever tqdm's display interval skipped
         progress.close()
