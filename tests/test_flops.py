@@ -53,11 +53,11 @@ def test_throughput_rates():
 
 
 def test_compile_and_peak_flags():
-    assert parse_config([]).compile is None  # auto
-    assert parse_config(["--compile"]).compile is True
-    assert parse_config(["--compile", "false"]).compile is False
-    assert parse_config(["--compile", "auto"]).compile is None
-    assert parse_config(["--peak_tflops", "312"]).peak_tflops == 312.0
+    assert parse_config([]).hardware.compile is None  # auto
+    assert parse_config(["--compile"]).hardware.compile is True
+    assert parse_config(["--compile", "false"]).hardware.compile is False
+    assert parse_config(["--compile", "auto"]).hardware.compile is None
+    assert parse_config(["--peak_tflops", "312"]).hardware.peak_tflops == 312.0
     with pytest.raises(ConfigError, match="--peak_tflops must be >= 0"):
         parse_config(["--peak_tflops", "-1"])
     from dcp_train.compiled import resolve
