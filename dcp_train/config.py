@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -286,15 +284,3 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
             f"world_size = {cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_micro}; "
             f"change --batch_size or --total_batch_size")
     return cfg.total_batch_size // per_micro
-
-
-def error_line(message: str) -> None:
-    """The one-line error the user sees for bad input: one write(2) call, so the lines of
-    several ranks sharing a pipe never interleave."""
-    sys.stdout.flush()
-    os.write(2, f"dcp_train: error: {' '.join(redact.scrub(message).split())}\n".encode())
-
-
-def die(message: str, code: int = 2) -> None:
-    error_line(message)
-    raise SystemExit(code)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import posixpath
 import time
 
-from dcp_train import deterministic
+from dcp_train import deterministic, failure
 from dcp_train import distributed as D
 from dcp_train import restore
 from dcp_train.checkpoint import Checkpointer
@@ -78,6 +78,7 @@ class CheckpointManager:
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
         t0 = time.perf_counter()
+        failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
         found = D.agree(self._choose)
@@ -251,6 +252,7 @@ class CheckpointManager:
 
     def save(self, durable: bool = True) -> None:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
+        failure.set_activity(f"the save of step {self.progress.step}")
         sd = {}
         for component in [*self.shared, self.entry]:
             sd.update(component.state_dict())

@@ -15,7 +15,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from dcp_train import compiled as C
-from dcp_train import deterministic
+from dcp_train import deterministic, failure
 from dcp_train import distributed as D
 from dcp_train import redact
 from dcp_train.components import (LoaderState, ModelState, OptimizerState, Progress, RankEntry,
@@ -85,6 +85,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     for step in range(progress.step + 1, final_step + 1):
         last = step == final_step
         t0 = time.perf_counter()
+        failure.set_activity(f"step {step}")
         lr = lr_of(step, progress.lr_schedule)
         loss, norm, sample_ids = one_step(optimizer, batches, step, lr)
         # one small gather per step: the step's sample ids, whether a rank got a signal, and

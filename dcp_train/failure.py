@@ -1,0 +1,235 @@
+"""One failure, one line: how a rank leaves the job when something went wrong.
+
+Contract (docs/errors.md):
+
+- The rank that holds the root cause (`origin`) prints `dcp_train: error: <what>; <what to
+  do>` on stderr, once, and writes the same text (without the prefix) to its torch elastic
+  error file (`TORCHELASTIC_ERROR_FILE`, torch's `ErrorHandler` JSON format), so that
+  torchrun's `Root Cause` section shows it instead of `error_file: <N/A>`. An error every rank
+  sees alike (a bad flag, a choice rank 0 made for all through `distributed.agree`) has rank
+  0 as its origin; an error one rank raised inside `agree` has that rank as its origin
+  (errors.origin_rank).
+- Every other rank is quiet: it prints nothing and exits with the same code. Under torchrun,
+  with the origin on the same node, it first waits (at most QUIET_WAIT_S) for the agent to
+  notice the origin's exit and to stop it with SIGTERM, and only then writes its own error
+  file ("stopped because rank R failed"). torch elastic takes the failure with the earliest
+  timestamp as the root cause, and on a tie the one it noticed first: the origin is noticed
+  first, so it is named as the root cause on every machine speed.
+- A rank whose peer died (a gloo transport error: "Connection closed by peer ...") names the
+  peer: "rank 1 died (signal 9) during the save of step 10". If that peer left through this
+  module (its failure is registered in the rendezvous store) the survivor is quiet instead and
+  takes the peer's exit code. Otherwise the survivor prints the line and exits with
+  EXIT_PEER_LOST after the agent has noticed the dead peer, which torchrun then names as the
+  root cause with its signal. The signal is named when it can still be read (the dead process
+  is a zombie on this host); otherwise the line says the process is gone.
+
+Everything here ends the process with os._exit (no interpreter shutdown while gloo's threads
+may still run, see main.py). Imports torch only when a process group exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from dcp_train import redact
+
+EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a rank died or stopped answering; relaunch --auto_resume
+QUIET_WAIT_S = 30.0  # torchrun's own grace period before it SIGKILLs a worker
+_TRANSPORT_TEXT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                   "gloo/transport", "Socket Timeout", "connection refused")
+_activity = ["the start"]  # what this rank is doing, for the words about a dead peer
+_peers: list[tuple[str, int]] = []  # (host, pid) of every rank, after record_peers()
+
+
+def error_line(message: str) -> None:
+    """The one-line error the user sees: one write(2) call, so lines of several processes
+    sharing a pipe never interleave."""
+    sys.stdout.flush()
+    os.write(2, f"dcp_train: error: {_clean(message)}\n".encode())
+
+
+def _clean(message: str) -> str:
+    return " ".join(redact.scrub(message).split())
+
+
+def this_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def set_activity(text: str) -> None:
+    """What this rank is doing now ("the save of step 10"), named if a peer dies meanwhile."""
+    _activity[0] = text
+
+
+def write_error_file(message: str, code: int) -> None:
+    """This rank's torch elastic error file (nothing when not under torchrun): torch's
+    ErrorHandler format without a traceback, so torchrun's report shows `message`."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": _clean(message), "errorCode": code,
+                        "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the report then says <N/A>; the line on stderr stands
+
+
+def leave(message: str, code: int, origin: int | None = None) -> None:
+    """End this rank for a failure whose root cause is rank `origin` (default: this rank):
+    the origin prints `message` and records it; the others leave quietly (module
+    docstring). Never returns."""
+    rank = this_rank()
+    origin = rank if origin is None else origin
+    if origin == rank:
+        error_line(message)
+        write_error_file(message, code)
+        _register(rank, code)
+        _exit(code)
+    _quiet_exit(f"stopped because rank {origin} failed (exit {code}); see its line",
+                code, origin)
+
+
+def _quiet_exit(note: str, code: int, origin: int) -> None:
+    """Wait for the agent's SIGTERM when it will come first for the origin, then record
+    `note` and exit with `code`."""
+    def done(*_):
+        write_error_file(note, code)
+        _exit(code)
+    if not _same_node_under_torchrun(origin):
+        done()
+    signal.signal(signal.SIGTERM, done)
+    signal.signal(signal.SIGINT, done)
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    done()
+
+
+def _same_node_under_torchrun(origin: int) -> bool:
+    if "TORCHELASTIC_RUN_ID" not in os.environ or origin < 0:
+        return False
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return per_node > 0 and origin // per_node == this_rank() // per_node
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# ------------------------------------------------------------------ a peer that died
+def record_peers() -> None:
+    """Learn (host, pid) of every rank (one all_gather at setup), to name a dead peer."""
+    import socket
+
+    import torch.distributed as dist
+    peers = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    _peers[:] = peers
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """A collective failed because a peer's connection went away (gloo's words)."""
+    from dcp_train.errors import chain
+    return any(t.lower() in str(e).lower() for e in chain(exc) for t in _TRANSPORT_TEXT)
+
+
+def leave_if_peer_lost(exc: BaseException) -> None:
+    """For an unexpected exception: if it is a transport error, name the dead peer (module
+    docstring) and leave; otherwise return (the caller re-raises)."""
+    if not _peers or not is_transport_error(exc):
+        return
+    rank = this_rank()
+    failed = _registered_failures()
+    if failed:  # a peer left through leave(): its line is the job's line
+        origin, code = min(failed.items())
+        _quiet_exit(f"stopped because rank {origin} failed (exit {code}); see its line",
+                    code, origin)
+    dead = [(r, how) for r, how in _dead_peers(rank)]
+    what = (", ".join(f"rank {r} died ({how})" for r, how in dead) if dead else
+            "a peer rank stopped answering (on another host, or it is already gone)")
+    message = (f"{what} during {_activity[0]}; the last committed checkpoint is intact, "
+               f"relaunch with --auto_resume (exit {EXIT_PEER_LOST})")
+    origin = dead[0][0] if dead else -1
+    if _same_node_under_torchrun(origin):
+        def done(*_):
+            error_line(message)
+            write_error_file(message, EXIT_PEER_LOST)
+            _exit(EXIT_PEER_LOST)
+        signal.signal(signal.SIGTERM, done)  # the agent has noticed the dead peer first
+        signal.signal(signal.SIGINT, done)
+        time.sleep(QUIET_WAIT_S)
+        done()
+    error_line(message)
+    write_error_file(message, EXIT_PEER_LOST)
+    _exit(EXIT_PEER_LOST)
+
+
+def _dead_peers(rank: int, wait_s: float = 2.0) -> list[tuple[int, str]]:
+    """(rank, how it ended) of the peers on this host whose process is gone or a zombie;
+    polled for up to `wait_s`, since a peer's sockets close while it is still exiting."""
+    import socket
+    host = socket.gethostname()
+    local = [(r, pid) for r, (h, pid) in enumerate(_peers) if r != rank and h == host]
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [(r, how) for r, pid in local if (how := _how_it_ended(pid))]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.002)
+
+
+def _how_it_ended(pid: int) -> str | None:
+    """'signal 9' / 'exit 3' for a zombie, 'its process is gone' for a reaped one, None for a
+    live one. Field 52 of /proc/PID/stat is the waitpid(2) status of an exited process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return "its process is gone"
+    if fields[0] not in ("Z", "X"):
+        return None
+    status = int(fields[49]) if len(fields) > 49 else 0
+    return f"signal {status & 0x7F}" if status & 0x7F else f"exit {status >> 8}"
+
+
+def _store():
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.distributed_c10d._get_default_store()
+    except Exception:  # no store, or one that left with rank 0
+        return None
+    return None
+
+
+def _register(rank: int, code: int) -> None:
+    """Tell the surviving ranks that this rank leaves on purpose, with `code`."""
+    store = _store()
+    if store is not None:
+        try:
+            store.set(f"dcp_train/failed/{rank}", str(code))
+        except Exception:
+            pass
+
+
+def _registered_failures() -> dict[int, int]:
+    store = _store()
+    found = {}
+    if store is None:
+        return found
+    for r in range(len(_peers)):
+        key = f"dcp_train/failed/{r}"
+        try:
+            if store.check([key]):
+                found[r] = int(store.get(key))
+        except Exception:
+            return found
+    return found
