@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -142,7 +143,8 @@ class Config:
     verify_checkpoint: bool = _help("check every file's CRC-32 against manifest.json on "
                                     "resume, while loading (false: sizes only)", default=True)
     preempt_timeout: float = _help("after SIGTERM/SIGUSR1, exit without a checkpoint if the "
-                                   "stop has not finished within this many seconds",
+                                   "stop has not finished within this many seconds (0: no "
+                                   "limit, only a second signal exits without one)",
                                    default=120.0)
     storage_options: str = _help("JSON dict of fsspec options for --checkpoint_dir/--data_dir",
                                  default="{}")
@@ -163,7 +165,7 @@ def _bool(text: str) -> bool:
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _auto_bool(text: str) -> Optional[bool]:
@@ -196,8 +198,16 @@ def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
                                 help=f.metadata["help"] + ("" if own else " (default: %(default)s)"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors (a bad type, an unknown flag) as one ConfigError line, without the
+    usage block: main() prints it like every other bad flag."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dcp_train.main", allow_abbrev=False,  # --max_step must not mean --max_steps
         description="GPT-2 pre-training with FSDP2 and DCP checkpoints. "
                     "Launch: torchrun --nproc_per_node=N -m dcp_train.main [flags]")
@@ -231,18 +241,12 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if cfg.seq_len is None:
         cfg.seq_len = m.block_size
+    check_ranges(cfg)
     if cfg.seq_len > m.block_size:
         raise ConfigError(f"--seq_len {cfg.seq_len} exceeds --block_size {m.block_size}")
     if m.n_embd % m.n_head:
         raise ConfigError(f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"--dropout must be in [0, 1), got {m.dropout}")
-    for name in ("max_steps", "batch_size", "seq_len", "total_batch_size", "vocab_size"):
-        value = getattr(m if name == "vocab_size" else cfg, name)
-        if value < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {value}")
-    if cfg.warmup_steps < 0 or cfg.num_workers < 0:
-        raise ConfigError("--warmup_steps and --num_workers must be >= 0")
+    check_paths(cfg)
     if cfg.total_batch_size % cfg.seq_len:
         raise ConfigError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of "
                           f"--seq_len {cfg.seq_len}; use a multiple so a step is whole sequences")
@@ -268,9 +272,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
                           "50257 tokens, which text samples and HellaSwag need; set "
                           "--generate_interval 0 --hellaswag_interval 0 or a larger vocab")
-    if cfg.peak_tflops < 0:
-        raise ConfigError(f"--peak_tflops must be >= 0 (0: from the GPU's name), got "
-                          f"{cfg.peak_tflops}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
 
@@ -284,3 +285,68 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
             f"world_size = {cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_micro}; "
             f"change --batch_size or --total_batch_size")
     return cfg.total_batch_size // per_micro
+
+
+# (flag, accepted?, what it accepts): the range of every number flag (check_ranges)
+_RANGES = [
+    ("max_steps", lambda v: v >= 1, ">= 1"),
+    ("stop_at_step", lambda v: v == -1 or v >= 1, "-1 (off) or a step >= 1"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("max_lr", lambda v: v > 0, "a number > 0"),
+    ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("grad_clip", lambda v: v > 0, "a number > 0"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("seq_len", lambda v: v >= 1, ">= 1"),
+    ("total_batch_size", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    ("num_workers", lambda v: v >= 0, ">= 0"),
+    ("eval_interval", lambda v: v >= -1, ">= 1, or 0 or -1 (off)"),
+    ("val_steps", lambda v: v >= 1, ">= 1"),
+    ("hellaswag_interval", lambda v: v >= -1, ">= 1, or 0 or -1 (off)"),
+    ("hellaswag_limit", lambda v: v == -1 or v >= 1, "-1 (all) or >= 1"),
+    ("generate_interval", lambda v: v >= -1, ">= 1, or 0 or -1 (off)"),
+    ("peak_tflops", lambda v: v >= 0, ">= 0 (0: from the GPU's name)"),
+    ("preempt_timeout", lambda v: v >= 0,
+     "seconds >= 0 (0: no limit, only a second signal exits without a checkpoint)"),
+    ("block_size", lambda v: v >= 1, ">= 1"),
+    ("vocab_size", lambda v: v >= 1, ">= 1"),
+    ("n_layer", lambda v: v >= 1, ">= 1"),
+    ("n_head", lambda v: v >= 1, ">= 1"),
+    ("n_embd", lambda v: v >= 1, ">= 1"),
+    ("dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+]
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number flag in its range (_RANGES); NaN fails every check. One ConfigError line
+    naming the flag, what it accepts and the value given."""
+    for flag, ok, accepts in _RANGES:
+        value = getattr(cfg.model if hasattr(cfg.model, flag) else cfg, flag)
+        if not ok(value):
+            raise ConfigError(f"--{flag} must be {accepts}, got {value}")
+
+
+# (flag, what it must be if it names something local): files and dirs of the wrong kind
+_PATHS = [("checkpoint_dir", "dir"), ("log_dir", "dir"), ("data_dir", "dir"),
+          ("local_checkpoint_dir", "dir"), ("checkpoint_path", "dir"),
+          ("hellaswag_path", "file"), ("tokenizer_file", "file")]
+_NOT_EMPTY = ("checkpoint_dir", "log_dir", "data_dir", "hellaswag_path")
+
+
+def check_paths(cfg: Config) -> None:
+    """No empty path where one is needed; a local path that exists is of the right kind (a
+    dir where a dir is written or read, a file where a file is read). URLs are checked by
+    their stores at run time."""
+    for flag in _NOT_EMPTY:
+        if not getattr(cfg, flag).strip():
+            raise ConfigError(f"--{flag} is empty; give a path (default: "
+                              f"{getattr(Config, flag)})")
+    for flag, kind in _PATHS:
+        value = getattr(cfg, flag)
+        path = value.removeprefix("file://").replace("{node}", "0")
+        if not value or "://" in path or not os.path.exists(path):
+            continue
+        if kind == "dir" and not os.path.isdir(path):
+            raise ConfigError(f"--{flag} {value} is a file, not a directory; give a directory")
+        if kind == "file" and os.path.isdir(path):
+            raise ConfigError(f"--{flag} {value} is a directory, not a file; give a file")
