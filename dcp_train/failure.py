@@ -39,6 +39,7 @@ from dcp_train import redact
 
 EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a rank died or stopped answering; relaunch --auto_resume
 QUIET_WAIT_S = 30.0  # torchrun's own grace period before it SIGKILLs a worker
+ALIKE_WAIT_S = 5.0  # how long a rank waits for a lower rank to report the same failure
 _TRANSPORT_TEXT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                    "gloo/transport", "Socket Timeout", "connection refused")
 _activity = ["the start"]  # what this rank is doing, for the words about a dead peer
@@ -85,7 +86,7 @@ def leave(message: str, code: int, origin: int | None = None) -> None:
     the origin prints `message` and records it; the others leave quietly (module
     docstring). Never returns."""
     rank = this_rank()
-    origin = rank if origin is None else origin
+    origin = _first_alike(message, rank) if origin is None else origin
     if origin == rank:
         error_line(message)
         write_error_file(message, code)
@@ -201,21 +202,53 @@ def _how_it_ended(pid: int) -> str | None:
 
 
 def _store():
+    """The rendezvous store of the process group, or None (none initialised: torch is then
+    not imported here at all, so a flag error leaves at once)."""
+    dist = sys.modules.get("torch.distributed")
     try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
+        if dist is not None and dist.is_available() and dist.is_initialized():
             return dist.distributed_c10d._get_default_store()
     except Exception:  # no store, or one that left with rank 0
         return None
     return None
 
 
+def _key(kind: str, rank: int) -> str:
+    """A store key of this attempt of the job (torchrun restarts keep the store)."""
+    return f"dcp_train/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{kind}/{rank}"
+
+
+def _first_alike(message: str, rank: int) -> int:
+    """For a failure raised outside `agree`: the lowest rank that reports the same message
+    (this one if none does within ALIKE_WAIT_S). Each such rank posts its message in the
+    rendezvous store; rank 0 never waits. A failure only this rank has costs it the wait,
+    while the other ranks wait for it in a collective anyway."""
+    store = _store()
+    if store is None:
+        return rank
+    try:
+        store.set(_key("error", rank), message)
+        if rank == 0:
+            return rank
+        deadline = time.monotonic() + ALIKE_WAIT_S
+        while time.monotonic() < deadline:
+            for r in range(rank):
+                key = _key("error", r)
+                if store.check([key]) and store.get(key).decode() == message:
+                    return r
+            time.sleep(0.05)
+    except Exception:  # the store is gone (it lived with rank 0): say it here
+        pass
+    return rank
+
+
 def _register(rank: int, code: int) -> None:
-    """Tell the surviving ranks that this rank leaves on purpose, with `code`."""
+    """Tell the surviving ranks that this rank leaves on purpose, with `code` (and ranks that
+    failed alike, that this one says it)."""
     store = _store()
     if store is not None:
         try:
-            store.set(f"dcp_train/failed/{rank}", str(code))
+            store.set(_key("failed", rank), str(code))
         except Exception:
             pass
 
@@ -226,7 +259,7 @@ def _registered_failures() -> dict[int, int]:
     if store is None:
         return found
     for r in range(len(_peers)):
-        key = f"dcp_train/failed/{r}"
+        key = _key("failed", r)
         try:
             if store.check([key]):
                 found[r] = int(store.get(key))

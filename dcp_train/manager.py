@@ -75,6 +75,10 @@ class CheckpointManager:
         self.tier = None  # with a local tier: (tier resumed from, why)
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (runcheck.py)
 
+    @property
+    def root(self) -> str:  # named by checkpoint_dir.reading's errors
+        return self.dir.root
+
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
         t0 = time.perf_counter()
