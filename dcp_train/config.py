@@ -330,7 +330,7 @@ def check_ranges(cfg: Config) -> None:
 _PATHS = [("checkpoint_dir", "dir"), ("log_dir", "dir"), ("data_dir", "dir"),
           ("local_checkpoint_dir", "dir"), ("checkpoint_path", "dir"),
           ("hellaswag_path", "file"), ("tokenizer_file", "file")]
-_NOT_EMPTY = ("checkpoint_dir", "log_dir", "data_dir", "hellaswag_path")
+_NOT_EMPTY = ("checkpoint_dir", "log_dir", "data_dir")
 
 
 def check_paths(cfg: Config) -> None:
