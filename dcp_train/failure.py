@@ -44,6 +44,7 @@ _TRANSPORT_TEXT = ("Connection closed by peer", "Connection reset by peer", "Bro
                    "gloo/transport", "Socket Timeout", "connection refused")
 _activity = ["the start"]  # what this rank is doing, for the words about a dead peer
 _peers: list[tuple[str, int]] = []  # (host, pid) of every rank, after record_peers()
+_stop_came: list[bool] = []  # the agent's SIGTERM arrived while leaving (_catch_stop)
 
 
 def error_line(message: str) -> None:
@@ -82,34 +83,49 @@ def write_error_file(message: str, code: int) -> None:
 
 
 def leave(message: str, code: int, origin: int | None = None) -> None:
-    """End this rank for a failure whose root cause is rank `origin` (default: this rank):
-    the origin prints `message` and records it; the others leave quietly (module
-    docstring). Never returns."""
+    """End this rank for a failure whose root cause is rank `origin` (default: the lowest
+    rank reporting the same `message`): the origin prints `message` and records it; the
+    others leave quietly (module docstring). Never returns."""
+    _catch_stop()
     rank = this_rank()
     origin = _first_alike(message, rank) if origin is None else origin
     if origin == rank:
-        error_line(message)
-        write_error_file(message, code)
-        _register(rank, code)
-        _exit(code)
-    _quiet_exit(f"stopped because rank {origin} failed (exit {code}); see its line",
-                code, origin)
+        _say_and_exit(message, code)
+    _after_agent(origin, lambda: _quiet_exit(origin, code))
 
 
-def _quiet_exit(note: str, code: int, origin: int) -> None:
-    """Wait for the agent's SIGTERM when it will come first for the origin, then record
-    `note` and exit with `code`."""
-    def done(*_):
-        write_error_file(note, code)
-        _exit(code)
-    if not _same_node_under_torchrun(origin):
-        done()
-    signal.signal(signal.SIGTERM, done)
-    signal.signal(signal.SIGINT, done)
-    deadline = time.monotonic() + QUIET_WAIT_S
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-    done()
+def _say_and_exit(message: str, code: int) -> None:
+    error_line(message)
+    write_error_file(message, code)
+    _register(this_rank(), code)
+    _exit(code)
+
+
+def _quiet_exit(origin: int, code: int) -> None:
+    write_error_file(f"stopped because rank {origin} failed (exit {code}); see its line", code)
+    _exit(code)
+
+
+def _catch_stop() -> None:
+    """From here on the agent's SIGTERM (or a SIGINT) only marks that it came: this rank is
+    leaving anyway, and says what it has to say first (no preemption save, no death by
+    the default handler)."""
+    def stopped(*_):
+        _stop_came.append(True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopped)
+
+
+def _after_agent(origin: int, then) -> None:
+    """Call `then` (which ends the process) now; or, under torchrun with rank `origin` on
+    this node, once the agent has noticed origin's exit and stops this rank with SIGTERM (at
+    most QUIET_WAIT_S later): the agent then reports `origin` as the first failure."""
+    if _same_node_under_torchrun(origin) and not _stop_came:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: then())
+        if not _stop_came:  # it may have come just now
+            time.sleep(QUIET_WAIT_S)  # the handler ends the process
+    then()
 
 
 def _same_node_under_torchrun(origin: int) -> bool:
@@ -147,30 +163,22 @@ def leave_if_peer_lost(exc: BaseException) -> None:
     docstring) and leave; otherwise return (the caller re-raises)."""
     if not _peers or not is_transport_error(exc):
         return
+    _catch_stop()
     rank = this_rank()
     failed = _registered_failures()
     if failed:  # a peer left through leave(): its line is the job's line
         origin, code = min(failed.items())
-        _quiet_exit(f"stopped because rank {origin} failed (exit {code}); see its line",
-                    code, origin)
-    dead = [(r, how) for r, how in _dead_peers(rank)]
+        _after_agent(origin, lambda: _quiet_exit(origin, code))
+    dead = _dead_peers(rank)
     what = (", ".join(f"rank {r} died ({how})" for r, how in dead) if dead else
             "a peer rank stopped answering (on another host, or it is already gone)")
     message = (f"{what} during {_activity[0]}; the last committed checkpoint is intact, "
                f"relaunch with --auto_resume (exit {EXIT_PEER_LOST})")
-    origin = dead[0][0] if dead else -1
-    if _same_node_under_torchrun(origin):
-        def done(*_):
-            error_line(message)
-            write_error_file(message, EXIT_PEER_LOST)
-            _exit(EXIT_PEER_LOST)
-        signal.signal(signal.SIGTERM, done)  # the agent has noticed the dead peer first
-        signal.signal(signal.SIGINT, done)
-        time.sleep(QUIET_WAIT_S)
-        done()
-    error_line(message)
-    write_error_file(message, EXIT_PEER_LOST)
-    _exit(EXIT_PEER_LOST)
+    speaker = _first_alike(message, rank)  # one survivor says it
+    dead_rank = dead[0][0] if dead else -1
+    if speaker != rank:
+        _after_agent(dead_rank, lambda: _quiet_exit(speaker, EXIT_PEER_LOST))
+    _after_agent(dead_rank, lambda: _say_and_exit(message, EXIT_PEER_LOST))
 
 
 def _dead_peers(rank: int, wait_s: float = 2.0) -> list[tuple[int, str]]:
