@@ -2,9 +2,9 @@
 
 Bad input (flags, data, checkpoints, storage, tokenizer) ends the run with one line on stderr,
 `dcp_train: error: <what was wrong; what to do>`, and exit code 2, printed by the one rank
-that holds the root cause and carried into torchrun's report (failure.py, docs/errors.md).
-Nothing is written to the checkpoint directory before the resume decision and the flag checks
-have passed.
+that holds the root cause and carried into torchrun's report (run/failure.py,
+docs/errors.md). Nothing is written to the checkpoint directory before the resume decision
+and the flag checks have passed.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-from dcp_train import failure, redact
-from dcp_train.config import ConfigError, parse_config
-from dcp_train.orphan import exit_if_orphaned, watch_parent
-
-EXIT_BAD_INPUT = 2
+from dcp_train.cli import parse_config
+from dcp_train.errors import EXIT_BAD_INPUT, ConfigError
+from dcp_train.run import failure, redact
+from dcp_train.run.orphan import exit_if_orphaned, watch_parent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,12 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     from dcp_train import distributed as D
     from dcp_train.errors import CheckpointError
     from dcp_train.data import DataError
-    from dcp_train.tokenizer import TokenizerError
-    from dcp_train.train import train
+    from dcp_train.data.tokenizer import TokenizerError
+    from dcp_train.train.loop import train
 
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     try:
-        info = D.setup(cfg.device)
+        info = D.setup(cfg.hardware.device)
         failure.record_peers()
     except ConfigError as e:  # --device cuda without CUDA
         failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
