@@ -7,8 +7,9 @@ Contract (docs/errors.md):
   error file (`TORCHELASTIC_ERROR_FILE`, torch's `ErrorHandler` JSON format), so that
   torchrun's `Root Cause` section shows it instead of `error_file: <N/A>`. An error every rank
   sees alike (a bad flag, a choice rank 0 made for all through `distributed.agree`) has rank
-  0 as its origin; an error one rank raised inside `agree` has that rank as its origin
-  (errors.origin_rank).
+  0 as its origin; an error one rank raised inside `agree` has that rank as its origin (the
+  exception's `origin_rank`); an error ranks raise on their own has as its origin the lowest
+  rank that posts the same words in the rendezvous store within ALIKE_WAIT_S.
 - Every other rank is quiet: it prints nothing and exits with the same code. Under torchrun,
   with the origin on the same node, it first waits (at most QUIET_WAIT_S) for the agent to
   notice the origin's exit and to stop it with SIGTERM, and only then writes its own error
@@ -18,7 +19,8 @@ Contract (docs/errors.md):
 - A rank whose peer died (a gloo transport error: "Connection closed by peer ...") names the
   peer: "rank 1 died (signal 9) during the save of step 10". If that peer left through this
   module (its failure is registered in the rendezvous store) the survivor is quiet instead and
-  takes the peer's exit code. Otherwise the survivor prints the line and exits with
+  takes the peer's exit code. Otherwise one survivor (the lowest reporting it) prints the
+  line and exits with
   EXIT_PEER_LOST after the agent has noticed the dead peer, which torchrun then names as the
   root cause with its signal. The signal is named when it can still be read (the dead process
   is a zombie on this host); otherwise the line says the process is gone.
