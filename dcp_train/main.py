@@ -20,10 +20,12 @@ from dcp_train.run.orphan import exit_if_orphaned, watch_parent
 
 def main(argv: list[str] | None = None) -> None:
     redact.install_excepthook()  # a crash's traceback never shows a credential
+    held = failure.hold_stop()
     try:
         cfg = parse_config(argv)
     except ConfigError as e:  # every rank sees it alike: rank 0 says it
         failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
+    failure.release_stop(held)
     watch_parent()  # under torchrun: exit when the agent dies (orphan.py)
 
     # imported after parsing so that --help and flag errors never touch torch.distributed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from helpers import REPO, TINY, child_env, run_train
 
 from dcp_train.cli import parse_config
 from dcp_train.errors import ConfigError
-from dcp_train.run.preempt import Preemption
+from dcp_train.run.preempt import SIGNALS, Preemption
 
 ARGS = [*TINY, "--batch_size", "4", "--total_batch_size", "512", "--checkpoint_interval", "2"]
 STEP2 = "step_00000002"
@@ -162,13 +163,18 @@ def test_flags_are_checked_at_parse_time(flags, says):
 def test_preempt_timeout_0_means_no_limit(capfd):
     """0: no timer (a second signal still exits); a positive value starts one."""
     before = set(threading.enumerate())
-    for timeout, timers in ((0, 0), (30, 1)):
-        p = Preemption(timeout)
-        p._on_signal(15, None)
-        new = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        assert len(new) == timers, new
-        for t in new:
-            t.cancel()
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        for timeout, timers in ((0, 0), (30, 1)):
+            p = Preemption(timeout)
+            p._on_signal(signal.SIGTERM, None)
+            new = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+            assert len(new) == timers, new
+            for t in new:
+                t.cancel()
+    finally:  # this pytest process keeps its own handlers
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     err = capfd.readouterr().err
     assert "(a second signal exits without one)" in err
     assert "(a second signal or 30s exits without one)" in err

@@ -45,7 +45,7 @@ _TRANSPORT_TEXT = ("Connection closed by peer", "Connection reset by peer", "Bro
                    "gloo/transport", "Socket Timeout", "connection refused")
 _activity = ["the start"]  # what this rank is doing, for the words about a dead peer
 _peers: list[tuple[str, int]] = []  # (host, pid) of every rank, after record_peers()
-_stop_came: list[bool] = []  # the agent's SIGTERM arrived while leaving (_catch_stop)
+_stop_came: list[int] = []  # a SIGTERM/SIGINT arrived while leaving or held (_catch_stop)
 
 
 def this_rank() -> int:
@@ -88,7 +88,50 @@ def _say_and_exit(message: str, code: int) -> None:
     error_line(message)
     write_error_file(message, code)
     _register(this_rank(), code)
+    _wait_for_local_ranks()
     _exit(code)
+
+
+def _wait_for_local_ranks(wait_s: float = 5.0) -> None:
+    """Under torchrun on Linux: before this rank's exit makes the agent stop the others, wait
+    (at most `wait_s`) until every other worker of the agent catches SIGTERM (SigCgt in
+    /proc: it has reached dcp_train's main, hold_stop) or has ended, so that each leaves
+    quietly with the same code instead of dying by the signal while still starting up."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.isdir("/proc"):
+        return
+    agent, me = os.getppid(), os.getpid()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if all(_catches_sigterm_or_ended(pid, agent) for pid in _children(agent) if pid != me):
+            return
+        time.sleep(0.02)
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if name.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _catches_sigterm_or_ended(pid: int, agent: int) -> bool:
+    """A started worker (its command line is no longer the agent's: it was forked, then
+    exec'd) that catches SIGTERM, or a process that is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{agent}/cmdline", "rb") as g:
+            exec_done = f.read() != g.read()
+    except OSError:
+        return True
+    if status.get("State", "").strip().startswith(("Z", "X")):
+        return True
+    return exec_done and bool(int(status.get("SigCgt", "0").strip(), 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def _quiet_exit(origin: int, code: int) -> None:
@@ -96,25 +139,44 @@ def _quiet_exit(origin: int, code: int) -> None:
     _exit(code)
 
 
-def _catch_stop() -> None:
+def _catch_stop() -> dict:
     """From here on the agent's SIGTERM (or a SIGINT) only marks that it came: this rank is
     leaving anyway, and says what it has to say first (no preemption save, no death by
-    the default handler)."""
-    def stopped(*_):
-        _stop_came.append(True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stopped)
+    the default handler). Returns the handlers it replaced."""
+    def stopped(signum, _frame):
+        _stop_came.append(signum)
+    return {sig: signal.signal(sig, stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def hold_stop() -> dict:
+    """While the flags are checked: a SIGTERM/SIGINT waits (torchrun stops the other ranks as
+    soon as rank 0 has said a bad flag, maybe before they reached the same check; they then
+    leave quietly with the same code). release_stop(returned) ends the hold."""
+    return _catch_stop()
+
+
+def release_stop(previous: dict) -> None:
+    """The handlers before hold_stop() again; a signal that came meanwhile acts now."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if _stop_came:
+        signal.raise_signal(_stop_came.pop())
 
 
 def _after_agent(origin: int, then) -> None:
     """Call `then` (which ends the process) now; or, under torchrun with rank `origin` on
-    this node, once the agent has noticed origin's exit and stops this rank with SIGTERM (at
-    most QUIET_WAIT_S later): the agent then reports `origin` as the first failure."""
+    this node, once the agent has noticed origin's exit (at most QUIET_WAIT_S later): when
+    origin's process is reaped (its pid is known after record_peers), or when the agent
+    stops this rank with SIGTERM. The agent then reports `origin` as the first failure."""
     if _same_node_under_torchrun(origin) and not _stop_came:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: then())
-        if not _stop_came:  # it may have come just now
-            time.sleep(QUIET_WAIT_S)  # the handler ends the process
+        pid = _peers[origin][1] if origin < len(_peers) and os.path.isdir("/proc") else None
+        deadline = time.monotonic() + QUIET_WAIT_S
+        while not _stop_came and time.monotonic() < deadline:
+            if pid is not None and not os.path.exists(f"/proc/{pid}"):
+                break  # reaped: the agent has it (SIGTERM may have come before our handler)
+            time.sleep(0.02)
     then()
 
 
