@@ -14,13 +14,14 @@ they always had: every flag at the top, the model's dimensions under "model").
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dcp_train import redact
 from dcp_train.errors import ConfigError
-from dcp_train.run import redact
 
 
 def _help(text: str, **kw):
@@ -119,6 +120,10 @@ class LoggingConfig:
     tensorboard: bool = _help("also write the metrics as TensorBoard scalars to "
                               "<log_dir>/tensorboard (needs the tensorboard package)",
                               default=False)
+    wandb: bool = _help("also send the metrics records to Weights & Biases (rank 0; needs the "
+                        "wandb package); a resumed run continues the same wandb run",
+                        default=False)
+    wandb_project: str = _help("the wandb project of --wandb", default="dcp_train")
 
 
 @dataclass
@@ -157,6 +162,11 @@ class CheckpointConfig:
     resume: bool = _help("resume from --checkpoint_path (an error if it is not a checkpoint)",
                          default=False)
     checkpoint_path: str = _help("checkpoint step dir to resume from, with --resume", default="")
+    init_from: str = _help(
+        "start a fresh run from a Hugging Face GPT-2 dir or fsspec URL (config.json + "
+        "model.safetensors, as save_pretrained or dcp-ckpt export --hf write them): model "
+        "dimensions from its config.json (dimension flags must agree), each rank loads its "
+        "own shards; ignored when --auto_resume finds a checkpoint", default="")
     async_checkpoint: bool = _help("write checkpoints in the background (dcp.async_save "
                                    "style): the loop only waits for a copy of the state",
                                    default=False)
@@ -255,6 +265,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
                           "50257 tokens, which text samples and HellaSwag need; set "
                           "--generate_interval 0 --hellaswag_interval 0 or a larger vocab")
+    if cfg.logging.wandb and not _installed("wandb"):  # every rank says it, before any start
+        raise ConfigError("--wandb needs the wandb package: pip install 'dcp_train[wandb]' "
+                          "(or pip install wandb)")
     if cfg.hardware.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.hardware.device!r}")
 
@@ -325,6 +338,13 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"--{flag} {value} is a file, not a directory; give a directory")
         if kind == "file" and os.path.isdir(path):
             raise ConfigError(f"--{flag} {value} is a directory, not a file; give a file")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] is None: its import is blocked
+        return False
 
 
 def validate_checkpoint(ck: CheckpointConfig) -> None:

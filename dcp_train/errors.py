@@ -41,7 +41,7 @@ import signal
 import socket
 import sys
 
-from dcp_train.run import redact
+from dcp_train import redact
 
 
 def _dcp_failures(e: BaseException) -> list[BaseException]:
@@ -169,8 +169,8 @@ def classify(exc: BaseException, path: str | None = None
         if code in _DENIED_CODES or isinstance(e, PermissionError) or (
                 isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM)):
             return "permission", e
-        if isinstance(e, (ConnectionError, socket.gaierror, socket.timeout)) or \
-                type(e).__name__ in _UNREACHABLE_NAMES:
+        if (isinstance(e, (ConnectionError, socket.gaierror, socket.timeout))
+                or type(e).__name__ in _UNREACHABLE_NAMES):
             return "unreachable", e  # botocore's outer error names the endpoint URL
     free = free_bytes(path)
     if free is not None and free < LOW_FREE_BYTES and any(

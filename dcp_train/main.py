@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
+from dcp_train import redact
 from dcp_train.cli import parse_config
 from dcp_train.errors import EXIT_BAD_INPUT, ConfigError
-from dcp_train.run import failure, redact
+from dcp_train.run import failure
 from dcp_train.run.orphan import exit_if_orphaned, watch_parent
 
 

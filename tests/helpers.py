@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcp_train.tools.export import load_full_state
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TIKTOKEN = REPO.parent / "shared" / "tiktoken_cache"
 
@@ -146,24 +148,8 @@ def digests(log_dir: Path) -> dict[int, str]:
 
 
 def load_checkpoint(step_dir: Path, tmp: Path) -> dict:
-    """A DCP checkpoint as one flat dict of full tensors, through torch's own converter."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{Path(step_dir).name}-{time.monotonic_ns()}.pt"
-    dcp_to_torch_save(str(step_dir), str(out))
-    sd = torch.load(out, weights_only=True)
-    out.unlink()
-    return _flatten(sd)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
+    """A DCP checkpoint as one flat dict of full tensors (dcp_train.tools.export.load_full_state)."""
+    return load_full_state(step_dir, tmp)
 
 
 def assert_same_tensors(a: dict, b: dict, prefixes=("model.", "optim.")) -> None:
@@ -172,6 +158,31 @@ def assert_same_tensors(a: dict, b: dict, prefixes=("model.", "optim.")) -> None
     assert keys_a == keys_b and keys_a, (sorted(keys_a ^ keys_b))[:10]
     for k in sorted(keys_a):
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def rank_rng(sd: dict, rank: int) -> tuple[torch.Tensor, dict]:
+    """(torch CPU generator state, numpy and Python generator states) in rank `rank`'s entry of
+    a checkpoint loaded with load_checkpoint."""
+    entry = json.loads(bytes(sd[f"rank_{rank:05d}.json"].tolist()))
+    return sd[f"rank_{rank:05d}.torch_cpu"], entry["rng"]
+
+
+def assert_same_run(run: Path, ref: Path, tmp: Path, steps: int, ranks: int = 2) -> None:
+    """`run` (stopped, killed, restarted, ... and resumed) is its uninterrupted reference `ref`,
+    bit for bit; both hold log/ and ckpt/ of a `ranks`-rank run of `steps` steps: every step's
+    loss (==), the final checkpoint's model and optimizer tensors and every rank's generator
+    states (torch.equal, ==). Rank 0's and rank 1's torch streams must differ from each other."""
+    run_losses = losses(run / "log")
+    assert sorted(run_losses) == list(range(1, steps + 1))
+    assert run_losses == losses(ref / "log")  # floats compared with ==
+    final = f"step_{steps:08d}"
+    a, b = load_checkpoint(ref / "ckpt" / final, tmp), load_checkpoint(run / "ckpt" / final, tmp)
+    assert_same_tensors(a, b)
+    for rank in range(ranks):
+        (ta, pa), (tb, pb) = rank_rng(a, rank), rank_rng(b, rank)
+        assert torch.equal(ta, tb) and pa == pb, f"rank {rank} RNG differs"
+    if ranks > 1:
+        assert not torch.equal(rank_rng(b, 0)[0], rank_rng(b, 1)[0])
 
 
 def one_error(proc) -> str:

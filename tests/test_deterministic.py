@@ -35,7 +35,8 @@ import torch
 
 from dcp_train.cli import parse_config
 from dcp_train.errors import ConfigError
-from dcp_train.train.deterministic import check_resume, micro_batches_per_step
+from dcp_train.checkpoint.compat import check_deterministic
+from dcp_train.train.deterministic import micro_batches_per_step
 from helpers import (REPO, TINY, assert_same_tensors, child_env, load_checkpoint, metrics,
                            run_train, write_shards)
 
@@ -168,12 +169,12 @@ def test_check_resume_and_micro_batch_count():
                               "--deterministic"])
     off = parse_config(TINY + ["--batch_size", "2", "--total_batch_size", "768"])
     assert micro_batches_per_step(on) == 12
-    check_resume({"deterministic": True, "batch_size": 2}, on)
-    check_resume({"batch_size": 2}, off)  # a checkpoint from before the flag existed
+    check_deterministic({"deterministic": True, "batch_size": 2}, on)
+    check_deterministic({"batch_size": 2}, off)  # a checkpoint from before the flag existed
     with pytest.raises(ConfigError, match="written without --deterministic"):
-        check_resume({"batch_size": 2}, on)
+        check_deterministic({"batch_size": 2}, on)
     with pytest.raises(ConfigError, match="keep that --batch_size"):
-        check_resume({"deterministic": True, "batch_size": 4}, on)
+        check_deterministic({"deterministic": True, "batch_size": 4}, on)
     odd = parse_config(TINY + ["--batch_size", "5", "--total_batch_size", "768",
                                "--deterministic"])
     with pytest.raises(ConfigError, match="multiple of --batch_size 5"):

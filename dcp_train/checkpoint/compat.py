@@ -1,4 +1,13 @@
-"""What a resume may change, and what it may not (docs/design.md, "Starting and resuming").
+"""The resume rules: what a resume may change, and what it may not (docs/design.md,
+"Starting and resuming"). `check_resume(meta, path, cfg, fingerprint)` applies all of them
+to a checkpoint's stored meta and returns the accepted changes, or raises:
+
+1. the format: a checkpoint whose `format_version` is newer than this code reads is a
+   CheckpointError (`check_format`);
+2. --deterministic cannot be switched on or off on resume, and in that mode --batch_size
+   (which fixes the micro-batches whose bits the mode reproduces) cannot change
+   (`check_deterministic`; ConfigError);
+3. the run comparison below (`compare_run`): errors are one ConfigError line.
 
 `compare_run(saved_config, saved_fingerprint, cfg, fingerprint)` compares the run stored in a
 checkpoint with this launch's flags and returns (errors, changes):
@@ -13,7 +22,8 @@ checkpoint with this launch's flags and returns (errors, changes):
   the `resume` record. Storage options are compared redacted (a rotated key is no change).
 
 Not compared: how and where this launch runs (--auto_resume, --resume, --checkpoint_path,
---checkpoint_dir, --local_checkpoint_dir, --log_dir, --stop_at_step). A
+--checkpoint_dir, --local_checkpoint_dir, --log_dir, --stop_at_step, --init_from: a
+resume never reads it). A
 checkpoint written before fingerprints were stored (saved_fingerprint None) cannot be checked
 for other data: changes then holds "data_fingerprint": [None, <digest>], for the caller to
 warn about.
@@ -23,17 +33,55 @@ from __future__ import annotations
 
 import json
 
-from dcp_train.config import redacted_config
+from dcp_train import redact
+from dcp_train.checkpoint.state import FORMAT_VERSION
+from dcp_train.config import Config, redacted_config
 from dcp_train.data.fingerprint import fingerprint_diff
-from dcp_train.run import redact
+from dcp_train.errors import CheckpointError, ConfigError
 
 STREAM = ("seed", "seq_len", "total_batch_size")
 MODEL_DIMS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 # how and where this launch runs, not what the run is: a checkpoint dir copied elsewhere, a
 # new log dir or another stop step is no change of the run
 NOT_COMPARED = ("auto_resume", "resume", "checkpoint_path", "checkpoint_dir", "log_dir",
-                "stop_at_step", "local_checkpoint_dir")
+                "stop_at_step", "local_checkpoint_dir", "init_from")
 _MISSING = object()
+
+
+def check_resume(meta: dict, path: str, cfg: Config, fingerprint: dict) -> dict:
+    """Every rule for continuing the run stored in checkpoint `path` (its `meta`) with this
+    launch's `cfg` and data `fingerprint` (the module docstring). Returns the accepted
+    changes {flag: [saved, now]}; raises CheckpointError (format) or ConfigError."""
+    check_format(meta, path)
+    check_deterministic(meta["config"], cfg)
+    errors, changes = compare_run(meta["config"], meta.get("data_fingerprint"), cfg,
+                                  fingerprint)
+    if errors:
+        raise ConfigError(mismatch_message(path, errors))
+    return changes
+
+
+def check_format(meta: dict, path: str) -> None:
+    """A format this code reads (checkpoints before format_version was stored are format 1)."""
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this "
+                              f"dcp_train reads ({FORMAT_VERSION}); resume it with the "
+                              "dcp_train version that wrote it, or upgrade")
+
+
+def check_deterministic(saved_config: dict, cfg: Config) -> None:
+    """--deterministic cannot be switched on or off on resume, and in the mode --batch_size
+    (which fixes the decomposition, train/deterministic.py) cannot change."""
+    saved = bool(saved_config.get("deterministic", False))
+    if saved != cfg.training.deterministic:
+        raise ConfigError(f"the checkpoint was written {'with' if saved else 'without'} "
+                          f"--deterministic; resume it {'with' if saved else 'without'} the "
+                          "flag, or start a new run in another --checkpoint_dir")
+    if saved and saved_config["batch_size"] != cfg.training.batch_size:
+        raise ConfigError(f"the checkpoint was written with --deterministic --batch_size "
+                          f"{saved_config['batch_size']}; keep that --batch_size (it fixes the "
+                          "micro-batches whose bits the mode reproduces)")
 
 
 def _flat(config: dict) -> dict:

@@ -32,33 +32,61 @@ from __future__ import annotations
 
 import posixpath
 import time
+from typing import NamedTuple
 
 from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
-from dcp_train.checkpoint.compat import change_lines, compare_run, end_note, mismatch_message
+from dcp_train.checkpoint.compat import change_lines, check_resume, end_note
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.state import OptimizerState, check_format
+from dcp_train.checkpoint.state import OptimizerState
 from dcp_train.checkpoint.tiers.local import LocalTier
 from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
-from dcp_train.checkpoint.tiers.replicate import Replicator
+from dcp_train.checkpoint.tiers.replicate import ReplicationReport, Replicator
+from dcp_train.config import Config
 from dcp_train.errors import CheckpointError, ConfigError, describe
 from dcp_train.run import failure
 from dcp_train.run.metrics import resident_mb
-from dcp_train.train import deterministic
+
+
+class StepReport(NamedTuple):
+    """What each rank tells every other after a step, in the training loop's one small gather
+    (`D.agree(lambda: ckpt.report(ids, stop), every_rank=True)`, then `ckpt.step(...,
+    reports=...)`): nothing else crosses between ranks per step."""
+
+    sample_ids: list  # the step's sample ids on this rank (the `train` record's batch_digest)
+    stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
+    due_by_time: tuple[bool, bool] | None  # rank 0: (durable, local) due by wall time
+    replication: ReplicationReport | None  # this rank's view of the replication in flight
+
+
+class TierChoice(NamedTuple):
+    """With a local tier: the tier a resume loaded from, and why (the `resume` record)."""
+
+    tier: str  # "local" or "durable"
+    reason: str
 
 
 def due(interval: int, step: int, last: bool) -> bool:
+    """An interval of `interval` steps (0: off) is due after `step` (or at the last step)."""
     return interval > 0 and (step % interval == 0 or last)
 
 
 class CheckpointManager:
-    def __init__(self, cfg, info, metrics, progress, shared: list, entry):
-        self.cfg, self.info, self.metrics = cfg, info, metrics
-        ck = self.ck = cfg.checkpoint  # the checkpoint section of the config
-        self.progress, self.shared, self.entry = progress, shared, entry
+    """The trainer's checkpoints, in three calls (the module docstring)."""
+
+    def __init__(self, cfg: Config, info, metrics, progress, shared: list, entry):
+        """shared: the components whose shards every rank saves (model, optimizer, progress);
+        entry: this rank's own RankEntry (RNG, loader)."""
+        self.cfg = cfg
+        ck = self.ck = cfg.checkpoint  # this manager's section of the config
+        self.info = info
+        self.metrics = metrics
+        self.progress = progress
+        self.shared = shared
+        self.entry = entry
         self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
                                  verify=ck.verify_checkpoint)
         self.lease = WriterLease(self.dir.storage)
@@ -68,13 +96,14 @@ class CheckpointManager:
             if isinstance(component, OptimizerState):
                 component.optimizer.register_step_pre_hook(lambda *_: self.writer.staged())
         self.committed_step = None  # the step whose state is committed in our dir(s)
-        self.local = self.replicator = None
+        self.local = None
+        self.replicator = None
         if ck.local_checkpoint_dir:
             self.local = LocalTier(ck.local_checkpoint_dir, ck.keep_last_n_local_checkpoints,
                                    info.rank, info.world_size)
             self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log)
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
-        self.tier = None  # with a local tier: (tier resumed from, why)
+        self.tier: TierChoice | None = None
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (compat.py)
 
     @property
@@ -83,6 +112,7 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
+        """Collective, once before the first step: the steps of the module docstring."""
         t0 = time.perf_counter()
         failure.set_activity("the resume")
         if self.local is not None:
@@ -106,10 +136,10 @@ class CheckpointManager:
         if found.path == self.dir.step_path(found.step) or self._from_local:
             self.committed_step = found.step
         self._log_resume(found, time.perf_counter() - t0)
-        per_rank = self.local.unreplicated(found, self.replicator.durable_step) \
-            if self._from_local else None
-        if per_rank is not None:  # meant for the durable tier, not there yet
-            self.replicator.submit(found.step, found.path, per_rank)
+        if self._from_local:
+            per_rank = self.local.unreplicated(found, self.replicator.durable_step)
+            if per_rank is not None:  # meant for the durable tier, not there yet
+                self.replicator.submit(found.step, found.path, per_rank)
 
     @reading
     def _choose(self) -> Found | None:
@@ -142,10 +172,11 @@ class CheckpointManager:
             if problem is None:
                 return found
             if local:  # a damaged local checkpoint: the durable tier's newest instead
-                self.tier = ("durable", f"local step {found.step} is damaged ({problem})")
+                self.tier = TierChoice("durable",
+                                       f"local step {found.step} is damaged ({problem})")
                 found = D.agree(lambda: self.dir.find_latest(defer=True))
                 if found is None:
-                    raise CheckpointError(f"{self.tier[1]} and {self.dir.root} holds no "
+                    raise CheckpointError(f"{self.tier.reason} and {self.dir.root} holds no "
                                           "checkpoint; move the local dir away to start fresh")
                 self._check(found)
                 continue
@@ -157,7 +188,7 @@ class CheckpointManager:
 
     @property
     def _from_local(self) -> bool:
-        return self.tier is not None and self.tier[0] == "local"
+        return self.tier is not None and self.tier.tier == "local"
 
     def _choose_tier(self, durable: Found | None) -> Found | None:
         """Every rank: the durable tier's `durable`, or the local tier's newest checkpoint
@@ -168,26 +199,22 @@ class CheckpointManager:
                 raise ConfigError(f"--local_checkpoint_dir {self.local.root} holds a run at "
                                   f"step {max(s for u in usable for s in u)}; pass "
                                   "--auto_resume to continue it or use another dir")
-            self.tier = ("durable", "--checkpoint_path names it") if durable else None
+            self.tier = TierChoice("durable", "--checkpoint_path names it") if durable else None
             return durable
         self.replicator.durable_step = durable.step if durable is not None else -1
         local, why = choose(usable, self.local.nodes, self.replicator.durable_step)
         if not local:
-            self.tier = ("durable", why) if durable is not None else None
+            self.tier = TierChoice("durable", why) if durable is not None else None
             return durable
-        self.tier = ("local", why)
+        self.tier = TierChoice("local", why)
         return self.local.found(common_step(usable))
 
     def _check(self, found: Found) -> None:
         """Refuse a checkpoint this run cannot continue: a newer format, a switch of
         --deterministic, or other data, seed, sequence length, batch geometry or model
         (compat.py); keep what may change."""
-        check_format(found.meta, found.path)
-        deterministic.check_resume(found.meta["config"], self.cfg)
-        errors, self.changes = compare_run(found.meta["config"], found.meta.get(
-            "data_fingerprint"), self.cfg, self.progress.data_fingerprint)
-        if errors:
-            raise ConfigError(mismatch_message(found.path, errors))
+        self.changes = check_resume(found.meta, found.path, self.cfg,
+                                    self.progress.data_fingerprint)
 
     def _same_world(self, found: Found) -> bool:
         return found.meta["world_size"] == self.info.world_size
@@ -212,31 +239,33 @@ class CheckpointManager:
 
     def _log_resume(self, found: Found, seconds: float) -> None:
         rng_how = self.entry.parts["rng"].how
-        for line in ([f"WARNING: {found.note}"] if found.note else []) + \
-                change_lines(self.changes):
+        warnings = [f"WARNING: {found.note}"] if found.note else []
+        for line in warnings + change_lines(self.changes):
             self.metrics.say(line)
         self.metrics.log("resume", step=self.progress.step, path=found.path,
                          world_size_saved=found.meta["world_size"],
                          world_size=self.info.world_size, rng=rng_how, note=found.note,
                          changes=self.changes, seconds=seconds,
                          bytes=sum(f["size"] for f in found.files.values()),
-                         **({"tier": self.tier[0], "tier_reason": self.tier[1]}
+                         **({"tier": self.tier.tier, "tier_reason": self.tier.reason}
                             if self.tier else {}))
         self.metrics.say(f"resumed from {found.path} at step {self.progress.step} (world size "
                          f"{found.meta['world_size']} -> {self.info.world_size}, rng {rng_how})")
         if self.tier:
-            self.metrics.say(f"resumed from the {self.tier[0]} tier: {self.tier[1]}")
+            self.metrics.say(f"resumed from the {self.tier.tier} tier: {self.tier.reason}")
         if note := end_note(self.progress.step, self.cfg.training.max_steps):
             self.metrics.say(note)
 
     # ------------------------------------------------------------------------ saving
-    def report(self):
-        """This rank's part of train/loop.py's per-step gather: rank 0's (durable, local) due by
-        wall time, and the replication's state (replicate.py)."""
-        return (self.clock.due() if self.info.is_main else None,
-                self.replicator.report() if self.replicator else None)
+    def report(self, sample_ids: list = (), stop_requested: bool = False) -> StepReport:
+        """This rank's StepReport: the loop's part (sample ids, a stop request), rank 0's
+        wall-time intervals, the replication's state (replicate.py)."""
+        return StepReport(list(sample_ids), stop_requested,
+                          self.clock.due() if self.info.is_main else None,
+                          self.replicator.report() if self.replicator else None)
 
-    def step(self, step: int, last: bool, stopping: bool, reports=None) -> None:
+    def step(self, step: int, last: bool, stopping: bool,
+             reports: list[StepReport] | None = None) -> None:
         """After step `step`: collect a finished async save, keep the lease alive, move the
         replication on, and save when due (every --checkpoint_interval steps or
         --checkpoint_interval_minutes, the last step, a stop; the local tier's own
@@ -248,8 +277,8 @@ class CheckpointManager:
         if reports is None and (self.local is not None or self.clock.enabled):
             reports = D.agree(self.report, every_rank=True)
         if self.replicator is not None:
-            self.replicator.advance([r[1] for r in reports])
-        by_time = reports[0][0] if reports else (False, False)
+            self.replicator.advance([r.replication for r in reports])
+        by_time = reports[0].due_by_time if reports else (False, False)
         if due(self.ck.checkpoint_interval, step, last) or by_time[0] or last or stopping:
             self.save()
         elif self.local is not None and (due(self.ck.local_checkpoint_interval, step, False)

@@ -27,6 +27,10 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
    One writer per dir (the lease, lease.py) and one save at a time: a leftover now is
    abandoned.
 
+The node-local tier (tiers/local.py) runs the same steps on its own directory through the same
+methods (`check_room`, `target_dir`, `write`, `commit`): only who commits differs (each node's
+lowest rank, over its node's files) and what it adds before the manifest (`tier.json`).
+
 Asynchronous saves run steps 1-5 in a save process per rank (async_save/): the training
 process only copies the state into reused shared-memory buffers, overlapped with the next
 step, and the next optimizer step waits for that copy if it is not done. At most one save is in
@@ -35,6 +39,7 @@ flight: a new save first collects the previous one.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import secrets
 import time
@@ -60,14 +65,17 @@ class Checkpointer:
     lease's heartbeat; the manager refreshes the lease at every step anyway, which covers
     asynchronous saves). `save_process(directory, keep_last_n, rank, world_size)` starts this
     rank's save process for asynchronous saves (async_save.save_process.SaveProcess, passed in
-    by the manager: the save process runs this module, which therefore never imports it)."""
+    by the manager: the save process runs this module, which therefore never imports it).
+    `words(text)` rewrites the advice of an error message for this target's own flags (the
+    local tier's)."""
 
     def __init__(self, directory: CheckpointDir, keep_last_n: int = -1, on_commit=None,
-                 save_process=None):
+                 save_process=None, words=None):
         self.dir, self.storage = directory, directory.storage
         self.keep_last_n = keep_last_n
         self.on_commit = on_commit
         self._start_saver = save_process
+        self.words = words if words is not None else (lambda text: text)
         self._saver = None
         self._done: list[dict] = []
 
@@ -127,19 +135,7 @@ class Checkpointer:
         (t0: when the save was asked for, time.perf_counter)."""
         faults.at_step(step)
         final = self.dir.step_path(step)
-        problem = space.room_problem(self.dir.root, state_dict)  # before any write
-        if problem:
-            raise CheckpointError(f"saving step {step} refused: {problem}")
-
-        def write() -> dict:
-            try:
-                writer = self.storage.dcp_writer(target)
-                dcp.save(state_dict, storage_writer=writer)
-                fault_point("after_shards", rank, step)
-                return writer.checksums  # computed while writing (dcp_io.py)
-            except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-                raise CheckpointError(f"saving step {step} to {target} failed: "
-                                      f"{describe(e, self.dir.root)}") from e
+        self.check_room(step, state_dict)
 
         def commit() -> int:
             try:
@@ -149,11 +145,32 @@ class Checkpointer:
                                       f"{describe(e, self.dir.root)}") from e
 
         target = D.agree(lambda: self.target_dir(final))
-        per_rank_files = D.agree(write, every_rank=True)
+        per_rank_files = D.agree(lambda: self.write(step, state_dict, rank, target),
+                                 every_rank=True)
         size = D.agree(commit)
         seconds = time.perf_counter() - t0
         return {"step": step, "path": final, "seconds": seconds, "bytes": size,
                 "mb_per_s": size / seconds / 1e6}
+
+    def check_room(self, step: int, state_dict: dict, what: str = "saving step") -> None:
+        """Every rank, before any write: refuse a save the free space cannot hold."""
+        problem = space.room_problem(self.dir.root, state_dict)
+        if problem:
+            raise CheckpointError(self.words(f"{what} {step} refused: {problem}"))
+
+    def write(self, step: int, state_dict: dict, rank: int, target: str) -> dict:
+        """Every rank: its DCP files of `state_dict` into `target` (step 1); returns their
+        {name: [size, crc32]}, computed while writing (dcp_io.py)."""
+        try:
+            if self.storage.is_local:
+                os.makedirs(target, exist_ok=True)
+            writer = self.storage.dcp_writer(target)
+            dcp.save(state_dict, storage_writer=writer)
+            fault_point("after_shards", rank, step)
+            return writer.checksums
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            raise CheckpointError(self.words(f"saving step {step} to {target} failed: "
+                                             f"{describe(e, self.dir.root)}")) from e
 
     def target_dir(self, final: str) -> str:
         """Rank 0: the dir this save writes into (step 1 of the module docstring)."""
@@ -163,32 +180,40 @@ class Checkpointer:
             self.remove(final)
         return final
 
-    def commit(self, target: str, final: str, step: int, per_rank_files: list[dict]) -> int:
-        """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
+    def commit(self, target: str, final: str, step: int, per_rank_files: list[dict],
+               rank: int = 0, expected: Optional[dict] = None, extra: Optional[dict] = None,
+               protect=None) -> int:
+        """The committing rank (rank 0; on the local tier each node's lowest, `rank`):
+        check the listing, manifest, commit, `latest`, retention (steps 2-5). expected:
+        {name: size} the listing must show (default: every file written); extra: {name:
+        bytes} written before the manifest; protect: apply_retention's. Returns the bytes."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
         on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
-        written = {n: size for n, (size, _) in files.items()}
-        if on_disk != written:
+        if expected is None:
+            expected = {n: size for n, (size, _) in files.items()}
+        if on_disk != expected:
             raise CheckpointError(f"files of {target} differ from what was written: "
-                                  f"{sorted(set(on_disk.items()) ^ set(written.items()))}")
+                                  f"{sorted(set(on_disk.items()) ^ set(expected.items()))}")
+        for name, data in (extra or {}).items():
+            self.storage.write_atomic(posixpath.join(target, name), data)
         manifest = M.build(step, len(per_rank_files), files)
         if self.storage.is_local:
             self.storage.write_atomic(posixpath.join(target, MANIFEST), manifest)
-            fault_point("before_commit", 0, step)
+            fault_point("before_commit", rank, step)
             if self.storage.exists(final):  # committed by a run that crashed before `latest`,
                 self.remove(final)  # or ahead of an explicit older --resume
             self.storage.rename_dir(target, final)
         else:
-            fault_point("before_commit", 0, step)
+            fault_point("before_commit", rank, step)
             self.storage.write_atomic(posixpath.join(final, MANIFEST), manifest)  # the commit
-        fault_point("after_commit", 0, step)
-        self.advance(step)
+        fault_point("after_commit", rank, step)
+        self.advance(step, protect)
         return sum(s for s, _ in files.values())
 
-    def advance(self, step: int) -> None:
-        """Rank 0, after step `step` is committed: `latest`, retention, on_commit."""
+    def advance(self, step: int, protect=None) -> None:
+        """After step `step` is committed: `latest`, retention, on_commit."""
         self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
-        self.apply_retention(step)
+        self.apply_retention(step, protect)
         if self.on_commit is not None:
             self.on_commit()
 

@@ -42,8 +42,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from dcp_train import rng
-from dcp_train.errors import CheckpointError
+from dcp_train.checkpoint import rng
 
 # 1: the layout above (every checkpoint so far). Bump it when a change means older code would
 # misread a checkpoint; this code refuses a newer one and must keep loading every older one.
@@ -68,14 +67,6 @@ def read_meta(reader) -> dict:
         warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
         dcp.load(sd, storage_reader=reader, no_dist=True)
     return tensor_json(sd["meta"])
-
-
-def check_format(meta: dict, path: str) -> None:
-    version = meta.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this "
-                              f"dcp_train reads ({FORMAT_VERSION}); resume it with the "
-                              "dcp_train version that wrote it, or upgrade")
 
 
 def tied_aliases(model) -> dict[str, str]:
@@ -132,19 +123,22 @@ class Progress:
     data_fingerprint: Optional[dict] = None  # data/fingerprint.py, of the training shards
     lr_schedule: Optional[dict] = None  # optim.schedule_for_launch: the schedule in effect
     saved: Optional[dict] = None  # the meta of the checkpoint resumed from
+    wandb_id: Optional[str] = None  # the run's id for --wandb: made at step 0, kept after
 
     def state_dict(self) -> dict:
         meta = {"format_version": FORMAT_VERSION, "step": self.step, "tokens": self.tokens,
                 "val_loss": self.val_loss, "world_size": self.world_size,
                 "samples_per_step": self.samples_per_step,
                 "global_sample_cursor": self.step * self.samples_per_step, "config": self.config,
-                "data_fingerprint": self.data_fingerprint, "lr_schedule": self.lr_schedule}
+                "data_fingerprint": self.data_fingerprint, "lr_schedule": self.lr_schedule,
+                "wandb_id": self.wandb_id}
         return {"meta": json_tensor(meta)}
 
     def load_state_dict(self, sd: dict) -> None:
         meta = tensor_json(sd["meta"])
         self.step, self.tokens, self.val_loss = meta["step"], meta["tokens"], meta["val_loss"]
         self.saved = meta
+        self.wandb_id = meta.get("wandb_id")  # None in checkpoints written before it existed
 
 
 class RNGState:

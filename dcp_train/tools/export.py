@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_train.checkpoint.state import tensor_json
@@ -158,3 +160,22 @@ def _write_tensors(tensors: dict[str, torch.Tensor], out: str, fmt: str) -> None
         torch.save(tensors, out)  # plain tensors: torch.load(weights_only=True) reads it
     else:
         raise ExportError(f"unknown format {fmt!r}; use safetensors or torch")
+def load_full_state(step_dir, tmp_dir) -> dict:
+    """Everything a LOCAL step dir holds as one flat dict of full tensors, keys joined with '.'
+    ('model.transformer.wte.weight', 'optim.state...', 'rank_00000.json', ...), through torch's
+    own converter (dcp_to_torch_save into a file under `tmp_dir`, loaded weights_only, removed).
+    For comparing whole checkpoints bit for bit (tests, bench/gpu_check.py)."""
+    target = os.path.join(str(tmp_dir), f"{os.path.basename(str(step_dir))}-"
+                                        f"{time.monotonic_ns()}.pt")
+    dcp_to_torch_save(str(step_dir), target)
+    try:
+        return _flatten(torch.load(target, weights_only=True))
+    finally:
+        os.unlink(target)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return flat

@@ -79,20 +79,6 @@ def setup(cfg: Config, world_size: int, device_type: str) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def check_resume(saved_config: dict, cfg: Config) -> None:
-    """The mode cannot be switched on or off on resume, and in the mode --batch_size (which
-    fixes the decomposition) cannot change."""
-    saved = bool(saved_config.get("deterministic", False))
-    if saved != cfg.training.deterministic:
-        raise ConfigError(f"the checkpoint was written {'with' if saved else 'without'} "
-                          f"--deterministic; resume it {'with' if saved else 'without'} the "
-                          "flag, or start a new run in another --checkpoint_dir")
-    if saved and saved_config["batch_size"] != cfg.training.batch_size:
-        raise ConfigError(f"the checkpoint was written with --deterministic --batch_size "
-                          f"{saved_config['batch_size']}; keep that --batch_size (it fixes the "
-                          "micro-batches whose bits the mode reproduces)")
-
-
 def micro_seed(seed: int, step: int, index: int) -> int:
     """The torch seed of global micro-batch `index` of step `step` (63 bits)."""
     state = np.random.SeedSequence([seed, step, index, 0xDE7]).generate_state(2, np.uint64)

@@ -64,9 +64,7 @@ class SaveProcess:
         host = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = D.agree(lambda: self._store.port)
         cuda = torch.cuda.is_available()
-        self._stager = DefaultStager(StagingOptions(
-            use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
-            use_non_blocking_copy=cuda))
+        self._stager = reusable_stager(cuda)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(
@@ -147,7 +145,34 @@ class SaveProcess:
                 pass
             self._process.join(timeout=30)
         self._conn.close()
-        self._stager.close()
+        close_stager(self._stager)
+
+
+def reusable_stager(cuda: bool) -> DefaultStager:
+    """DCP's DefaultStager as the module docstring describes it, usable for many saves.
+
+    Some torch releases (2.11 among them) end every DefaultStager._stage with
+    StateDictStager.close(), "to break a reference cycle": that drops the cached staging
+    buffers (no reuse, a fresh pinned copy per save) and clears the stager's copy dispatch
+    table, so the SECOND save fails while staging (`KeyError: <class 'type'>`, seen on CUDA
+    with torch 2.11; any state dict with a dict in it reaches that branch). On such a
+    release that per-save close is made a no-op on this instance; `close_stager` releases
+    the buffers for real. The cycle it meant to break is collected by Python's GC."""
+    stager = DefaultStager(StagingOptions(
+        use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
+        use_non_blocking_copy=cuda))
+    inner = getattr(stager, "_state_dict_stager", None)
+    if inner is not None and hasattr(inner, "close"):
+        inner.close = lambda: None  # instance attribute: DefaultStager._stage calls this one
+    return stager
+
+
+def close_stager(stager: DefaultStager) -> None:
+    """Shut the stager's thread down and release its staging buffers (reusable_stager)."""
+    stager.close()
+    inner = getattr(stager, "_state_dict_stager", None)
+    if inner is not None and hasattr(type(inner), "close"):
+        type(inner).close(inner)
 
 
 class _Pending:

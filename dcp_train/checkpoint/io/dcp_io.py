@@ -31,6 +31,7 @@ second download.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import threading
 import zlib
@@ -48,6 +49,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # no
 
 from dcp_train.run.faults import fault_point  # noqa: E402
 from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
+from dcp_train.run.progress import received_bytes  # noqa: E402
 
 WRITE_THREADS = 2
 
@@ -221,12 +223,16 @@ class _RemoteFS(_FsspecFS):
         with super().create_stream(path, mode) as stream:
             yield stream
 
-    def prefetch(self, paths: list[str]) -> None:
-        """Download `paths` whole, all at once (fsspec fetches them concurrently; s3fs splits a
-        large object into concurrent ranged GETs, gcsfs when asked to)."""
+    def prefetch(self, paths: list[str], nbytes: int = 0) -> None:
+        """Download `paths` (`nbytes` in all) whole, all at once (fsspec fetches them
+        concurrently; s3fs splits a large object into concurrent ranged GETs, gcsfs when asked
+        to); a bytes bar at a terminal on rank 0 (run/progress.py)."""
         kwargs = {"concurrency": FETCH_CONCURRENCY} if {"gs", "gcs"} & set(
             _protocols(self.fs)) else {}
-        data = self.fs.cat(paths, **kwargs) if paths else {}
+        data = {}
+        if paths:
+            with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
+                data = self.fs.cat(paths, **kwargs)
         self.whole = {posixpath.basename(p): v for p, v in data.items()}
 
     def init_path(self, path, **kwargs):
@@ -274,8 +280,9 @@ class _RemoteReader(SafeMetadataReader, FsspecReader):
         for index in {item.storage_index for item in plan.items}:
             info = self.storage_data[index]
             wanted[info.relative_path] = wanted.get(info.relative_path, 0) + info.length
-        self.fs.prefetch([self.fs.concat_path(self.path, name) for name, n in wanted.items()
-                          if 2 * n >= total[name]])
+        whole = [name for name, n in wanted.items() if 2 * n >= total[name]]
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in whole],
+                         sum(total[name] for name in whole))
         return super().read_data(plan, planner)
 
 

@@ -21,12 +21,13 @@ full size at the same offsets: DCP reads them where `.metadata` says. Sharded te
 tier.json: {"nodes": node of every rank, "written": {rank: [files]}, "partial": {file:
 [[offset, length, crc32]]}, "replicate": bool (meant for the durable tier)}.
 
-Save (every rank, collective; failures agreed on): free space, a temp dir name from rank 0,
-dcp.save into `<own node dir>/<temp>`, the copies above, then each node's lowest rank checks
-its listing, writes manifest.json and tier.json, renames the temp dir (the commit, as on the
-durable tier), replaces `latest` and applies retention. A local step dir meant for the
-durable tier and newer than the durable tier's newest checkpoint is never removed: it may be
-the only copy.
+Save: the durable tier's save protocol (protocol.py, the same Checkpointer methods) on each
+node's dir. Every rank, collective, failures agreed on: free space, a temp dir name from rank
+0, dcp.save into `<own node dir>/<temp>`, the copies above; then each node's lowest rank runs
+the protocol's commit over its node's files: checks the listing, writes tier.json and
+manifest.json, renames the temp dir (the commit), replaces `latest` and applies retention,
+which never removes a local step dir meant for the durable tier and newer than the durable
+tier's newest checkpoint: it may be the only copy.
 
 Resume: a rank can use local step s if its node dir holds it committed, saved with the same
 node layout (and so the same world size), and its files (own, `.metadata`, partial ranges)
@@ -39,27 +40,22 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import secrets
 import socket
 import time
 import zlib
 
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
-from dcp_train.checkpoint.io import space
-from dcp_train.checkpoint.io.manifest import MANIFEST, TIER
+from dcp_train.checkpoint.io.manifest import TIER
 from dcp_train.checkpoint.io.safe_metadata import load_metadata
-from dcp_train.checkpoint.layout import LATEST, METADATA, CheckpointDir, Found, step_name
+from dcp_train.checkpoint.layout import METADATA, CheckpointDir, Found
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.config import PLACEHOLDER, local_path
-from dcp_train.errors import CheckpointError, ConfigError, describe
+from dcp_train.errors import ConfigError, describe
 from dcp_train.run import faults
-from dcp_train.run.faults import fault_point
 
 
 def node_rank() -> int:
@@ -73,7 +69,7 @@ class LocalTier:
         self.root = local_path(template, self.node)
         self.dir = CheckpointDir(self.root)
         self.storage = self.dir.storage
-        self.remover = Checkpointer(self.dir, keep_last_n)  # its removal and retention
+        self.protocol = Checkpointer(self.dir, keep_last_n, words=_local_words)
         self.nodes: list[int] = []
 
     def setup(self) -> None:
@@ -96,34 +92,25 @@ class LocalTier:
 
     # ------------------------------------------------------------------------ saving
     def save(self, step: int, state_dict: dict, replicate: bool, durable_step: int) -> dict:
-        """Collective: write and commit step `step` into every node's dir. Returns the record
-        its `checkpoint` record, with per_rank: every rank's {file: [size, crc32]}."""
+        """Collective: write and commit step `step` into every node's dir with the save
+        protocol (protocol.py). Returns its `checkpoint` record, with per_rank: every rank's
+        {file: [size, crc32]}."""
         t0 = time.perf_counter()
         faults.at_step(step)
-        problem = space.room_problem(self.root, state_dict)
-        if problem:
-            raise CheckpointError(_local_words(f"local save of step {step} refused: {problem}"))
-        name = D.agree(lambda: f"{step_name(step)}.tmp-{secrets.token_hex(4)}")
-        target = self.storage.join(name)
-        per_rank = D.agree(lambda: self._write(step, state_dict, target), every_rank=True)
+        self.protocol.check_room(step, state_dict, what="local save of step")
+        final = self.dir.step_path(step)
+        # one temp name for every node (rank 0's), each node's dir its own
+        target = self.storage.join(D.agree(
+            lambda: posixpath.basename(self.protocol.target_dir(final))))
+        per_rank = D.agree(lambda: self.protocol.write(step, state_dict, self.rank, target),
+                           every_rank=True)
         copies = self._copies(target, per_rank) if self.multi_node else (None, {})
-        D.agree(lambda: self._commit(step, target, per_rank, copies, replicate, durable_step)
-                if self.leader else None, every_rank=True)
+        D.agree(lambda: self._commit(step, target, final, per_rank, copies, replicate,
+                                     durable_step) if self.leader else None, every_rank=True)
         size, seconds = sum(s for d in per_rank for s, _ in d.values()), time.perf_counter() - t0
-        return {"step": step, "path": self.dir.step_path(step), "seconds": seconds,
-                "blocked_s": seconds, "async": False, "bytes": size,
-                "mb_per_s": size / seconds / 1e6, "tier": "local", "per_rank": per_rank}
-
-    def _write(self, step: int, state_dict: dict, target: str) -> dict:
-        try:
-            os.makedirs(target, exist_ok=True)
-            writer = self.storage.dcp_writer(target)
-            dcp.save(state_dict, storage_writer=writer)
-            fault_point("after_shards", self.rank, step)
-            return writer.checksums
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(_local_words(f"saving step {step} to {target} failed: "
-                                               f"{describe(e, self.root)}")) from e
+        return {"step": step, "path": final, "seconds": seconds, "blocked_s": seconds,
+                "async": False, "bytes": size, "mb_per_s": size / seconds / 1e6,
+                "tier": "local", "per_rank": per_rank}
 
     def _copies(self, target: str, per_rank: list[dict]) -> tuple[bytes, dict]:
         """Collective: (.metadata's bytes, {(file, offset, length): bytes} of every entry
@@ -147,29 +134,20 @@ class LocalTier:
             return out
         return data, {k: v for d in D.agree(read, every_rank=True) for k, v in d.items()}
 
-    def _commit(self, step, target, per_rank, copies, replicate, durable_step) -> None:
-        """This node's lowest rank: check the listing, manifest + tier.json, rename, `latest`,
-        retention."""
+    def _commit(self, step, target, final, per_rank, copies, replicate, durable_step) -> None:
+        """This node's lowest rank: the copies this node lacks, then the protocol's commit
+        over this node's files, with tier.json and a retention that keeps what the durable
+        tier still needs."""
         files = {n: v for d in per_rank for n, v in d.items()}
         own = {n for r in self.ranks for n in per_rank[r]}
         partial = self._write_copies(target, files, own, copies)
-        expected = {n: files[n][0] for n in own | set(partial) | ({METADATA} if copies[0]
-                                                                  else set())}
-        on_disk = self.storage.find(target)
-        if on_disk != expected:
-            raise CheckpointError(f"files of {target} differ from what was written: "
-                                  f"{sorted(set(on_disk.items()) ^ set(expected.items()))}")
+        listed = own | set(partial) | ({METADATA} if copies[0] else set())
         info = {"nodes": self.nodes, "replicate": replicate, "partial": partial,
                 "written": {str(r): sorted(d) for r, d in enumerate(per_rank)}}
-        self.storage.write_atomic(posixpath.join(target, TIER), json.dumps(info).encode())
-        self.storage.write_atomic(posixpath.join(target, MANIFEST),
-                                  M.build(step, self.world_size, files))
-        final = self.dir.step_path(step)
-        if self.storage.exists(final):
-            self.remover.remove(final)
-        self.storage.rename_dir(target, final)
-        self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
-        self.retain(durable_step)
+        self.protocol.commit(target, final, step, per_rank, rank=self.rank,
+                             expected={n: files[n][0] for n in listed},
+                             extra={TIER: json.dumps(info).encode()},
+                             protect=self._keep_for_durable(durable_step))
 
     def _write_copies(self, target, files, own, copies) -> dict:
         """Write `.metadata` and the shared entries' ranges this node lacks (sparse files of
@@ -190,11 +168,10 @@ class LocalTier:
             partial.setdefault(file, []).append([offset, length, f"{zlib.crc32(blob):08x}"])
         return partial
 
-    def retain(self, durable_step: int) -> list[str]:
-        """Keep the newest N committed dirs and the one `latest` names; never remove a dir meant
-        for the durable tier that is newer than its newest checkpoint (`durable_step`)."""
-        return self.remover.apply_retention(
-            protect=lambda s, name: s > durable_step and self._meant(name))
+    def _keep_for_durable(self, durable_step: int):
+        """Retention's protect rule: never remove a dir meant for the durable tier that is
+        newer than its newest checkpoint (`durable_step`): it may be the only copy."""
+        return lambda s, name: s > durable_step and self._meant(name)
 
     def _meant(self, name: str) -> bool:
         try:
@@ -225,8 +202,8 @@ class LocalTier:
             path_n = os.path.join(path, n)
             if not os.path.exists(path_n) or os.path.getsize(path_n) != files[n]["size"]:
                 return f"file {n} is missing or has the wrong size"
-        if M.hash_file(self.storage, os.path.join(path, METADATA))[1] != \
-                files[METADATA]["crc32"]:
+        _, crc = M.hash_file(self.storage, os.path.join(path, METADATA))
+        if crc != files[METADATA]["crc32"]:
             return f"file {METADATA} is corrupt"
         for n, ranges in info["partial"].items():
             with open(os.path.join(path, n), "rb") as f:

@@ -30,6 +30,7 @@ import posixpath
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
@@ -38,6 +39,17 @@ from dcp_train.errors import describe
 from dcp_train.run.faults import fault_point
 
 PHASES = ("prepare", "upload", "commit")
+
+
+class ReplicationReport(NamedTuple):
+    """One rank's view of the job in flight, exchanged at every step boundary."""
+
+    step: int
+    phase: str
+    attempts: int  # of the current phase
+    state: str  # 'running', 'done', 'failed' (waiting to retry) or this rank's error
+    answer: Any  # rank 0's result of a finished phase (prepare: the dir; commit: the bytes)
+    retry_due: bool  # by this rank's clock (rank 0's decides)
 
 
 @dataclass
@@ -77,10 +89,8 @@ class Replicator:
                          f"{step} is newer")
             self.waiting = job
 
-    def report(self):
-        """This rank's part of the per-step gather: (step, phase, attempt, state, answer,
-        retry allowed); state is 'running', 'done', 'failed' (waiting to retry) or this
-        rank's error; None without a job."""
+    def report(self) -> ReplicationReport | None:
+        """This rank's part of the per-step gather; None without a job."""
         job = self.job
         if job is None:
             return None
@@ -95,28 +105,28 @@ class Replicator:
             state = describe(self.future.exception(), self.storage.root)
         else:
             state, answer = "done", self.future.result()
-        return (job.step, job.phase, job.attempts, state, answer,
-                time.monotonic() >= self.retry_at)
+        return ReplicationReport(job.step, job.phase, job.attempts, state, answer,
+                                 time.monotonic() >= self.retry_at)
 
-    def advance(self, reports: list) -> None:
+    def advance(self, reports: list[ReplicationReport | None]) -> None:
         """Every rank, with every rank's report: move the job on, the same way everywhere."""
         job = self.job
-        if job is None or any(r is None or r[:3] != (job.step, job.phase, job.attempts)
-                              for r in reports):
+        if job is None or any(r is None or (r.step, r.phase, r.attempts) !=
+                              (job.step, job.phase, job.attempts) for r in reports):
             return
-        states = [r[3] for r in reports]
+        states = [r.state for r in reports]
         if "running" in states:
             return
         errors = [s for s in states if s not in ("done", "failed")]
         if job.error is None and not errors:
-            self._next_phase(job, reports[0][4])
+            self._next_phase(job, reports[0].answer)
         elif self.waiting is not None and job.phase != "commit":  # a commit is retried
             self.say(f"WARNING: replication of step {job.step} given up "
                      f"({job.error or errors[0]}): step {self.waiting.step} is newer")
             self._start(self.waiting)
         elif job.error is None:
             self._failed(job, errors[0])
-        elif reports[0][5]:  # rank 0's clock: the retry is due
+        elif reports[0].retry_due:  # rank 0's clock decides
             self._run(job)
 
     def _failed(self, job: Job, error: str) -> None:
@@ -191,8 +201,9 @@ class Replicator:
         files = {n: v for d in job.per_rank for n, v in d.items()}
         manifest = M.build(job.step, len(job.per_rank), files)
         there = posixpath.join(final, MANIFEST)
-        if job.attempts == 1 or not self.storage.exists(there) or \
-                self.storage.read_bytes(there) != manifest:
+        committed = (job.attempts > 1 and self.storage.exists(there)
+                     and self.storage.read_bytes(there) == manifest)
+        if not committed:
             return self.durable.commit(job.target, final, job.step, job.per_rank)
         self.durable.advance(job.step)
         return sum(size for size, _ in files.values())
