@@ -43,7 +43,7 @@ def _bool(text: str) -> bool:
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _auto_bool(text: str) -> Optional[bool]:
@@ -78,9 +78,17 @@ def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
                                 help=help_text + ("" if own else " (default: %(default)s)"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors (a bad type, an unknown flag) as one ConfigError line naming the
+    flag, without the usage block: main() prints it like every other bad flag."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's argparse parser: a group per config section."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dcp_train.main", allow_abbrev=False,  # --max_step must not mean --max_steps
         description="GPT-2 pre-training with FSDP2 and DCP checkpoints. "
                     "Launch: torchrun --nproc_per_node=N -m dcp_train.main [flags]")
@@ -171,9 +179,9 @@ def init_from_dims(url: str, storage_options: str, explicit: dict) -> dict:
 
 
 def parse_config(argv: Optional[list[str]] = None) -> Config:
-    """Flags -> validated Config. Raises ConfigError (argparse's own errors exit 2)."""
+    """Flags -> validated Config. Raises ConfigError, argparse's own errors included."""
     parser = build_parser()
-    config_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_flag = _Parser(add_help=False, allow_abbrev=False)
     config_flag.add_argument("--config", default=None)
     config_file = config_flag.parse_known_args(argv)[0].config
     if config_file:

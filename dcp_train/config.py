@@ -173,7 +173,8 @@ class CheckpointConfig:
     verify_checkpoint: bool = _help("check every file's CRC-32 against manifest.json on "
                                     "resume, while loading (false: sizes only)", default=True)
     preempt_timeout: float = _help("after SIGTERM/SIGUSR1, exit without a checkpoint if the "
-                                   "stop has not finished within this many seconds",
+                                   "stop has not finished within this many seconds (0: no "
+                                   "limit, only a second signal exits without one)",
                                    default=120.0)
 
 
@@ -234,18 +235,12 @@ def validate(cfg: Config) -> None:
     t, m, ck, ev = cfg.training, cfg.model, cfg.checkpoint, cfg.eval
     if t.seq_len is None:
         t.seq_len = m.block_size
+    check_ranges(cfg)
     if t.seq_len > m.block_size:
         raise ConfigError(f"--seq_len {t.seq_len} exceeds --block_size {m.block_size}")
     if m.n_embd % m.n_head:
         raise ConfigError(f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"--dropout must be in [0, 1), got {m.dropout}")
-    for name in ("max_steps", "batch_size", "seq_len", "total_batch_size", "vocab_size"):
-        value = getattr(m if name == "vocab_size" else t, name)
-        if value < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {value}")
-    if t.warmup_steps < 0 or cfg.data.num_workers < 0:
-        raise ConfigError("--warmup_steps and --num_workers must be >= 0")
+    check_paths(cfg)
     if t.total_batch_size % t.seq_len:
         raise ConfigError(f"--total_batch_size {t.total_batch_size} is not a multiple of "
                           f"--seq_len {t.seq_len}; use a multiple so a step is whole sequences")
@@ -270,14 +265,79 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
                           "50257 tokens, which text samples and HellaSwag need; set "
                           "--generate_interval 0 --hellaswag_interval 0 or a larger vocab")
-    if cfg.hardware.peak_tflops < 0:
-        raise ConfigError(f"--peak_tflops must be >= 0 (0: from the GPU's name), got "
-                          f"{cfg.hardware.peak_tflops}")
     if cfg.logging.wandb and not _installed("wandb"):  # every rank says it, before any start
         raise ConfigError("--wandb needs the wandb package: pip install 'dcp_train[wandb]' "
                           "(or pip install wandb)")
     if cfg.hardware.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.hardware.device!r}")
+
+
+# (flag, accepted?, what it accepts): the range of every number flag (check_ranges)
+_RANGES = [
+    ("max_steps", lambda v: v >= 1, ">= 1"),
+    ("stop_at_step", lambda v: v == -1 or v >= 1, "-1 (off) or a step >= 1"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("max_lr", lambda v: v > 0, "a number > 0"),
+    ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("grad_clip", lambda v: v > 0, "a number > 0"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("seq_len", lambda v: v >= 1, ">= 1"),
+    ("total_batch_size", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    ("num_workers", lambda v: v >= 0, ">= 0"),
+    ("eval_interval", lambda v: v >= -1, ">= 1, or 0 or -1 (off)"),
+    ("val_steps", lambda v: v >= 1, ">= 1"),
+    ("hellaswag_interval", lambda v: v >= -1, ">= 1, or 0 or -1 (off)"),
+    ("hellaswag_limit", lambda v: v == -1 or v >= 1, "-1 (all) or >= 1"),
+    ("generate_interval", lambda v: v >= -1, ">= 1, or 0 or -1 (off)"),
+    ("peak_tflops", lambda v: v >= 0, ">= 0 (0: from the GPU's name)"),
+    ("preempt_timeout", lambda v: v >= 0,
+     "seconds >= 0 (0: no limit, only a second signal exits without a checkpoint)"),
+    ("block_size", lambda v: v >= 1, ">= 1"),
+    ("vocab_size", lambda v: v >= 1, ">= 1"),
+    ("n_layer", lambda v: v >= 1, ">= 1"),
+    ("n_head", lambda v: v >= 1, ">= 1"),
+    ("n_embd", lambda v: v >= 1, ">= 1"),
+    ("dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+]
+# (flag, what a local path that exists must be): files and dirs of the wrong kind
+_PATHS = [("checkpoint_dir", "dir"), ("log_dir", "dir"), ("data_dir", "dir"),
+          ("local_checkpoint_dir", "dir"), ("checkpoint_path", "dir"),
+          ("hellaswag_path", "file"), ("tokenizer_file", "file")]
+_NOT_EMPTY = ("checkpoint_dir", "log_dir", "data_dir")
+
+
+def flag_value(cfg: Config, flag: str):
+    """The value of `--flag`, from whichever section holds it."""
+    section = next(s for s in SECTIONS if hasattr(getattr(cfg, s), flag))
+    return getattr(getattr(cfg, section), flag)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number flag in its range (_RANGES); NaN fails every check. One ConfigError line
+    naming the flag, what it accepts and the value given."""
+    for flag, ok, accepts in _RANGES:
+        value = flag_value(cfg, flag)
+        if not ok(value):
+            raise ConfigError(f"--{flag} must be {accepts}, got {value}")
+
+
+def check_paths(cfg: Config) -> None:
+    """No empty path where one is needed; a local path that exists is of the right kind (a
+    dir where a dir is written or read, a file where a file is read). URLs are checked by
+    their stores at run time."""
+    for flag in _NOT_EMPTY:
+        if not flag_value(cfg, flag).strip():
+            raise ConfigError(f"--{flag} is empty; give a path")
+    for flag, kind in _PATHS:
+        value = flag_value(cfg, flag)
+        path = value.removeprefix("file://").replace(PLACEHOLDER, "0")
+        if not value or "://" in path or not os.path.exists(path):
+            continue
+        if kind == "dir" and not os.path.isdir(path):
+            raise ConfigError(f"--{flag} {value} is a file, not a directory; give a directory")
+        if kind == "file" and os.path.isdir(path):
+            raise ConfigError(f"--{flag} {value} is a directory, not a file; give a file")
 
 
 def _installed(module: str) -> bool:

@@ -123,7 +123,9 @@ def agree(fn, *, every_rank: bool = False):
     every_rank=True: fn() runs on every rank and every rank returns the list of all results
     (index = rank). If fn() raised (an Exception) on any rank, every rank raises the same
     exception instead: the lowest failing rank's, same type and message, so all ranks stop
-    together with the same words and none is left waiting in a collective. Without an
+    together with the same words and none is left waiting in a collective; its
+    `origin_rank` attribute names that rank (rank 0 without every_rank), the one that
+    prints it (failure.leave). Without an
     initialised process group this is a world of one. Collective over the CPU group, so every
     rank must call it at the same point."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -143,8 +145,10 @@ def agree(fn, *, every_rank: bool = False):
         box = [outcome]
         dist.broadcast_object_list(box, src=0, group=group)
         outcomes = box
-    for ok, value in outcomes:
+    for rank, (ok, value) in enumerate(outcomes):  # without every_rank: [rank 0's]
         if not ok:
+            if getattr(value, "origin_rank", None) is None:  # an inner agree's stands
+                value.origin_rank = rank  # the rank whose line it is (failure.py)
             raise value
     values = [value for _, value in outcomes]
     return values if every_rank else values[0]

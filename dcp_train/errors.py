@@ -1,9 +1,10 @@
 """Errors for the user and the exit codes: ConfigError and CheckpointError, the one-line
-`dcp_train: error: ...` (error_line, die), and environmental failures named in words:
+`dcp_train: error: ...` (error_line), and environmental failures named in words:
 `describe(exc, path)` is one line for the user.
 
-Exit codes: 0 done; EXIT_BAD_INPUT (2) bad input or an unusable environment; EXIT_PREEMPTED
-(75) stopped early with a checkpoint, continue with --auto_resume; EXIT_ORPHANED (128+SIGHUP)
+Exit codes: 0 done; EXIT_BAD_INPUT (2) bad input or an unusable environment; EXIT_PEER_LOST
+(69) a rank died or stopped answering; EXIT_PREEMPTED (75) stopped early with a checkpoint,
+continue with --auto_resume; EXIT_ORPHANED (128+SIGHUP)
 the launcher went away; 128+signal a second signal or the preemption timeout.
 
 Storage errors arrive wrapped: DCP's CheckpointException holds {rank: (exception, traceback)},
@@ -55,6 +56,7 @@ def _dcp_failures(e: BaseException) -> list[BaseException]:
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resume with --auto_resume
 EXIT_ORPHANED = 128 + signal.SIGHUP  # as if hung up: the controlling agent is gone
+EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a rank died or stopped answering; relaunch --auto_resume
 
 
 class ConfigError(ValueError):
@@ -65,17 +67,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or loaded; the message is for the user (exit 2)."""
 
 
+def scrub_line(message: str) -> str:
+    """`message` on one line, credentials scrubbed."""
+    return " ".join(redact.scrub(message).split())
+
+
 def error_line(message: str) -> None:
     """The one-line error the user sees for bad input: one write(2) call, so the lines of
-    several ranks sharing a pipe never interleave."""
+    several ranks sharing a pipe never interleave. Which rank calls it: run/failure.py."""
     sys.stdout.flush()
-    os.write(2, f"dcp_train: error: {' '.join(redact.scrub(message).split())}\n".encode())
+    os.write(2, f"dcp_train: error: {scrub_line(message)}\n".encode())
 
-
-def die(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """error_line(message), then exit with `code`."""
-    error_line(message)
-    raise SystemExit(code)
 
 
 LOW_FREE_BYTES = 64 * 2**20  # below this, torch's unexplained writer errors mean a full disk

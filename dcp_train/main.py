@@ -1,8 +1,10 @@
 """Entry point: `torchrun --nproc_per_node=N -m dcp_train.main [flags]` (or plain `python -m`).
 
 Bad input (flags, data, checkpoints, storage, tokenizer) ends the run with one line on stderr,
-`dcp_train: error: <what was wrong; what to do>`, and exit code 2. Nothing is written to the
-checkpoint directory before the resume decision and the flag checks have passed.
+`dcp_train: error: <what was wrong; what to do>`, and exit code 2, printed by the one rank
+that holds the root cause and carried into torchrun's report (run/failure.py,
+docs/errors.md). Nothing is written to the checkpoint directory before the resume decision
+and the flag checks have passed.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ import sys
 
 from dcp_train import redact
 from dcp_train.cli import parse_config
-from dcp_train.errors import EXIT_BAD_INPUT, ConfigError, die, error_line
+from dcp_train.errors import EXIT_BAD_INPUT, ConfigError
+from dcp_train.run import failure
 from dcp_train.run.orphan import exit_if_orphaned, watch_parent
 
 
 def main(argv: list[str] | None = None) -> None:
     redact.install_excepthook()  # a crash's traceback never shows a credential
+    held = failure.hold_stop()
     try:
         cfg = parse_config(argv)
-    except ConfigError as e:
-        die(str(e), EXIT_BAD_INPUT)
+    except ConfigError as e:  # every rank sees it alike: rank 0 says it
+        failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
+    failure.release_stop(held)
     watch_parent()  # under torchrun: exit when the agent dies (orphan.py)
 
     # imported after parsing so that --help and flag errors never touch torch.distributed
@@ -29,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         require_dcp_internals()
     except UnsupportedTorch as e:
-        die(str(e), EXIT_BAD_INPUT)
+        failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
     from dcp_train import distributed as D
     from dcp_train.errors import CheckpointError
     from dcp_train.data import DataError
@@ -39,18 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     try:
         info = D.setup(cfg.hardware.device)
+        failure.record_peers()
     except ConfigError as e:  # --device cuda without CUDA
-        die(str(e), EXIT_BAD_INPUT)
-    code = 0
+        failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
     try:
         code = train(cfg, info)
-    except user_errors as e:
-        error_line(str(e))
-        code = EXIT_BAD_INPUT
-    except Exception:
+    except user_errors as e:  # raised through distributed.agree: origin_rank says whose
+        failure.leave(str(e), EXIT_BAD_INPUT, origin=getattr(e, "origin_rank", None))
+    except Exception as e:
         exit_if_orphaned()  # a collective failed because the other ranks left with the agent
+        failure.leave_if_peer_lost(e)  # a peer died: named in words, not gloo's
         raise
-    D.teardown(clean=code != EXIT_BAD_INPUT)
+    D.teardown()
     # Leave without Python's interpreter shutdown: gloo's background threads may still be
     # releasing their last work items, and a thread that needs the GIL during finalization
     # aborts the whole process ("terminate called without an active exception").

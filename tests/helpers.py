@@ -186,10 +186,11 @@ def assert_same_run(run: Path, ref: Path, tmp: Path, steps: int, ranks: int = 2)
 
 
 def one_error(proc) -> str:
-    """The run failed with the same single `dcp_train: error:` line on every rank."""
+    """The run failed with a single `dcp_train: error:` line, said once for the whole job
+    (docs/errors.md)."""
     assert proc.returncode != 0, proc.stdout[-2000:]
     lines = [l for l in proc.stderr.splitlines() if l.startswith("dcp_train: error:")]
-    assert lines and len(set(lines)) == 1, proc.stderr[-4000:]
+    assert len(lines) == 1, proc.stderr[-4000:]
     return lines[0]
 
 

@@ -181,22 +181,27 @@ class CheckpointDir:
 
     @reading
     def open(self, path: str, defer: bool = False) -> Found:
-        """A checkpoint the user named (--checkpoint_path): a step dir, which must be valid, or
-        a checkpoint dir, which means what discovery finds in it. defer: see `check`."""
-        other = self.view(path.rstrip("/"))
+        """A checkpoint the user named (--checkpoint_path): a step dir, or a checkpoint dir,
+        which means exactly the step dir its `latest` names. Either must be valid: anything
+        else is an error, never a fall-back to another step. defer: see `check`."""
+        path = path.rstrip("/")
+        other = self.view(path)
         storage = other.storage
         if not storage.exists(storage.root):
-            raise CheckpointError(f"--checkpoint_path {path.rstrip('/')} does not exist")
-        if storage.exists(storage.join(LATEST)) and not storage.exists(storage.join(MANIFEST)):
-            found = other.find_latest(defer)
-            if found is None:
-                raise CheckpointError(f"--checkpoint_path {other.root} holds no committed "
-                                      "checkpoint")
-            return found
-        problem = other.check(storage.root, defer)
+            raise CheckpointError(f"--checkpoint_path {path} does not exist")
+        target = storage.root
+        latest = None if storage.exists(storage.join(MANIFEST)) else other.latest_name()
+        if latest is not None:  # a checkpoint dir: the step its `latest` names, no other
+            target = storage.join(latest)
+            if not STEP_RE.match(latest) or not storage.exists(target):
+                what = "does not exist" if STEP_RE.match(latest) else "is not a step dir name"
+                raise CheckpointError(unusable(path, f"its `latest` names {latest[:60]!r}, "
+                                      f"which {what}; name a committed step dir instead "
+                                      "(--auto_resume would pick the newest valid one)"))
+        problem = other.check(target, defer)
         if problem is not None:
-            raise CheckpointError(unusable(path.rstrip("/"), problem))
-        return other.found(storage.root, discovered=False)
+            raise CheckpointError(unusable(target if latest else path, problem))
+        return other.found(target, discovered=False)
 
     def resolve(self) -> str:
         """For tools: the step dir this view's root names: itself (a step dir, a temp dir or

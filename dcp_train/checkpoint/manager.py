@@ -47,6 +47,7 @@ from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
 from dcp_train.checkpoint.tiers.replicate import ReplicationReport, Replicator
 from dcp_train.config import Config
 from dcp_train.errors import CheckpointError, ConfigError, describe
+from dcp_train.run import failure
 from dcp_train.run.metrics import resident_mb
 
 
@@ -105,10 +106,15 @@ class CheckpointManager:
         self.tier: TierChoice | None = None
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (compat.py)
 
+    @property
+    def root(self) -> str:  # named by layout.reading's errors
+        return self.dir.root
+
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
         """Collective, once before the first step: the steps of the module docstring."""
         t0 = time.perf_counter()
+        failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
         found = D.agree(self._choose)
@@ -281,6 +287,7 @@ class CheckpointManager:
 
     def save(self, durable: bool = True) -> None:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
+        failure.set_activity(f"the save of step {self.progress.step}")
         sd = {}
         for component in [*self.shared, self.entry]:
             sd.update(component.state_dict())

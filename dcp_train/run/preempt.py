@@ -6,6 +6,8 @@ a checkpoint.
   they save a checkpoint of that step and exit with EXIT_PREEMPTED.
 - A second signal, or `--preempt_timeout` seconds after the first, exits at once without a
   checkpoint (exit code 128 + signal number), for when the save cannot finish in time.
+  `--preempt_timeout 0` sets no limit: only a second signal exits without a checkpoint (a
+  negative value is refused at parse time, config.py).
 
 torchrun forwards SIGTERM and SIGINT to its workers and waits up to 30 s before killing them (a
 Ctrl-C in the terminal reaches torchrun only: the workers run in sessions of their own); SLURM
@@ -45,9 +47,12 @@ class Preemption:
         if self.signum is not None:  # second signal: no more waiting
             _exit_now(signum, "second signal")
         self.signum = signum
+        limit = f" or {self.timeout_s:g}s" if self.timeout_s > 0 else ""
         print(f"dcp_train: got {signal.Signals(signum).name}: stopping after this step with a "
-              f"checkpoint (a second signal or {self.timeout_s:g}s exits without one)",
+              f"checkpoint (a second signal{limit} exits without one)",
               file=sys.stderr, flush=True)
+        if self.timeout_s <= 0:
+            return
         timer = threading.Timer(self.timeout_s, _exit_now, (signum, "--preempt_timeout"))
         timer.daemon = True
         timer.start()

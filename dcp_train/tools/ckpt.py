@@ -30,7 +30,8 @@ import warnings
 
 from dcp_train import redact
 from dcp_train.checkpoint.io.manifest import (MANIFEST, TIER, ManifestError,
-                                              problems as manifest_problems, read as read_manifest)
+                                              problems as manifest_problems, read as read_manifest,
+                                              require_intact)
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import TMP_RE, CheckpointDir
 from dcp_train.checkpoint.state import read_meta
@@ -58,6 +59,9 @@ def list_checkpoints(directory: CheckpointDir) -> dict:
     storage = directory.storage
     if not storage.exists(storage.root):
         raise ToolError(f"{storage.root} does not exist")
+    if not storage.isdir(storage.root):
+        raise ToolError(f"{storage.root} is a file, not a checkpoint dir; give the run's "
+                        "--checkpoint_dir")
     committed, leftovers = directory.scan()
     checkpoints = [_listed(storage, step, name, storage.join(name))
                    for step, name in sorted(committed.items())]
@@ -127,7 +131,9 @@ def _why_abandoned(name: str) -> str:
 
 
 def inspect(storage: Storage, path: str) -> dict:
-    """{path, manifest, meta, entries: {key: {shape, dtype, shards}}} of a step dir."""
+    """{path, manifest, meta, entries: {key: {shape, dtype, shards}}} of a committed step dir,
+    checked against its manifest first (ManifestError for a damaged one, as on resume)."""
+    manifest = require_intact(storage, path)
     reader = storage.dcp_reader(path)
     try:
         metadata = reader.read_metadata()
@@ -143,10 +149,6 @@ def inspect(storage: Storage, path: str) -> dict:
                             "shards": len(md.chunks)}
         else:
             entries[key] = {"shape": None, "dtype": "bytes", "shards": 1}
-    try:
-        manifest = _manifest(storage, path)
-    except ManifestError as e:  # still inspectable: say what is wrong with it
-        manifest = {"files": {}, "error": str(e)}
     return {"path": path, "manifest": manifest, "meta": meta, "entries": entries}
 
 
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         # stdout goes to /dev/null so that the flush at interpreter exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except (ToolError, CheckpointError, ExportError, FileNotFoundError) as e:
+    except (ToolError, CheckpointError, ExportError, ManifestError, OSError) as e:
         print(redact.scrub(f"dcp-ckpt: error: {e}"), file=sys.stderr)
         return 2
 

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_train.checkpoint.state import tensor_json
 from dcp_train.config import ModelConfig
+from dcp_train.checkpoint.io.manifest import ManifestError, require_intact
 from dcp_train.model import GPT
 
 MODEL_PREFIX = "model."
@@ -50,7 +51,13 @@ class ExportError(RuntimeError):
 
 
 def load_model_weights(storage, path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """({fqn: full tensor} of the model, the checkpoint's meta dict) of step dir `path`."""
+    """({fqn: full tensor} of the model, the checkpoint's meta dict) of committed step dir
+    `path`, whose every file is first checked against its manifest.json (ExportError, one
+    line, if anything is damaged, truncated or missing: no tensor is handed out unverified)."""
+    try:
+        require_intact(storage, path)
+    except ManifestError as e:
+        raise ExportError(str(e)) from None
     reader = storage.dcp_reader(path)
     try:
         entries = reader.read_metadata().state_dict_metadata
@@ -122,8 +129,26 @@ def hf_config(meta: dict, dtype: str = "fp32") -> dict:
 
 def write_export(tensors: dict[str, torch.Tensor], out: str, fmt: str,
                  config: dict | None = None) -> list[str]:
-    """Write `tensors` to local file `out` (and `config.json` beside it); return the paths."""
+    """Write `tensors` to local file `out` (and `config.json` beside it); return the paths.
+    `out` appears whole or not at all: written under a temp name, then renamed."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        _write_tensors(tensors, tmp, fmt)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    written = [out]
+    if config is not None:
+        cpath = os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
+        with open(cpath, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        written.append(cpath)
+    return written
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], out: str, fmt: str) -> None:
     if fmt == "safetensors":
         try:
             from safetensors.torch import save_file
@@ -135,15 +160,6 @@ def write_export(tensors: dict[str, torch.Tensor], out: str, fmt: str,
         torch.save(tensors, out)  # plain tensors: torch.load(weights_only=True) reads it
     else:
         raise ExportError(f"unknown format {fmt!r}; use safetensors or torch")
-    written = [out]
-    if config is not None:
-        cpath = os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
-        with open(cpath, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        written.append(cpath)
-    return written
-
-
 def load_full_state(step_dir, tmp_dir) -> dict:
     """Everything a LOCAL step dir holds as one flat dict of full tensors, keys joined with '.'
     ('model.transformer.wte.weight', 'optim.state...', 'rank_00000.json', ...), through torch's

@@ -29,6 +29,7 @@ from dcp_train.data.tokenizer import get_tokenizer
 from dcp_train.errors import EXIT_PREEMPTED, ConfigError
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer, lr_of, saved_schedule, schedule_for_launch
+from dcp_train.run import failure
 from dcp_train.run.metrics import Metrics, launch_record
 from dcp_train.run.preempt import Preemption
 from dcp_train.train import deterministic
@@ -91,6 +92,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     for step in range(progress.step + 1, final_step + 1):
         last = step == final_step
         t0 = time.perf_counter()
+        failure.set_activity(f"step {step}")
         lr = lr_of(step, progress.lr_schedule)
         loss, norm, sample_ids = one_step(optimizer, batches, step, lr)
         # one small gather per step: the step's sample ids, whether a rank got a signal, and

@@ -126,3 +126,18 @@ def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:
         found += corrupt(storage, dir_path, {n: files[n] for n in names if sizes[n] ==
                                              files[n]["size"] and (deep is True or n in deep)})
     return found
+
+
+def require_intact(storage: Storage, dir_path: str) -> dict:
+    """The manifest of committed step dir `dir_path` after a full check (`problems`, every
+    file's CRC-32): what every tool that reads tensors calls first, as resume does. Raises
+    ManifestError, one line naming every problem, for a damaged, truncated, incomplete or
+    uncommitted dir."""
+    if not storage.exists(dir_path):
+        raise ManifestError(f"{dir_path} does not exist")
+    found = problems(storage, dir_path, deep=True)
+    if found:
+        raise ManifestError(f"{dir_path} is damaged: {'; '.join(found)}; nothing was read from "
+                            "it (dcp-ckpt verify lists the problems; an older step may be "
+                            "intact, see dcp-ckpt ls)")
+    return read(storage, dir_path)

@@ -79,6 +79,10 @@ class Storage:
     def exists(self, path: str) -> bool:
         return self.fs.exists(self._fresh(path))
 
+    def isdir(self, path: str) -> bool:
+        """A directory (locally), or a prefix with objects under it (object stores)."""
+        return self.fs.isdir(self._fresh(path))
+
     def listdir(self, path: str) -> list[str]:
         """Names (not paths) of the entries directly under `path`, sorted; [] if missing."""
         try:
