@@ -11,9 +11,10 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
      loses its manifest.json first, so it stops counting as committed before anything else
      goes).
    Every rank writes its own shards into it with dcp.save (DCP writes `.metadata` last).
-2. every rank has the size and CRC-32 of each file it wrote (computed while writing, see
-   dcp_io.py); rank 0 checks them against a listing of the dir.
-3. commit: rank 0 writes `manifest.json` (name, size, CRC-32 of every file, step, world size).
+2. every rank has the size and checksum of each file it wrote (computed while writing, see
+   dcp_io.py); rank 0 checks the sizes against a listing of the dir (no file is read again).
+3. commit: rank 0 writes `manifest.json` (name, size, checksum of every file, step, world
+   size; manifest.py).
    A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds one.
    - local: the manifest goes into the temp dir, which is then renamed (atomic);
    - object stores: the manifest PUT, after every other file is durable, is the commit point.
@@ -43,6 +44,7 @@ from typing import Optional
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from dcp_train import checksum as C
 from dcp_train import distributed as D
 from dcp_train import faults
 from dcp_train import manifest as M
@@ -158,15 +160,17 @@ class Checkpointer:
             self.remove(final)
         return final
 
-    def commit(self, target: str, final: str, step: int, per_rank_files: list[dict]) -> int:
-        """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
+    def commit(self, target: str, final: str, step: int, per_rank_files: list[dict],
+               checksum: str = C.CHECKSUM) -> int:
+        """Rank 0: manifest, commit, `latest`, retention (see the module docstring).
+        per_rank_files: every rank's {file: [size, hex digest of `checksum`]}."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
         on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
         written = {n: size for n, (size, _) in files.items()}
         if on_disk != written:
             raise CheckpointError(f"files of {target} differ from what was written: "
                                   f"{sorted(set(on_disk.items()) ^ set(written.items()))}")
-        manifest = M.build(step, len(per_rank_files), files)
+        manifest = M.build(step, len(per_rank_files), files, checksum)
         if self.storage.is_local:
             self.storage.write_atomic(posixpath.join(target, MANIFEST), manifest)
             fault_point("before_commit", 0, step)
