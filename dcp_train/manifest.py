@@ -106,10 +106,10 @@ def read(storage: Storage, dir_path: str) -> dict:
         if version not in (1, FORMAT_VERSION) or manifest.get("checksum", "crc32") not in \
                 C.ALGORITHMS:
             raise ManifestFormatError(
-                f"{path} has format_version {version!r} and checksum "
-                f"{manifest.get('checksum', 'crc32')!r}, this build reads formats 1-"
-                f"{FORMAT_VERSION} with checksums {', '.join(C.ALGORITHMS)}; resume it "
-                "with the newer dcp_train that wrote it")
+                f"{path} has manifest format {version!r} with checksum "
+                f"{manifest.get('checksum', 'crc32')!r}, newer than this dcp_train reads "
+                f"(formats 1-{FORMAT_VERSION}, checksums {', '.join(C.ALGORITHMS)}); resume it "
+                "with the dcp_train version that wrote it, or upgrade")
         keys = ("step", "world_size", "files") + (("format_version", "checksum")
                                                    if version > 1 else ())
         body = {k: manifest[k] for k in keys}
