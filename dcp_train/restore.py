@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
 from dcp_train import manifest as M
-from dcp_train.checkpoint_dir import Found
+from dcp_train.checkpoint_dir import METADATA, Found
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.storage import Storage
 
@@ -61,13 +61,14 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
 def _check_rest(storage: Storage, found: Found, digests: list[dict], rank: int,
                 world_size: int, mine: Optional[list]) -> list[str]:
     """Compare the checksums the ranks computed while loading (`digests`, every rank's), then
-    check the files none of them computed, each rank a share (or the ones in `mine`).
+    check the files none of them computed, each rank a share (or the ones in `mine`), but
+    `.metadata`: whoever chose `found` checked it (CheckpointDir.check, LocalTier.usable).
     Collective."""
     seen = {n: v for d in digests for n, v in d.items()}
     problems = [M.corrupt_line(n, value, found.files[n])
                 for n, (size, value) in sorted(seen.items())
                 if [size, value] != [found.files[n]["size"], M.digest(found.files[n])[1]]]
-    rest = {n: v for n, v in found.files.items() if n not in seen}
+    rest = {n: v for n, v in found.files.items() if n not in seen and n != METADATA}
     names = share(rest, world_size)[rank] if mine is None else [n for n in mine if n in rest]
     gathered = D.agree(lambda: M.corrupt(storage, found.path, {n: rest[n] for n in names}),
                        every_rank=True)
