@@ -41,30 +41,41 @@ def candidates() -> dict:
     return found
 
 
+def measure(mb: int = 256, reps: int = 5) -> list[dict]:
+    """[{name, gbs: [GB/s per repetition]}], memcpy first, repetitions interleaved."""
+    data = np.frombuffer(os.urandom(mb << 20), dtype=np.uint8)
+    out = np.empty_like(data)
+    view = memoryview(data)
+    funcs = {"memcpy (numpy copyto)": lambda b: np.copyto(out, data), **candidates()}
+    times = {name: [] for name in funcs}
+    for _ in range(reps):
+        for name, fn in funcs.items():
+            t0 = time.perf_counter()
+            fn(view)
+            times[name].append(time.perf_counter() - t0)
+    return [{"name": n, "gbs": [data.nbytes / t / 1e9 for t in ts]} for n, ts in times.items()]
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The markdown table of `measure`'s rows."""
+    memcpy = statistics.median(rows[0]["gbs"])
+    lines = ["| candidate | GB/s median (min-max) | / memcpy |", "|---|---|---|"]
+    for r in rows:
+        med = statistics.median(r["gbs"])
+        lines.append(f"| {r['name']} | {med:.2f} ({min(r['gbs']):.2f}-{max(r['gbs']):.2f}) | "
+                     f"{med / memcpy:.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
-    data = np.frombuffer(os.urandom(args.mb << 20), dtype=np.uint8)
-    out = np.empty_like(data)
-    view = memoryview(data)
-    funcs = {"memcpy (numpy copyto)": lambda b: np.copyto(out, data), **candidates()}
-    times = {name: [] for name in funcs}
-    for _ in range(args.reps):
-        for name, fn in funcs.items():
-            t0 = time.perf_counter()
-            fn(view)
-            times[name].append(time.perf_counter() - t0)
-    gbs = {n: [data.nbytes / t / 1e9 for t in ts] for n, ts in times.items()}
-    memcpy = statistics.median(gbs["memcpy (numpy copyto)"])
-    print(f"{args.mb} MB buffer, {args.reps} interleaved repetitions, {platform.processor() or platform.machine()}, "
+    rows = measure(args.mb, args.reps)
+    print(f"{args.mb} MB buffer, {args.reps} interleaved repetitions, {platform.machine()}, "
           f"load average {os.getloadavg()[0]:.2f} at end\n")
-    print("| candidate | GB/s median (min-max) | / memcpy |")
-    print("|---|---|---|")
-    for name, xs in gbs.items():
-        med = statistics.median(xs)
-        print(f"| {name} | {med:.2f} ({min(xs):.2f}-{max(xs):.2f}) | {med / memcpy:.2f} |")
+    print("\n".join(table(rows)))
 
 
 if __name__ == "__main__":

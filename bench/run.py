@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench.common import (MODELS, REPO, ChildFailed, describe_model, drop_page_cache,  # noqa: E402
                           model_flags, ratios, read_json, run_child, stats, torchrun)
+from bench import checksums  # noqa: E402
 from bench.procwatch import run_watched  # noqa: E402
 from dcp_train.metrics import read_metrics  # noqa: E402
 
@@ -438,7 +439,7 @@ def profile_lines(results: dict) -> list[str]:
         if w.get("ours"):
             tot, c = med(w["ours"]), med(save.get("commit", [0]))
             lines.append(f"- {key} ({r['model']}, {fmt_bytes(r['bytes']['total'])}): "
-                         f"Checkpointer.save {tot:.2f} s = dcp.save with CRC-32 + collectives "
+                         f"Checkpointer.save {tot:.2f} s = dcp.save with checksums + collectives "
                          f"{tot - c:.2f} s + commit (manifest, "
                          f"rename, latest, retention) {c:.2f} s; bare dcp.save "
                          f"{med(w['dcp']):.2f} s; raw write {med(w['raw']):.2f} s")
@@ -446,7 +447,7 @@ def profile_lines(results: dict) -> list[str]:
         if r.get("read", {}).get("ours"):
             tot, chk = med(r["read"]["ours"]), med(load.get("check", [0]))
             lines.append(f"  resume {tot:.2f} s = discovery {chk:.2f} s + Checkpointer.load "
-                         f"{tot - chk:.2f} s (its CRC-32 check, at the same time, "
+                         f"{tot - chk:.2f} s (of which a second pass over files no rank read "
                          f"{med(load.get('hash', [0])):.2f} s); bare dcp.load "
                          f"{med(r['read']['dcp']):.2f} s; raw "
                          f"read {med(r['read']['raw']):.2f} s")
@@ -470,7 +471,16 @@ def render_md(results: dict) -> str:
     prof = profile_lines(results)
     if prof:
         out += ["", "Phases of Checkpointer.save (median over repetitions):", ""] + prof
+    if results.get("checksums"):
+        out += ["", "Checksum candidates, GB/s on one core over a 256 MB buffer in memory, "
+                "5 interleaved repetitions (`python -m bench.checksums`, part `checksums`):",
+                ""] + checksums.table(results["checksums"])
     return "\n".join(out) + "\n"
+
+
+def part_checksums(a, s, work: Path, results: dict) -> None:
+    log("[checksums] 256 MB buffer, 5 repetitions")
+    results["checksums"] = checksums.measure()
 
 
 def render_console(results: dict) -> str:
@@ -491,7 +501,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="cpu (gloo) or cuda (nccl); auto = cuda if available")
     p.add_argument("--parts", default="save,s3,train",
-                   help="comma list of save, s3, train (default: all)")
+                   help="comma list of save, s3, train, checksums (default: save,s3,train)")
     p.add_argument("--reps", type=int, default=0, help="repetitions (default 3; --quick 2)")
     p.add_argument("--train_runs", type=int, default=0,
                    help="runs of each training config, interleaved (default 2; --quick 1)")
@@ -539,7 +549,8 @@ def main(argv=None) -> None:
     log(f"bench: {'quick' if a.quick else 'full'} run, device {a.device}, parts {parts}, "
         f"scratch {work}; page cache drop "
         f"{'works' if dropping else 'does NOT work (warm-cache reads)'}")
-    sections = {"save": part_save, "s3": part_s3, "train": part_train}
+    sections = {"save": part_save, "s3": part_s3, "train": part_train,
+                "checksums": part_checksums}
     try:
         for name in parts:
             try:
