@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -92,27 +93,64 @@ class ChildFailed(RuntimeError):
 
 def run_child(cmd: list[str], nproc: int, timeout: float, env: dict | None = None,
               log=None) -> subprocess.CompletedProcess:
-    """Run a child (torchrun or python) from the repo root; raise ChildFailed with its tail."""
+    """Run a child (torchrun or python) from the repo root; raise ChildFailed with its tail.
+    On a timeout the child and every process under it are killed (torchrun starts its
+    workers in sessions of their own, so its process group is not enough), then it fails."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(nproc, env), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(nproc, env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # something still holds the pipe: stop reading
+            output = ""
+        raise ChildFailed(failure_text(cmd, f"killed after its {timeout:.0f} s", output)) from None
     if log is not None:
         log(f"    ({time.perf_counter() - t0:.1f}s) {' '.join(cmd[-12:])[:160]}")
     if proc.returncode != 0:
-        raise ChildFailed(failure_text(cmd, proc.returncode, proc.stdout + proc.stderr))
-    return proc
+        raise ChildFailed(failure_text(cmd, proc.returncode, output))
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
 
 
-def failure_text(cmd: list[str], rc: int, output: str) -> str:
-    """The command, the first rank's traceback (torchrun prints it among much else), the tail."""
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (Linux /proc; [] elsewhere), children before theirs."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def failure_text(cmd: list[str], rc, output: str) -> str:
+    """The command, the root cause (`dcp_train: error:` lines), the first rank's traceback
+    (torchrun prints it among much else), the tail."""
     lines = output.splitlines()
+    cause = [line for line in lines if "dcp_train: error:" in line][:3]
     first = next((line for line in lines if line.startswith("[rank")), None)
     tb = []
     if first is not None:
         prefix = first.split("]")[0] + "]"
         tb = [line for line in lines if line.startswith(prefix)][-40:]
     tail = lines[-25:]
-    return "\n".join([f"exit {rc}: {' '.join(cmd)[:300]}", *tb, "--- tail:", *tail])
+    return "\n".join([f"exit {rc}: {' '.join(cmd)[:300]}", *cause, *tb, "--- tail:", *tail])
 
 
 def read_json(path: str | os.PathLike) -> dict:

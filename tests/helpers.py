@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcp_train.tools.export import load_full_state
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TIKTOKEN = REPO.parent / "shared" / "tiktoken_cache"
 
@@ -146,24 +148,8 @@ def digests(log_dir: Path) -> dict[int, str]:
 
 
 def load_checkpoint(step_dir: Path, tmp: Path) -> dict:
-    """A DCP checkpoint as one flat dict of full tensors, through torch's own converter."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{Path(step_dir).name}-{time.monotonic_ns()}.pt"
-    dcp_to_torch_save(str(step_dir), str(out))
-    sd = torch.load(out, weights_only=True)
-    out.unlink()
-    return _flatten(sd)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
+    """A DCP checkpoint as one flat dict of full tensors (dcp_train.tools.export.load_full_state)."""
+    return load_full_state(step_dir, tmp)
 
 
 def assert_same_tensors(a: dict, b: dict, prefixes=("model.", "optim.")) -> None:

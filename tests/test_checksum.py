@@ -1,4 +1,4 @@
-"""Checksums computed on the bytes as they pass (dcp_train/checksum.py, dcp_io.py): assembled
+"""Checksums computed on the bytes as they pass (dcp_train/checkpoint/io/checksum.py, dcp_io.py): assembled
 from pieces in any order they equal the checksum of the whole file; DCP's writer and reader
 report the checksums of exactly the bytes on disk; manifest formats 1 and 2 read, others are
 one clear error. Real DCP saves and loads (no process group), real files."""
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from dcp_train import checksum as C
-from dcp_train import manifest as M
-from dcp_train.storage import Storage
+from dcp_train.checkpoint.io import checksum as C
+from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.io.storage import Storage
 
 
 @pytest.mark.parametrize("checksum", C.ALGORITHMS)

@@ -64,3 +64,38 @@ def test_main_refuses_a_torch_outside_the_range(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("dcp_train: error: torch " + version)
         assert expected in lines[0]
         assert not (tmp_path / "ckpt").exists() and not (tmp_path / "log").exists()
+
+
+def test_async_stager_survives_a_per_save_close():
+    """torch 2.11's DefaultStager._stage ends with StateDictStager.close() (it clears the copy
+    dispatch table): a plain stager then fails at its second save with KeyError <class 'type'>
+    (seen on an H200, bench/results_gpu.md). reusable_stager keeps working and keeps its
+    staging buffers from save to save; close_stager releases them."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    from dcp_train.checkpoint.async_save.save_process import close_stager, reusable_stager
+
+    state = {"model": {"w": torch.arange(6.0)}, "progress": {"step": 3, "ids": [1, 2]}}
+    plain = DefaultStager(StagingOptions(False, False, False, False))
+    plain.stage(state)
+    plain._state_dict_stager.close()  # what torch 2.11 does after every stage
+    try:
+        plain.stage(state)
+        raise AssertionError("expected the cleared dispatch table to fail the second stage")
+    except KeyError as e:
+        assert e.args[0] is type
+    stager = reusable_stager(False)
+    try:
+        staged = []
+        for step in (4, 5):
+            state["model"]["w"] += 1
+            state["progress"]["step"] = step
+            stager._state_dict_stager.close()  # the per-save close, as in torch 2.11
+            staged.append(stager.stage(state).result())
+            assert torch.equal(staged[-1]["model"]["w"], state["model"]["w"])
+            assert staged[-1]["progress"] == {"step": step, "ids": [1, 2]}
+        ptrs = [s["model"]["w"].untyped_storage().data_ptr() for s in staged]
+        assert ptrs[0] == ptrs[1]  # the same staging buffer, reused
+    finally:
+        close_stager(stager)
+    assert not stager._state_dict_stager._cached_storage_mapping

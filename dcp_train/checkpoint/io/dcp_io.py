@@ -1,0 +1,353 @@
+"""DCP's StorageWriter/StorageReader for one checkpoint directory, local or a URL (torch 2.11-2.13:
+the private parts used here are checked on import, torch_compat.py).
+Storage.dcp_writer/dcp_reader (storage.py) hand them out; nothing else uses this module.
+
+Local paths use FileSystemWriter/FileSystemReader (sync_files=True: each file is fsynced).
+Every writer checksums what it writes on the way out: DCP opens each
+file through its FileSystem's `create_stream`, and ours wraps that stream so every byte is
+fed to the checksum (checksum.py: CRC-32C at ~13 GB/s, on the writing thread) as it is
+written. `writer.checksums` then maps each file this process wrote to [size, hex digest],
+which is what manifest.json records; no second pass over the bytes. Readers do the same on
+the way in once `verify_with(checksum)` was called (restore.py): each file this rank reads
+half or more of is checksummed piece by piece as DCP reads it, and what DCP skipped of it
+(zip headers, other ranks' entries) is read at the end; `reader.digests` then maps those
+files to [size, hex digest]. Remote paths use subclasses of the fsspec ones in
+torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
+- storage options: DCP calls `writer.reset(checkpoint_id)`, which rebuilds the
+  filesystem from the URL alone and drops options given to the writer; ours keeps them,
+  so passing `checkpoint_id=` to dcp.save/load as well is harmless.
+- sync_files=False: with True DCP falls back to os.sync() for files without fileno();
+  an object is durable once its upload returned.
+- `.metadata`: DCP writes `.metadata.tmp` and renames it. gcsfs renames with the
+  `moveTo` API, which the GCS emulator lacks, and retries for ~30 s before falling back.
+  Ours rewrites the small file as one PUT of `.metadata` and deletes the temp object.
+
+Threads. Each rank writes WRITE_THREADS files on as many threads. torch 2.13's writer loses
+an exception raised on its extra threads (pytorch/pytorch#191391); _CheckedWriter raises it.
+
+Reading. Both readers unpickle nothing but DCP's own metadata classes (safe_metadata.py). The
+remote reader fetches a file it needs most of in one go (concurrent ranged GETs), checksumming
+it on arrival: DCP's own reads would be one ranged GET per tensor, and the check a
+second download.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from contextlib import contextmanager
+
+from dcp_train.torch_compat import require_dcp_internals
+
+require_dcp_internals()  # the private DCP parts below exist in this torch, or one clear error
+
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS  # noqa: E402
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
+from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
+
+from dcp_train.checkpoint.io import checksum as C  # noqa: E402
+from dcp_train.run.faults import armed, fault_point  # noqa: E402
+from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
+
+WRITE_THREADS = 2
+
+
+def writer(path: str, storage_options: dict | None, **kwargs):
+    """The StorageWriter for directory `path`: local if storage_options is None, else fsspec
+    with those options. kwargs go to DCP's writer; thread_count defaults to WRITE_THREADS."""
+    kwargs.setdefault("thread_count", WRITE_THREADS)
+    if storage_options is None:
+        return _LocalWriter(path, **kwargs)
+    return _RemoteWriter(path, storage_options, **kwargs)
+
+
+def reader(path: str, storage_options: dict | None):
+    """The StorageReader for directory `path` (local if storage_options is None)."""
+    if storage_options is None:
+        return _LocalReader(path)
+    return _RemoteReader(path, storage_options)
+
+
+class _WriteChecksum:
+    """A write-only file wrapper that checksums everything written through it (CHECKSUM, on
+    the writing thread: at ~13 GB/s a small share of the write's own time)."""
+
+    def __init__(self, stream):
+        self._stream, self.value, self.size = stream, 0, 0
+        self._faults = armed()  # test-only fault points (os.environ costs 2% of a save)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.value = C.update(C.CHECKSUM, self.value, view)
+        written = self._stream.write(view)
+        self.size += view.nbytes
+        if self._faults:
+            fault_point("mid_shard")  # test-only: a file of this rank's is partly written
+        return written
+
+    def __getattr__(self, name):  # tell, flush, fileno, close, ...
+        return getattr(self._stream, name)
+
+
+class _ReadChecksum:
+    """A read-only file wrapper that checksums the pieces read through it (checksum.Pieces);
+    `finish()` reads what was not read and returns [size, hex digest] of the whole file."""
+
+    def __init__(self, stream, checksum: str):
+        self._stream, self._pieces = stream, C.Pieces(checksum)
+
+    def readinto(self, buffer) -> int:
+        offset = self._stream.tell()
+        n = self._stream.readinto(buffer)
+        if n:
+            self._pieces.add(offset, memoryview(buffer).cast("B")[:n])
+        return n
+
+    def read(self, size=-1) -> bytes:
+        offset = self._stream.tell()
+        data = self._stream.read(size)
+        self._pieces.add(offset, data)
+        return data
+
+    def finish(self) -> list:
+        size = self._stream.seek(0, io.SEEK_END)
+
+        def read_at(offset: int, length: int) -> bytes:
+            self._stream.seek(offset)
+            return self._stream.read(length)
+        return [size, C.hexdigest(self._pieces.finish(read_at, size))]
+
+    def __getattr__(self, name):  # seek, tell, seekable, close, ...
+        return getattr(self._stream, name)
+
+
+class _Discard:
+    """Stands in for a file that could not be opened; what is written is dropped."""
+
+    def __init__(self):
+        self.position = 0
+
+    def write(self, data) -> int:
+        self.position += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Checksums:
+    """Mixin for DCP's FileSystem classes: `checksums` {file name: [size, hex digest]} of
+    every file written through create_stream (recorded once the file is closed), and
+    `errors`, what failed while writing one (raised by _CheckedWriter.write_data)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checksums: dict[str, list] = {}
+        self.errors: list[Exception] = []
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        # an error is kept for write_data, not raised: on DCP's extra writer threads it would
+        # be lost (see _CheckedWriter)
+        wrapped = None
+        try:
+            with super().create_stream(path, mode) as stream:
+                wrapped = _WriteChecksum(stream)
+                yield wrapped
+        except Exception as e:
+            self.errors.append(e)
+            if wrapped is None:  # the file could not even be opened: DCP writes into nothing
+                yield _Discard()
+            return
+        self.checksums[posixpath.basename(str(path))] = [wrapped.size,
+                                                          C.hexdigest(wrapped.value)]
+
+    def rename(self, path, new_path) -> None:  # DCP: .metadata.tmp -> .metadata
+        super().rename(path, new_path)
+        old = posixpath.basename(str(path))
+        if old in self.checksums:
+            self.checksums[posixpath.basename(str(new_path))] = self.checksums.pop(old)
+
+
+class _CheckedWriter:
+    """Mixin for DCP's writers (whose `fs` is a _Checksums): `checksums` of the files written,
+    and a write_data that fails when any of its threads failed.
+
+    torch 2.13's FileSystemWriter with thread_count > 1 loses an exception raised on one of
+    its extra threads: it only reaches threading.excepthook, and the save is reported complete
+    with a `.metadata` that names data never written (pytorch/pytorch#191391). Here every
+    failure inside a file's stream is kept and raised once all threads are done, and a write
+    that returns fewer results than it had items fails too."""
+
+    @property
+    def checksums(self) -> dict[str, list]:
+        return self.fs.checksums
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        if self.fs.errors:
+            raise self.fs.errors[0]
+        written = len(future.wait())
+        if written != len(plan.items):
+            raise OSError(f"DCP wrote {written} of {len(plan.items)} items of {self.path}: "
+                          "a writer thread failed")
+        return future
+
+
+class _ChecksummingLocalFS(_Checksums, _LocalFS):
+    pass
+
+
+class _LocalWriter(_CheckedWriter, FileSystemWriter):
+    def __init__(self, path: str, **kwargs):
+        super().__init__(path, sync_files=True, **kwargs)
+        self.fs = _ChecksummingLocalFS()
+
+
+class _Digests:
+    """What reading FileSystems share: `digests` {file name: [size, hex digest]} of the files
+    named in `verify` (set by the reader before DCP reads), checksummed with `checksum` (None:
+    nothing is checksummed) while DCP reads them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checksum: str | None = None
+        self.verify: set[str] = set()
+        self.digests: dict[str, list] = {}
+
+
+class _DigestingLocalFS(_Digests, _LocalFS):
+    @contextmanager
+    def create_stream(self, path, mode):
+        name = posixpath.basename(str(path))
+        with super().create_stream(path, mode) as stream:
+            if "r" not in mode or self.checksum is None or name not in self.verify:
+                yield stream
+                return
+            wrapped = _ReadChecksum(stream, self.checksum)
+            yield wrapped
+            self.digests[name] = wrapped.finish()
+
+
+class _RemoteFS(_Digests, _FsspecFS):
+    """torch's fsspec FileSystem that keeps the storage options across reset(), replaces
+    rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT, and serves the files it
+    prefetched whole (`verify`) from memory, checksumming each once as it hands it out."""
+
+    def __init__(self, fs, storage_options: dict):
+        super().__init__()
+        self.fs = fs
+        self.storage_options = storage_options
+        self.whole: dict[str, bytes] = {}  # prefetched, until DCP opens them
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        name = posixpath.basename(str(path))
+        if "r" in mode and name in self.whole:
+            data = self.whole.pop(name)
+            if self.checksum is not None:
+                self.digests[name] = [len(data),
+                                      C.hexdigest(C.update(self.checksum, 0, data))]
+            yield io.BytesIO(data)
+            return
+        with super().create_stream(path, mode) as stream:
+            yield stream
+
+    def prefetch(self, paths: list[str]) -> None:
+        """Download `paths` whole, all at once (fsspec fetches them concurrently; s3fs splits a
+        large object into concurrent ranged GETs, gcsfs when asked to)."""
+        kwargs = {"concurrency": FETCH_CONCURRENCY} if {"gs", "gcs"} & set(
+            _protocols(self.fs)) else {}
+        data = self.fs.cat(paths, **kwargs) if paths else {}
+        self.whole = {posixpath.basename(p): v for p, v in data.items()}
+
+    def init_path(self, path, **kwargs):
+        return super().init_path(path, **{**self.storage_options, **kwargs})
+
+    def rename(self, path, new_path) -> None:
+        self.fs.pipe_file(new_path, self.fs.cat_file(path))
+        self.fs.rm_file(path)
+
+
+class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
+    pass
+
+
+class _RemoteWriter(_CheckedWriter, FsspecWriter):
+    def __init__(self, path: str, storage_options: dict, **kwargs):
+        kwargs.setdefault("sync_files", False)
+        super().__init__(path, **kwargs, **storage_options)
+        self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
+
+
+class _VerifyingReader:
+    """Mixin for DCP's readers (whose `fs` is a _Digests): after `verify_with(checksum)`, the
+    files this rank reads half or more of (at the saved world size: its own shard files) are
+    checksummed while DCP reads them, into `digests` {name: [size, hex digest]}; restore.py
+    compares those with the manifest and checks the files no rank read."""
+
+    def verify_with(self, checksum: str, only=None) -> None:
+        """Checksum with `checksum` what is read; only the files in `only`, if given (the
+        local tier's: a node's dir holds other nodes' files in part, tiers.py)."""
+        self.fs.checksum, self._only = checksum, only
+
+    def mostly_read(self, plan) -> set[str]:
+        """The files `plan` reads half the bytes or more of (and `only` names)."""
+        total, wanted = {}, {}
+        for info in self.storage_data.values():
+            total[info.relative_path] = total.get(info.relative_path, 0) + info.length
+        for index in {item.storage_index for item in plan.items}:
+            info = self.storage_data[index]
+            wanted[info.relative_path] = wanted.get(info.relative_path, 0) + info.length
+        only = getattr(self, "_only", None)
+        return {name for name, n in wanted.items()
+                if 2 * n >= total[name] and (only is None or name in only)}
+
+    @property
+    def digests(self) -> dict[str, list]:
+        return self.fs.digests
+
+
+class _LocalReader(_VerifyingReader, SafeMetadataReader, FileSystemReader):
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.fs = _DigestingLocalFS()
+
+    def read_data(self, plan, planner):
+        if self.fs.checksum is not None:
+            self.fs.verify = self.mostly_read(plan)
+        return super().read_data(plan, planner)
+
+
+class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
+    """Downloads the files this rank needs most of whole and all at once before DCP reads
+    them, and holds them in memory meanwhile (about this rank's share of the checkpoint); the
+    others are read with ranged reads of what it needs. The files fetched whole are the ones
+    checksummed (`digests`), so their check needs no second download (restore.py)."""
+
+    def __init__(self, path: str, storage_options: dict):
+        super().__init__(path, **storage_options)
+        self.fs = _RemoteFS(self.fs.fs, storage_options)
+
+    def read_data(self, plan, planner):
+        self.fs.verify = self.mostly_read(plan)
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in self.fs.verify])
+        return super().read_data(plan, planner)
+
+
+FETCH_CONCURRENCY = 8  # concurrent ranged GETs of one file (gcsfs; s3fs: its max_concurrency)
+
+
+def _protocols(fs) -> tuple:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
