@@ -269,11 +269,6 @@ def s3_rows(s, results: dict) -> list:
 
 
 # ------------------------------------------------------------------------------------ train
-def has_async_flag() -> bool:
-    proc = run_child([sys.executable, "-m", "dcp_train.main", "--help"], 1, timeout=120)
-    return "--async_checkpoint" in proc.stdout
-
-
 def segments(s) -> list[tuple[int, int]]:
     """Measured segments as (from step line, to step line). Segment j runs from the line of
     step k*j+1 to the line of step k*(j+1)+1: k steps and the save after step k*(j+1). The
@@ -302,24 +297,22 @@ def save_times(records: list[dict], s, field: str) -> list:
 
 
 def part_train(a, s, work: Path, results: dict) -> None:
-    async_ok = has_async_flag()
     common = model_flags(s["train_model"]) + [
         "--batch_size", str(s["train_batch"]), "--total_batch_size", str(s["train_total"]),
         "--max_steps", str(s["train_steps"]), "--warmup_steps", "2", "--eval_interval", "0",
         "--hellaswag_interval", "0", "--generate_interval", "0", "--keep_last_n_checkpoints",
         "2", "--device", a.device]
-    runs = [("plain", None), ("nosave", 0), ("sync", s["interval"])]
-    if async_ok:
-        runs.append(("async", s["interval"]))
+    runs = [("plain", None), ("nosave", 0), ("sync", s["interval"]), ("async", s["interval"])]
     marks, metrics = {name: [] for name, _ in runs}, {name: [] for name, _ in runs}
     # The same OpenMP wait policy for every training run. Left unset, libgomp spins between
     # parallel regions until a process has more OpenMP threads than CPUs; the thread of an
     # async save adds a thread team, which switches spinning off for the rest of that run and
-    # changes its speed by up to 2x either way on 2 cores (README, "Things we learned").
+    # changes its speed by up to 2x either way on 2 cores (docs/benchmarks.md, "Things we
+    # learned while measuring").
     omp = {} if a.omp_wait_policy == "unset" else {"OMP_WAIT_POLICY": a.omp_wait_policy}
     log(f"[train] {s['train_model']}, 1 rank, {s['train_runs']} x {len(runs)} runs of "
-        f"{s['train_steps']} steps of {s['train_total']} tokens, save every {s['interval']}; "
-        f"--async_checkpoint {'present' if async_ok else 'ABSENT'}")
+        f"{s['train_steps']} steps of {s['train_total']} tokens, save every {s['interval']} "
+        f"(runs: {', '.join(name for name, _ in runs)})")
     for rep in range(s["train_runs"]):
         k = rep % len(runs)
         for name, interval in runs[k:] + runs[:k]:
@@ -347,7 +340,7 @@ def part_train(a, s, work: Path, results: dict) -> None:
                 metrics[name].append(read_metrics(str(d / "log")))
             shutil.rmtree(d, ignore_errors=True)
     results["raw"]["train"] = {"marks": marks, "metrics": metrics, "segments": segments(s),
-                               "async_flag": async_ok, "omp_wait_policy": a.omp_wait_policy}
+                               "omp_wait_policy": a.omp_wait_policy}
 
 
 def _steps(marks: dict) -> dict:
@@ -360,7 +353,7 @@ def train_rows(s, results: dict) -> list:
     if raw is None:
         return []
     marks, metrics = raw["marks"], raw["metrics"]
-    rows, async_ok = [], raw.get("async_flag", bool(marks.get("async")))
+    rows = []
     # per (run, segment): tokens/s on wall clock and on CPU time; runs of one repetition pair up
     rate = {name: [sum(x, []) for x in zip(*(seg_rates(_steps(m), s) for m in ms))]
             for name, ms in marks.items()}
@@ -389,24 +382,13 @@ def train_rows(s, results: dict) -> list:
         ]
 
     sync_s = sum((save_times(m, s, "seconds") for m in metrics["sync"]), [])
-    if async_ok:
-        blocked = sum((save_times(m, s, "blocked_s") for m in metrics["async"]), [])
-        field_note = ""
-        if any(b is None for b in blocked):
-            blocked = sum((save_times(m, s, "seconds") for m in metrics["async"]), [])
-            field_note = "; checkpoint records have NO blocked_s: used seconds"
-        rows.append(row("3 async", "async save: seconds blocked / sync save seconds", blocked,
-                        sync_s, "<=", 0.10, f"sync save {statistics.median(sync_s):.2f} s",
-                        f"blocked {statistics.median(blocked):.3f} s", per_save, invert=True,
-                        note=seg_note + field_note))
-        rows += throughput_rows("3 async", f"tokens/s, async save every {s['interval']} steps "
-                                "/ no saves", "async", "nosave", 0.97, per_save, "")
-    else:
-        why = "dcp_train.main has no --async_checkpoint flag yet"
-        rows.append(na_row("3 async", "async save: seconds blocked / sync save seconds",
-                           "<= 0.1", why))
-        rows.append(na_row("3 async", f"tokens/s, async save every {s['interval']} steps / "
-                           "no saves", ">= 0.97", why))
+    blocked = sum((save_times(m, s, "blocked_s") for m in metrics["async"]), [])
+    rows.append(row("3 async", "async save: seconds blocked / sync save seconds", blocked,
+                    sync_s, "<=", 0.10, f"sync save {statistics.median(sync_s):.2f} s",
+                    f"blocked {statistics.median(blocked):.3f} s", per_save, invert=True,
+                    note=seg_note))
+    rows += throughput_rows("3 async", f"tokens/s, async save every {s['interval']} steps "
+                            "/ no saves", "async", "nosave", 0.97, per_save, "")
     rows += throughput_rows("3 async", f"tokens/s, SYNC save every {s['interval']} steps / "
                             "no saves", "sync", "nosave", 0.97, per_save,
                             f"reference; sync save {statistics.median(sync_s):.2f} s; ")

@@ -14,6 +14,7 @@ they always had: every flag at the top, the model's dimensions under "model").
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -119,6 +120,10 @@ class LoggingConfig:
     tensorboard: bool = _help("also write the metrics as TensorBoard scalars to "
                               "<log_dir>/tensorboard (needs the tensorboard package)",
                               default=False)
+    wandb: bool = _help("also send the metrics records to Weights & Biases (rank 0; needs the "
+                        "wandb package); a resumed run continues the same wandb run",
+                        default=False)
+    wandb_project: str = _help("the wandb project of --wandb", default="dcp_train")
 
 
 @dataclass
@@ -157,6 +162,11 @@ class CheckpointConfig:
     resume: bool = _help("resume from --checkpoint_path (an error if it is not a checkpoint)",
                          default=False)
     checkpoint_path: str = _help("checkpoint step dir to resume from, with --resume", default="")
+    init_from: str = _help(
+        "start a fresh run from a Hugging Face GPT-2 dir or fsspec URL (config.json + "
+        "model.safetensors, as save_pretrained or dcp-ckpt export --hf write them): model "
+        "dimensions from its config.json (dimension flags must agree), each rank loads its "
+        "own shards; ignored when --auto_resume finds a checkpoint", default="")
     async_checkpoint: bool = _help("write checkpoints in the background (dcp.async_save "
                                    "style): the loop only waits for a copy of the state",
                                    default=False)
@@ -263,8 +273,18 @@ def validate(cfg: Config) -> None:
     if cfg.hardware.peak_tflops < 0:
         raise ConfigError(f"--peak_tflops must be >= 0 (0: from the GPU's name), got "
                           f"{cfg.hardware.peak_tflops}")
+    if cfg.logging.wandb and not _installed("wandb"):  # every rank says it, before any start
+        raise ConfigError("--wandb needs the wandb package: pip install 'dcp_train[wandb]' "
+                          "(or pip install wandb)")
     if cfg.hardware.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.hardware.device!r}")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] is None: its import is blocked
+        return False
 
 
 def validate_checkpoint(ck: CheckpointConfig) -> None:

@@ -160,6 +160,31 @@ def assert_same_tensors(a: dict, b: dict, prefixes=("model.", "optim.")) -> None
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
+def rank_rng(sd: dict, rank: int) -> tuple[torch.Tensor, dict]:
+    """(torch CPU generator state, numpy and Python generator states) in rank `rank`'s entry of
+    a checkpoint loaded with load_checkpoint."""
+    entry = json.loads(bytes(sd[f"rank_{rank:05d}.json"].tolist()))
+    return sd[f"rank_{rank:05d}.torch_cpu"], entry["rng"]
+
+
+def assert_same_run(run: Path, ref: Path, tmp: Path, steps: int, ranks: int = 2) -> None:
+    """`run` (stopped, killed, restarted, ... and resumed) is its uninterrupted reference `ref`,
+    bit for bit; both hold log/ and ckpt/ of a `ranks`-rank run of `steps` steps: every step's
+    loss (==), the final checkpoint's model and optimizer tensors and every rank's generator
+    states (torch.equal, ==). Rank 0's and rank 1's torch streams must differ from each other."""
+    run_losses = losses(run / "log")
+    assert sorted(run_losses) == list(range(1, steps + 1))
+    assert run_losses == losses(ref / "log")  # floats compared with ==
+    final = f"step_{steps:08d}"
+    a, b = load_checkpoint(ref / "ckpt" / final, tmp), load_checkpoint(run / "ckpt" / final, tmp)
+    assert_same_tensors(a, b)
+    for rank in range(ranks):
+        (ta, pa), (tb, pb) = rank_rng(a, rank), rank_rng(b, rank)
+        assert torch.equal(ta, tb) and pa == pb, f"rank {rank} RNG differs"
+    if ranks > 1:
+        assert not torch.equal(rank_rng(b, 0)[0], rank_rng(b, 1)[0])
+
+
 def one_error(proc) -> str:
     """The run failed with the same single `dcp_train: error:` line on every rank."""
     assert proc.returncode != 0, proc.stdout[-2000:]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (REPO, TINY, assert_same_tensors, child_env, kill_job, load_checkpoint,
-                     losses, metrics, run_train, start_train, wait_for, write_shards)
+from helpers import (REPO, TINY, assert_same_run, child_env, kill_job, load_checkpoint, metrics,
+                     run_train, start_train, wait_for, write_shards)
 
 N = 10
 # dropout > 0 so that the RNG state matters; shuffled global order; 2 micro-steps per rank;
@@ -43,26 +43,6 @@ def _run(out: Path, data: Path, *extra: str, nproc: int = 2):
                              "--checkpoint_dir", str(out / "ckpt"), *extra])
 
 
-def _rank_rng(sd: dict, rank: int):
-    entry = json.loads(bytes(sd[f"rank_{rank:05d}.json"].tolist()))
-    return sd[f"rank_{rank:05d}.torch_cpu"], entry["rng"]
-
-
-def assert_same_run(run: Path, ref: Path, tmp: Path):
-    """Same per-step losses, same final model/optimizer, and every rank's RNG streams where
-    its uninterrupted self has them (rank 0 and rank 1 differ from each other)."""
-    ref_losses, run_losses = losses(ref / "log"), losses(run / "log")
-    assert sorted(run_losses) == list(range(1, N + 1))
-    assert run_losses == ref_losses  # floats compared with ==
-    final = f"step_{N:08d}"
-    a, b = load_checkpoint(ref / "ckpt" / final, tmp), load_checkpoint(run / "ckpt" / final, tmp)
-    assert_same_tensors(a, b)
-    for rank in (0, 1):
-        (ta, pa), (tb, pb) = _rank_rng(a, rank), _rank_rng(b, rank)
-        assert torch.equal(ta, tb) and pa == pb, f"rank {rank} RNG differs"
-    assert not torch.equal(_rank_rng(b, 0)[0], _rank_rng(b, 1)[0])
-
-
 @pytest.mark.parametrize("stop_at,workers", [(2, "0"), (6, "2"), (N - 1, "2")],
                          ids=["in-warmup-w0", "after-warmup-w2", "before-last-step-w2"])
 def test_stop_and_auto_resume_is_bit_exact(tmp_path, data, reference, stop_at, workers):
@@ -72,7 +52,7 @@ def test_stop_and_auto_resume_is_bit_exact(tmp_path, data, reference, stop_at, w
     resumes = [r for r in metrics(tmp_path / "log") if r["kind"] == "resume"]
     assert [r["step"] for r in resumes] == [stop_at]
     assert resumes[0]["world_size_saved"] == resumes[0]["world_size"] == 2
-    assert_same_run(tmp_path, reference, tmp_path)
+    assert_same_run(tmp_path, reference, tmp_path, N)
 
 
 def test_resume_twice_with_retention(tmp_path, data, reference):
@@ -81,7 +61,7 @@ def test_resume_twice_with_retention(tmp_path, data, reference):
     _run(tmp_path, data, *keep, "--stop_at_step", "8", "--auto_resume")
     _run(tmp_path, data, *keep, "--auto_resume")
     assert [r["step"] for r in metrics(tmp_path / "log") if r["kind"] == "resume"] == [4, 8]
-    assert_same_run(tmp_path, reference, tmp_path)
+    assert_same_run(tmp_path, reference, tmp_path, N)
     # retention: exactly the 2 newest committed dirs, `latest` names the newest, no temp dirs
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_00000008", "step_00000010"]
 
@@ -100,7 +80,7 @@ def test_sigkill_between_checkpoints_resumes_bit_exact(tmp_path, data, reference
     assert latest.read_text().strip() == "step_00000004", "killed too late to test anything"
     _run(tmp_path, data, "--checkpoint_interval", "4", "--auto_resume")
     assert [r["step"] for r in metrics(tmp_path / "log") if r["kind"] == "resume"] == [4]
-    assert_same_run(tmp_path, reference, tmp_path)
+    assert_same_run(tmp_path, reference, tmp_path, N)
 
 
 def test_layout_after_a_run(reference):

@@ -66,7 +66,8 @@ def test_fingerprint_same_data_anywhere_and_every_kind_of_difference(tmp_path):
 
 def test_fingerprint_reads_a_fixed_amount_per_shard(tmp_path):
     """At most SAMPLES windows of SAMPLE_BYTES per file, whatever its size: 40 sparse shards
-    of 256 MB (10 GB) take well under a second (the README quotes a cold-cache measurement)."""
+    of 256 MB (10 GB) take well under a second (sparse files: this bounds the number of reads,
+    not a cold disk's time)."""
     assert len(window_offsets(10**9)) == SAMPLES
     assert window_offsets(10**9)[-1] == 10**9 - SAMPLE_BYTES and window_offsets(10) == [0]
     files = []

@@ -13,7 +13,8 @@ checkpoint with this launch's flags and returns (errors, changes):
   the `resume` record. Storage options are compared redacted (a rotated key is no change).
 
 Not compared: how and where this launch runs (--auto_resume, --resume, --checkpoint_path,
---checkpoint_dir, --local_checkpoint_dir, --log_dir, --stop_at_step). A
+--checkpoint_dir, --local_checkpoint_dir, --log_dir, --stop_at_step, --init_from: a
+resume never reads it). A
 checkpoint written before fingerprints were stored (saved_fingerprint None) cannot be checked
 for other data: changes then holds "data_fingerprint": [None, <digest>], for the caller to
 warn about.
@@ -32,7 +33,7 @@ MODEL_DIMS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 # how and where this launch runs, not what the run is: a checkpoint dir copied elsewhere, a
 # new log dir or another stop step is no change of the run
 NOT_COMPARED = ("auto_resume", "resume", "checkpoint_path", "checkpoint_dir", "log_dir",
-                "stop_at_step", "local_checkpoint_dir")
+                "stop_at_step", "local_checkpoint_dir", "init_from")
 _MISSING = object()
 
 

@@ -132,19 +132,22 @@ class Progress:
     data_fingerprint: Optional[dict] = None  # data/fingerprint.py, of the training shards
     lr_schedule: Optional[dict] = None  # optim.schedule_for_launch: the schedule in effect
     saved: Optional[dict] = None  # the meta of the checkpoint resumed from
+    wandb_id: Optional[str] = None  # the run's id for --wandb: made at step 0, kept after
 
     def state_dict(self) -> dict:
         meta = {"format_version": FORMAT_VERSION, "step": self.step, "tokens": self.tokens,
                 "val_loss": self.val_loss, "world_size": self.world_size,
                 "samples_per_step": self.samples_per_step,
                 "global_sample_cursor": self.step * self.samples_per_step, "config": self.config,
-                "data_fingerprint": self.data_fingerprint, "lr_schedule": self.lr_schedule}
+                "data_fingerprint": self.data_fingerprint, "lr_schedule": self.lr_schedule,
+                "wandb_id": self.wandb_id}
         return {"meta": json_tensor(meta)}
 
     def load_state_dict(self, sd: dict) -> None:
         meta = tensor_json(sd["meta"])
         self.step, self.tokens, self.val_loss = meta["step"], meta["tokens"], meta["val_loss"]
         self.saved = meta
+        self.wandb_id = meta.get("wandb_id")  # None in checkpoints written before it existed
 
 
 class RNGState:

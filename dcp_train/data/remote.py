@@ -29,11 +29,12 @@ def is_remote(data_dir: str) -> bool:
     return "://" in data_dir and not data_dir.startswith("file://")
 
 
-def cache_dir(url: str) -> str:
+def cache_dir(url: str, kind: str = "data") -> str:
+    """$DCP_TRAIN_CACHE_DIR/<kind>/<sha256 of the URL, 16 hex> (kind: data, init)."""
     base = os.environ.get("DCP_TRAIN_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "dcp_train")
     key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    return os.path.join(base, "data", key)
+    return os.path.join(base, kind, key)
 
 
 def _is_shard(name: str) -> bool:
@@ -59,8 +60,15 @@ def fetch_shards(url: str, storage_options: dict) -> str:
     shards = {n: i for n, i in remote.items() if _is_shard(n) and i.get("type") != "directory"}
     if not shards:
         raise DataError(f"data dir {url} holds no *_train_*.npy / *_val_*.npy shard")
+    download(fs, root, shards, local, url)
+    return local
+
+
+def download(fs, root: str, files: dict[str, dict], local: str, url: str) -> None:
+    """Copy `files` ({name: fsspec info}) from `root` on `fs` into the local dir `local`, each
+    atomically; a local file of the remote size is kept. DataError naming the file on failure."""
     os.makedirs(local, exist_ok=True)
-    for name, info in sorted(shards.items()):
+    for name, info in sorted(files.items()):
         dst = os.path.join(local, name)
         if os.path.isfile(dst) and os.path.getsize(dst) == int(info["size"]):
             continue
@@ -70,7 +78,6 @@ def fetch_shards(url: str, storage_options: dict) -> str:
         except Exception as e:
             raise DataError(f"downloading {posixpath.join(url.rstrip('/'), name)} to {dst} "
                             f"failed: {one_line(e)}") from None
-    return local
 
 
 def _copy(fs, src: str, f) -> None:

@@ -1,1 +1,2 @@
-"""The run around the loop: preemption, orphan watch, fault points, metrics, redaction."""
+"""The run around the loop: preemption, orphan watch, fault points, metrics (and their wandb
+copy), redaction, progress bars."""

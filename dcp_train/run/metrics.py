@@ -6,6 +6,10 @@ repr, which is Python's `repr`: the full precision, so two runs compare bit for 
 With `tensorboard=True` (--tensorboard) every numeric field of a record except `step` also
 goes to a SummaryWriter in <log_dir>/tensorboard as scalar "<kind>/<field>" at that step
 (needs the optional `tensorboard` package; imported only then).
+
+With `wandb_project` (--wandb) every record also goes to a Weights & Biases run
+(wandb_log.py); `start_run(id)`, called once the run's id is known (after the resume
+decision), opens it and sends what was logged before.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ from dcp_train.run import redact
 
 
 class Metrics:
-    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = False):
+    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = False,
+                 wandb_project: str | None = None):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self._file = None
         self._tb = None
+        self._wandb = None
+        if enabled and wandb_project is not None:
+            from dcp_train.run.wandb_log import WandbSink
+            self._wandb = WandbSink(wandb_project, log_dir)
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
@@ -42,6 +51,8 @@ class Metrics:
             return
         self._file.write(redact.scrub(json.dumps({"kind": kind, **fields})) + "\n")
         self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(kind, **fields)
         if self._tb is not None and "step" in fields:
             for name, value in fields.items():
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -53,7 +64,16 @@ class Metrics:
         if self.enabled:
             print(redact.scrub(text), file=sys.stdout, flush=True)
 
+    def start_run(self, run_id: str) -> None:
+        """The run's id is known (the checkpoint's, or a new one at step 0): open the wandb
+        run of --wandb under it. Nothing without --wandb."""
+        if self._wandb is not None:
+            self._wandb.start(run_id)
+
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._file is not None:
             self._file.close()
             self._file = None

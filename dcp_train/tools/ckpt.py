@@ -34,6 +34,7 @@ from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import TMP_RE, CheckpointDir
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.errors import CheckpointError
+from dcp_train.run.progress import bar
 from dcp_train.run import redact
 from dcp_train.tools.export import (DTYPES, ExportError, export_tensors, hf_config,
                                     load_model_weights, write_export)
@@ -202,10 +203,17 @@ def cmd_export(args, opts) -> int:
     if args.hf and not out.endswith((".safetensors", *torch_ext)):  # a dir for from_pretrained
         name = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
         out = os.path.join(out, name)
-    weights, meta = load_model_weights(storage, path)
-    tensors = export_tensors(weights, meta, hf=args.hf, dtype=args.dtype)
-    config = hf_config(meta, args.dtype) if args.hf else None
-    written = write_export(tensors, out, fmt, config)
+    with bar(desc="export", total=3, unit="stage") as shown:  # at a terminal only
+        shown.set_postfix_str("reading the checkpoint")
+        weights, meta = load_model_weights(storage, path)
+        shown.update()
+        shown.set_postfix_str("converting")
+        tensors = export_tensors(weights, meta, hf=args.hf, dtype=args.dtype)
+        config = hf_config(meta, args.dtype) if args.hf else None
+        shown.update()
+        shown.set_postfix_str(f"writing {out}")
+        written = write_export(tensors, out, fmt, config)
+        shown.update()
     n = sum(t.numel() for t in tensors.values())
     print(f"exported step {meta['step']} of {path}: {len(tensors)} tensors, {n:,} parameters, "
           f"{args.dtype}, {'Hugging Face GPT-2' if args.hf else 'dcp_train'} names "

@@ -36,10 +36,12 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.utils import CallbackIOWrapper
 
 from dcp_train.checkpoint.io.atomic import write_atomic
 from dcp_train.compiled import eager
 from dcp_train.distributed import agree
+from dcp_train.run.progress import bar
 from dcp_train.train.evaluate import all_reduce_sum, block_size_of, distributed_ready, eval_mode
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -149,7 +151,8 @@ def hellaswag_accuracy(model: nn.Module, path: str, enc, device, rank: int = 0,
     block_size = block_size_of(model)
     counts = torch.zeros(2, dtype=torch.long, device=device)  # [correct, total]
     with eval_mode(model), eager():  # one length per example: no graph per length
-        for round_ in range(math.ceil(len(examples) / world_size)):
+        rounds = range(math.ceil(len(examples) / world_size))
+        for round_ in bar(rounds, desc=f"HellaSwag ({len(examples)} examples)", rank=rank):
             i = round_ * world_size + rank
             if i >= len(examples):  # keep in step with the other ranks' forwards
                 model(torch.zeros((4, 1), dtype=torch.long, device=device))
@@ -168,8 +171,11 @@ def download(dest_dir: str, url: str = HELLASWAG_VAL_URL, timeout: float = 60.0)
     os.makedirs(dest_dir, exist_ok=True)
     path = os.path.join(dest_dir, VAL_FILENAME)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            write_atomic(path, lambda f: shutil.copyfileobj(response, f, 1 << 20))
+        with urllib.request.urlopen(url, timeout=timeout) as response, bar(
+                desc="HellaSwag download", total=int(response.headers["Content-Length"] or 0)
+                or None, unit="B", unit_scale=True, unit_divisor=1024) as shown:
+            counted = CallbackIOWrapper(shown.update, response, "read")
+            write_atomic(path, lambda f: shutil.copyfileobj(counted, f, 1 << 20))
     except (urllib.error.URLError, OSError) as e:
         raise HellaSwagError(
             f"could not download {url} ({e}). Without internet, copy {VAL_FILENAME} from a "

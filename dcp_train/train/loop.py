@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import uuid
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -35,13 +36,15 @@ from dcp_train.train.evaluate import val_loss
 from dcp_train.train.flops import Throughput, model_flops_per_token, peak_flops
 from dcp_train.train.generate import generate
 from dcp_train.train.hellaswag import hellaswag_accuracy
+from dcp_train.train.hf_import import load_hf_weights, local_init_dir
 
 
 def train(cfg: Config, info: D.DistInfo) -> int:
     """Run to --max_steps (or --stop_at_step); returns the exit code: 0, or EXIT_PREEMPTED
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
-    t, workers = cfg.training, cfg.data.num_workers
-    metrics = Metrics(cfg.logging.log_dir, info.is_main, tensorboard=cfg.logging.tensorboard)
+    t, workers, log = cfg.training, cfg.data.num_workers, cfg.logging
+    metrics = Metrics(log.log_dir, info.is_main, tensorboard=log.tensorboard,
+                      wandb_project=log.wandb_project if log.wandb else None)
     metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
     preempt = Preemption(cfg.checkpoint.preempt_timeout)
     if t.deterministic:  # a world size that does not divide the micro-batches: error here
@@ -68,6 +71,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                              entry=RankEntry(info.rank, rng=RNGState(t.seed, info.rank,
                                                                      progress), loader=loader))
     ckpt.resume()
+    after_resume(cfg, info, model, progress, metrics)
     progress.lr_schedule = schedule_for_launch(
         saved_schedule(progress.saved) if progress.saved else None, t.max_lr,
         t.warmup_steps, t.max_steps, t.lr_schedule)
@@ -170,6 +174,32 @@ def evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, prog
         for i, text in enumerate(generate(model, enc, cfg.eval.prompt, rank=info.rank,
                                           device=device)):
             metrics.say(f"sample {i}: {text!r}")
+
+
+def after_resume(cfg: Config, info: D.DistInfo, model, progress: Progress,
+                 metrics: Metrics) -> None:
+    """Once the resume decision is made: --init_from's weights (at step 0 only), then the
+    run's id (the checkpoint's; a new one at step 0) opens the --wandb run."""
+    if cfg.checkpoint.init_from:
+        init_from_hf(cfg, info, model, progress, metrics)
+    if progress.wandb_id is None:  # step 0, or a checkpoint older than the field
+        progress.wandb_id = D.agree(lambda: uuid.uuid4().hex[:12])
+    metrics.start_run(progress.wandb_id)
+
+
+def init_from_hf(cfg: Config, info: D.DistInfo, model, progress: Progress,
+                 metrics: Metrics) -> None:
+    """--init_from: the HF GPT-2 weights onto the sharded model, each rank its own shards; a
+    run that resumed a checkpoint keeps the checkpoint's weights and says so."""
+    if progress.saved is not None:
+        metrics.say(f"--init_from {cfg.checkpoint.init_from} ignored: resumed from the checkpoint at "
+                    f"step {progress.step}, which holds the weights")
+        return
+    fetch = lambda: local_init_dir(cfg.checkpoint.init_from, cfg.storage_options_dict)  # noqa: E731
+    directory = D.agree(fetch if info.local_rank == 0 else lambda: None, every_rank=True)
+    directory = directory[info.rank - info.local_rank]  # this node's copy
+    D.agree(lambda: load_hf_weights(model, directory), every_rank=True)
+    metrics.say(f"weights from --init_from {cfg.checkpoint.init_from}")
 
 
 def local_data_dir(cfg: Config, info: D.DistInfo) -> str:

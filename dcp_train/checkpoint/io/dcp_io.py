@@ -34,6 +34,7 @@ second download.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from contextlib import contextmanager
 
@@ -49,6 +50,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # no
 from dcp_train.checkpoint.io import checksum as C  # noqa: E402
 from dcp_train.run.faults import armed, fault_point  # noqa: E402
 from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
+from dcp_train.run.progress import received_bytes  # noqa: E402
 
 WRITE_THREADS = 2
 
@@ -264,12 +266,16 @@ class _RemoteFS(_Digests, _FsspecFS):
         with super().create_stream(path, mode) as stream:
             yield stream
 
-    def prefetch(self, paths: list[str]) -> None:
-        """Download `paths` whole, all at once (fsspec fetches them concurrently; s3fs splits a
-        large object into concurrent ranged GETs, gcsfs when asked to)."""
+    def prefetch(self, paths: list[str], nbytes: int = 0) -> None:
+        """Download `paths` (`nbytes` in all) whole, all at once (fsspec fetches them
+        concurrently; s3fs splits a large object into concurrent ranged GETs, gcsfs when asked
+        to); a bytes bar at a terminal on rank 0 (run/progress.py)."""
         kwargs = {"concurrency": FETCH_CONCURRENCY} if {"gs", "gcs"} & set(
             _protocols(self.fs)) else {}
-        data = self.fs.cat(paths, **kwargs) if paths else {}
+        data = {}
+        if paths:
+            with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
+                data = self.fs.cat(paths, **kwargs)
         self.whole = {posixpath.basename(p): v for p, v in data.items()}
 
     def init_path(self, path, **kwargs):
@@ -342,7 +348,9 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
 
     def read_data(self, plan, planner):
         self.fs.verify = self.mostly_read(plan)
-        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in self.fs.verify])
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in self.fs.verify],
+                         sum(info.length for info in self.storage_data.values()
+                             if info.relative_path in self.fs.verify))
         return super().read_data(plan, planner)
 
 
