@@ -6,10 +6,12 @@ Every repetition runs each way once, in a rotated order, on the same state and f
 
   writes  raw     each rank writes its bytes (as many as its DCP shard file) with one buffered
                   write + fsync (object store: one fsspec pipe_file per rank)
-          dcp     bare dcp.save with the writer our Storage hands out (FileSystemWriter,
-                  sync_files=True; the fsspec writer for URLs)
-          ours    dcp_train.checkpoint.Checkpointer.save: temp dir, dcp.save (CRC-32 of every
-                  file computed while writing), manifest, rename, `latest`, retention
+          dcp     bare dcp.save as torchtitan calls it: DCP's own FileSystemWriter with its
+                  defaults (thread_count=1, sync_files=True: every file fsynced) for a local
+                  dir; for URLs the fsspec writer our Storage hands out
+          ours    dcp_train.checkpoint.Checkpointer.save: temp dir, dcp.save (every file's
+                  checksum computed while writing, every file fsynced), manifest, rename,
+                  `latest`, retention
           async   (if Checkpointer.save takes asynchronous=) the same save in the background:
                   `blocked` is the time save() held the caller (staging copy), `total` the
                   time until it was committed; one Checkpointer over all repetitions, so its
@@ -17,27 +19,27 @@ Every repetition runs each way once, in a rotated order, on the same state and f
           gather  (--gather) the original guide's way: full state dict gathered to rank 0
                   (get_state_dict full_state_dict + cpu_offload), one torch.save + fsync
   reads   raw     each rank reads its raw file back with one readinto (local only)
-          dcp     bare dcp.load into the model/optimizer state dict (local only)
+          dcp     bare dcp.load into the model/optimizer state dict with DCP's own
+                  FileSystemReader (local only)
           ours    the trainer's resume path: CheckpointDir.find_latest(defer=True) on rank 0
-                  (manifest, sizes, CRC-32 of .metadata), agreed on, restore.load
-                  (dcp.load into the model and optimizer while each rank checks the CRC-32s
-                  of its share of the files)
+                  (manifest, sizes, checksum of .metadata), agreed on, restore.load
+                  (dcp.load into the model and optimizer, each rank checksumming the files
+                  it reads as DCP reads them)
           ours_noverify  the same with CheckpointDir(verify=False)
 
 A time is wall clock from a barrier before the operation to a barrier after it (the slowest
-rank). Before every timed operation rank 0 syncs and drops the page cache if it can, so reads
+rank). Each write also counts its CPU-seconds (user + system, every thread) summed over the
+ranks' processes and, for `async`, their save processes (/proc/<pid>/stat). Before every timed operation rank 0 syncs and drops the page cache if it can, so reads
 are cold-cache reads (the result says whether that worked). Rank 0 writes the result JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import time
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -45,7 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.tensor import DTensor
 
-from bench.common import drop_page_cache, model_config
+from bench.common import cpu_seconds, drop_page_cache, model_config
 from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint import state as C
@@ -58,8 +60,8 @@ from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer
 
 
-# Phase timers, reset before each timed operation. CRC-32 verification is timed where it
-# happens, in dcp_train.manifest.hash_files (on resume it runs at the same time as the load).
+# Phase timers, reset before each timed operation. A second pass of verification (files no
+# rank read while loading) is timed where it happens, in dcp_train.manifest.hash_files.
 # The wrapper is put on the module attribute in this benchmark process only; no file of
 # dcp_train is changed.
 PHASES: dict[str, float] = {}
@@ -159,7 +161,6 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--gather", action="store_true", help="also gather + torch.save on rank 0")
     p.add_argument("--no_load", action="store_true", help="writes only")
-    p.add_argument("--hash_probe", action="store_true", help="time sha256/blake2b/crc32 in memory")
     args = p.parse_args()
 
     t_setup = time.perf_counter()
@@ -263,7 +264,7 @@ def main() -> None:
               "device": str(dev.type), "root_is_local": local,
               "bytes": {"per_rank": per_rank, "metadata": meta_bytes,
                         "total": sum(per_rank) + meta_bytes},
-              "write": {"raw": [], "dcp": [], "ours": []}, "read": {},
+              "write": {"raw": [], "dcp": [], "ours": []}, "read": {}, "cpu": {},
               "ours_record": [], "phases": {}, "cache_dropped": [], "gather_bytes": None,
               "has_async": local, "has_verify": True}
     if args.gather:
@@ -297,7 +298,8 @@ def main() -> None:
         box = {}
 
         def dcp_save() -> None:
-            dcp.save(sd, storage_writer=st.dcp_writer(dcp_dir))
+            dcp.save(sd, storage_writer=dcp.FileSystemWriter(dcp_dir) if local
+                     else st.dcp_writer(dcp_dir))
 
         def ours_save() -> None:
             ckpt.save(rep + 1, sd, rank, ws)
@@ -330,7 +332,11 @@ def main() -> None:
         for name, fn in writes[k:] + writes[:k]:
             result["cache_dropped"].append(fresh())
             PHASES.clear()
+            pids = [async_ckpt._saver._process.pid] if name == "async" else []
+            c0 = cpu_seconds(pids)
             dt = timed(fn)
+            cpu = cpu_seconds(pids) - c0
+            result["cpu"].setdefault(name, []).append(sum(D.agree(lambda: cpu, every_rank=True)))
             if name == "async":
                 blocked = max(D.agree(lambda: box["blocked"], every_rank=True))
                 result["write"]["async_blocked"].append(blocked)
@@ -348,7 +354,7 @@ def main() -> None:
             tpl = {**C.ModelState(model).state_dict(), **C.OptimizerState(model, opt).state_dict()}
 
             def dcp_load() -> None:
-                dcp.load(tpl, storage_reader=st.dcp_reader(dcp_dir))
+                dcp.load(tpl, storage_reader=dcp.FileSystemReader(dcp_dir))
 
             def resume(verify) -> None:
                 directory = TimedDir(ours_root, so, verify=verify)
@@ -373,19 +379,6 @@ def main() -> None:
 
     if async_ckpt is not None:
         async_ckpt.close()
-
-    if args.hash_probe and rank == 0:
-        data = buf[: min(my_bytes, 256 << 20)].cpu().numpy().tobytes()
-        probe = {}
-        for name, fn in [("sha256", lambda d: hashlib.sha256(d).digest()),
-                         ("blake2b", lambda d: hashlib.blake2b(d).digest()),
-                         ("crc32", lambda d: zlib.crc32(d)),
-                         ("memcpy", lambda d: bytearray(d))]:
-            t = time.perf_counter()
-            fn(data)
-            probe[name] = len(data) / (time.perf_counter() - t)
-        result["hash_probe_bytes_per_s"] = probe
-        log("in-memory B/s: " + ", ".join(f"{k} {v / 1e6:.0f} MB/s" for k, v in probe.items()))
 
     if rank == 0:
         with open(args.out, "w") as f:

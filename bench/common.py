@@ -190,3 +190,13 @@ def write_results(out: str, meta: dict, results: list, text: str) -> None:
     Path(out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     Path(out + ".md").write_text(text)
     print(text)
+
+
+def cpu_seconds(pids=()) -> float:
+    """User + system CPU-seconds so far of this process (all threads) and of `pids`."""
+    total = sum(os.times()[:2])
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

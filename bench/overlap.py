@@ -3,6 +3,7 @@ without saves, measured side by side (paired runs, rotated order) in one invocat
 
     python -m bench.overlap            # models tiny and small, 1 and 2 ranks (~11 min here)
     python -m bench.overlap --quick    # tiny only, 1 rank (~1 min)
+    python -m bench.overlap --cells small:1,small:2   # the 16M model only
 
 For each (model, world size) it runs the trainer three ways: no saves, `--async_checkpoint`
 every K steps, synchronous saves every K steps (reference), `--train_runs` times. A segment is
@@ -144,8 +145,11 @@ def main(argv=None) -> None:
     p.add_argument("--train_runs", type=int, default=2, help="runs of each kind per cell")
     p.add_argument("--child_timeout", type=float, default=900.0)
     p.add_argument("--out", default=str(REPO / "bench" / "results_overlap"))
+    p.add_argument("--cells", default="tiny:1,tiny:2,small:1,small:2",
+                   help="model:ranks pairs to measure (--quick: tiny:1)")
     a = p.parse_args(argv)
-    cells = [("tiny", 1)] if a.quick else [("tiny", 1), ("tiny", 2), ("small", 1), ("small", 2)]
+    cells = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cells.split(",")]
+    cells = [("tiny", 1)] if a.quick else cells
     if a.quick:
         a.train_runs, a.segments = 1, 2
     t0, load0 = datetime.datetime.now(), os.getloadavg()

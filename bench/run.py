@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench.common import (MODELS, REPO, ChildFailed, describe_model, drop_page_cache,  # noqa: E402
                           model_flags, ratios, read_json, run_child, stats, torchrun)
+from bench import checksums  # noqa: E402
 from bench.procwatch import run_watched  # noqa: E402
 from dcp_train.run.metrics import read_metrics  # noqa: E402
 
@@ -118,8 +119,6 @@ def part_save(a, s, work: Path, results: dict) -> None:
                 "--out", str(out), "--reps", str(s["reps"]), "--device", a.device]
         if ws >= 2:
             args.append("--gather")
-        if ws == s["world_sizes"][0]:
-            args.append("--hash_probe")
         log(f"[save/load] {s['ckpt_model']} at {ws} rank(s), {s['reps']} reps")
         run_child(torchrun(ws, args), ws, timeout=a.child_timeout, log=log)
         results["raw"][f"ckpt_ws{ws}"] = read_json(out)
@@ -139,11 +138,15 @@ def save_rows(s, results: dict) -> list:
         raw_w = t_and_bw(w["raw"], n_data)
         rows.append(row("1 save", f"Checkpointer.save vs raw write, {tag}", w["ours"], w["raw"],
                         ">=", 0.8, raw_w, t_and_bw(w["ours"], n),
-                        f"write {fmt_bytes(n)} (CRC-32 while writing)",
+                        f"write {fmt_bytes(n)} (CRC-32C while writing)",
                         note=phase_note(r, "ours_save")))
         rows.append(row("1 save", f"bare dcp.save vs raw write, {tag}", w["dcp"], w["raw"],
                         ">=", 0.8, raw_w, t_and_bw(w["dcp"], n), f"write {fmt_bytes(n)}",
                         note="reference: DCP itself"))
+        rows.append(row("1 save", f"Checkpointer.save vs bare dcp.save, {tag}", w["ours"],
+                        w["dcp"], ">=", 1.0, t_and_bw(w["dcp"], n), t_and_bw(w["ours"], n),
+                        f"write {fmt_bytes(n)}", note=FSYNC))
+        rows += cpu_rows(r, tag)
         if w.get("async_blocked"):
             rows.append(row("3 async", f"async Checkpointer.save: seconds blocked / sync "
                             f"Checkpointer.save, {tag}", w["async_blocked"], w["ours"], "<=",
@@ -158,8 +161,11 @@ def save_rows(s, results: dict) -> list:
             raw_r = t_and_bw(rd["raw"], n_data)
             rows.append(row("2 load", f"resume with verification vs raw read, {tag}",
                             rd["ours"], rd["raw"], ">=", 0.8, raw_r, t_and_bw(rd["ours"], n),
-                            f"read {fmt_bytes(n)} by dcp.load and, at the same time, by the "
-                            "CRC-32 check", note=f"{cache}; " + phase_note(r, "ours_load")))
+                            f"read {fmt_bytes(n)} by dcp.load, checksummed as read",
+                            note=f"{cache}; " + phase_note(r, "ours_load")))
+            rows.append(row("2 load", f"resume with verification vs bare dcp.load, {tag}",
+                            rd["ours"], rd["dcp"], ">=", 1.0, t_and_bw(rd["dcp"], n),
+                            t_and_bw(rd["ours"], n), f"read {fmt_bytes(n)}", note=cache))
             if rd.get("ours_noverify"):
                 rows.append(row("2 load", f"resume with verify=False vs raw read, {tag}",
                                 rd["ours_noverify"], rd["raw"], ">=", 0.8, raw_r,
@@ -183,10 +189,29 @@ def save_rows(s, results: dict) -> list:
     return rows
 
 
+FSYNC = "both sides fsync every file they write (sync_files=True); ours also the manifest, `latest` and the dir"
+
+
+def cpu_rows(r: dict, tag: str) -> list:
+    """CPU-seconds per GB of each way of saving against the raw write's (all processes)."""
+    cpu, n = r.get("cpu", {}), r["bytes"]["total"] / GB
+    if not cpu.get("raw"):
+        return []
+    raw = f"raw write {statistics.median(cpu['raw']) / n:.2f} CPU-s/GB"
+    return [row("5 cpu", f"CPU-seconds per GB: {what} / raw write, {tag}", cpu[name], cpu["raw"],
+                "<=", 1.5, raw, f"{statistics.median(cpu[name]) / n:.2f} CPU-s/GB",
+                f"write {fmt_bytes(r['bytes']['total'])}", invert=True, note=note)
+            for name, what, note in (
+                ("ours", "sync Checkpointer.save", "every rank process, all threads"),
+                ("async", "async Checkpointer.save", "rank processes (staging copy) + save "
+                                                     "processes"),
+                ("dcp", "bare dcp.save", "reference")) if cpu.get(name)]
+
+
 def phase_note(r: dict, op: str) -> str:
     """'of which commit 0.01 s, ...' (medians of the slowest rank's phase times)."""
     ph = r.get("phases", {}).get(op, {})
-    names = {"hash": "CRC-32 check (overlaps the load)", "commit": "commit",
+    names = {"hash": "second pass over files no rank read", "commit": "commit",
              "check": "discovery"}
     parts = [f"{names[k]} {statistics.median(ph[k]):.2f} s" for k in ("hash", "check", "commit")
              if ph.get(k)]
@@ -396,7 +421,7 @@ def profile_lines(results: dict) -> list[str]:
         if w.get("ours"):
             tot, c = med(w["ours"]), med(save.get("commit", [0]))
             lines.append(f"- {key} ({r['model']}, {fmt_bytes(r['bytes']['total'])}): "
-                         f"Checkpointer.save {tot:.2f} s = dcp.save with CRC-32 + collectives "
+                         f"Checkpointer.save {tot:.2f} s = dcp.save with checksums + collectives "
                          f"{tot - c:.2f} s + commit (manifest, "
                          f"rename, latest, retention) {c:.2f} s; bare dcp.save "
                          f"{med(w['dcp']):.2f} s; raw write {med(w['raw']):.2f} s")
@@ -404,14 +429,10 @@ def profile_lines(results: dict) -> list[str]:
         if r.get("read", {}).get("ours"):
             tot, chk = med(r["read"]["ours"]), med(load.get("check", [0]))
             lines.append(f"  resume {tot:.2f} s = discovery {chk:.2f} s + Checkpointer.load "
-                         f"{tot - chk:.2f} s (its CRC-32 check, at the same time, "
+                         f"{tot - chk:.2f} s (of which a second pass over files no rank read "
                          f"{med(load.get('hash', [0])):.2f} s); bare dcp.load "
                          f"{med(r['read']['dcp']):.2f} s; raw "
                          f"read {med(r['read']['raw']):.2f} s")
-        if r.get("hash_probe_bytes_per_s"):
-            p = r["hash_probe_bytes_per_s"]
-            lines.append("- in-memory speed on one core (256 MB buffer): " + ", ".join(
-                f"{k} {v / 1e6:.0f} MB/s" for k, v in p.items()))
     return lines
 
 
@@ -432,7 +453,16 @@ def render_md(results: dict) -> str:
     prof = profile_lines(results)
     if prof:
         out += ["", "Phases of Checkpointer.save (median over repetitions):", ""] + prof
+    if results.get("checksums"):
+        out += ["", "Checksum candidates, GB/s on one core over a 256 MB buffer in memory, "
+                "5 interleaved repetitions (`python -m bench.checksums`, part `checksums`):",
+                ""] + checksums.table(results["checksums"])
     return "\n".join(out) + "\n"
+
+
+def part_checksums(a, s, work: Path, results: dict) -> None:
+    log("[checksums] 256 MB buffer, 5 repetitions")
+    results["checksums"] = checksums.measure()
 
 
 def render_console(results: dict) -> str:
@@ -453,7 +483,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="cpu (gloo) or cuda (nccl); auto = cuda if available")
     p.add_argument("--parts", default="save,s3,train",
-                   help="comma list of save, s3, train (default: all)")
+                   help="comma list of save, s3, train, checksums (default: save,s3,train)")
     p.add_argument("--reps", type=int, default=0, help="repetitions (default 3; --quick 2)")
     p.add_argument("--train_runs", type=int, default=0,
                    help="runs of each training config, interleaved (default 2; --quick 1)")
@@ -501,7 +531,8 @@ def main(argv=None) -> None:
     log(f"bench: {'quick' if a.quick else 'full'} run, device {a.device}, parts {parts}, "
         f"scratch {work}; page cache drop "
         f"{'works' if dropping else 'does NOT work (warm-cache reads)'}")
-    sections = {"save": part_save, "s3": part_s3, "train": part_train}
+    sections = {"save": part_save, "s3": part_s3, "train": part_train,
+                "checksums": part_checksums}
     try:
         for name in parts:
             try:

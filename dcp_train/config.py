@@ -170,7 +170,7 @@ class CheckpointConfig:
     async_checkpoint: bool = _help("write checkpoints in the background (dcp.async_save "
                                    "style): the loop only waits for a copy of the state",
                                    default=False)
-    verify_checkpoint: bool = _help("check every file's CRC-32 against manifest.json on "
+    verify_checkpoint: bool = _help("check every file's checksum against manifest.json on "
                                     "resume, while loading (false: sizes only)", default=True)
     preempt_timeout: float = _help("after SIGTERM/SIGUSR1, exit without a checkpoint if the "
                                    "stop has not finished within this many seconds (0: no "

@@ -1,6 +1,8 @@
 """Starting and resuming rules (docs/design.md, "Starting and resuming"): a fresh start never
 writes over a run; a checkpoint from a newer format is one clear error. Real torchrun."""
 
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -49,6 +51,14 @@ def _rewrite_format(step_dir: Path, out: Path, version) -> None:
     (out / "manifest.json").write_bytes(M.build(meta["step"], 1, files))
 
 
+def _assert_refused(tmp_path: Path, data: Path, ckpt: Path, line: str) -> None:
+    """--auto_resume from `ckpt` fails with exactly `line` and changes nothing there."""
+    before = tree_bytes(ckpt)
+    proc = _launch(tmp_path, data, ckpt, "--auto_resume")
+    assert one_error(proc) == line
+    assert tree_bytes(ckpt) == before
+
+
 def test_checkpoint_of_a_newer_format_is_one_clear_error(tmp_path):
     data = write_shards(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
@@ -58,13 +68,24 @@ def test_checkpoint_of_a_newer_format_is_one_clear_error(tmp_path):
     newer.mkdir()
     _rewrite_format(ckpt / "step_00000002", newer / "step_00000002", 2)
     (newer / "latest").write_text("step_00000002\n")
-    before = tree_bytes(newer)
-    proc = _launch(tmp_path, data, newer, "--auto_resume")
-    assert one_error(proc) == (
+    _assert_refused(tmp_path, data, newer, (
         f"dcp_train: error: {newer / 'step_00000002'} has checkpoint format 2, newer than "
         "this dcp_train reads (1); resume it with the dcp_train version that wrote it, or "
-        "upgrade")
-    assert tree_bytes(newer) == before
+        "upgrade"))
+
+    # a manifest.json of a newer format is refused alike, never taken for damage (no fall-back)
+    from dcp_train.checkpoint.io import manifest as M
+    newer = tmp_path / "newer_manifest"
+    shutil.copytree(ckpt / "step_00000002", newer / "step_00000002")
+    (newer / "latest").write_text("step_00000002\n")
+    manifest = json.loads((newer / "step_00000002" / "manifest.json").read_text())
+    manifest["format_version"] = 3
+    manifest["sha256"] = M._self_hash({k: v for k, v in manifest.items() if k != "sha256"})
+    (newer / "step_00000002" / "manifest.json").write_text(json.dumps(manifest))
+    _assert_refused(tmp_path, data, newer, (
+        f"dcp_train: error: {newer / 'step_00000002' / 'manifest.json'} has manifest format 3 "
+        "with checksum 'crc32c', newer than this dcp_train reads (formats 1-2, checksums "
+        "crc32c, crc32); resume it with the dcp_train version that wrote it, or upgrade"))
 
     # the same rewrite at format 1 resumes: the refusal is the version, nothing else
     same = tmp_path / "same"

@@ -16,7 +16,7 @@ the step comes from the name (an anchored pattern), never from file times.
 Discovery: trust `latest` if it names a valid committed dir; otherwise fall back to the highest
 valid committed dir and say why in `Found.note`. "Valid" is manifest.problems: the manifest
 checks itself and names exactly the files present with their sizes, and (verification on) every
-file's CRC-32 matches. With `defer=True` only `.metadata`'s CRC-32 is checked; the shard files
+file's checksum matches. With `defer=True` only `.metadata`'s is checked; the shard files
 are checked while they are loaded (restore.py), where damage makes the trainer fall back.
 Nothing here writes.
 """
@@ -54,9 +54,14 @@ class Found:
     path: str  # full path/URL of the step dir
     step: int
     meta: dict  # the checkpoint's `meta` entry (components.Progress)
-    files: dict  # manifest.json's {name: {"size", "crc32"}}
+    files: dict  # manifest.json's {name: {"size", <checksum>}} (manifest.digest)
     note: str = ""  # why this one was chosen, when it was not simply `latest`
     discovered: bool = True  # chosen by discovery (so it may fall back), not named by the user
+
+    @property
+    def checksum(self) -> str:
+        """The checksum manifest.json's entries hold (checksum.py)."""
+        return M.checksum_of(self.files)
 
 
 def reading(method):
@@ -126,7 +131,7 @@ class CheckpointDir:
 
     def check(self, path: str, defer: bool = False) -> Optional[str]:
         """None if `path` is a complete, intact committed checkpoint, else what is wrong.
-        With verification on (the default) every file's CRC-32 is checked too; with `defer`,
+        With verification on (the default) every file's checksum is checked too; with `defer`,
         only `.metadata`'s (the small file read first), the others are left to the load."""
         deep = self.verify and ((METADATA,) if defer else True)
         found = M.problems(self.storage, path, deep=deep)

@@ -139,11 +139,12 @@ class CheckpointManager:
         if self._from_local:
             per_rank = self.local.unreplicated(found, self.replicator.durable_step)
             if per_rank is not None:  # meant for the durable tier, not there yet
-                self.replicator.submit(found.step, found.path, per_rank)
+                self.replicator.submit(found.step, found.path, per_rank,
+                                       found.checksum)
 
     @reading
     def _choose(self) -> Found | None:
-        """Rank 0: the checkpoint to resume from (its shard CRC-32s are checked while
+        """Rank 0: the checkpoint to resume from (its shard checksums are checked while
         loading), or None."""
         self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
         self._check_lease()  # another live run writes here: refuse before reading its dirs

@@ -11,9 +11,10 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
      loses its manifest.json first, so it stops counting as committed before anything else
      goes).
    Every rank writes its own shards into it with dcp.save (DCP writes `.metadata` last).
-2. every rank has the size and CRC-32 of each file it wrote (computed while writing, see
-   dcp_io.py); rank 0 checks them against a listing of the dir.
-3. commit: rank 0 writes `manifest.json` (name, size, CRC-32 of every file, step, world size).
+2. every rank has the size and checksum of each file it wrote (computed while writing, see
+   dcp_io.py); rank 0 checks the sizes against a listing of the dir (no file is read again).
+3. commit: rank 0 writes `manifest.json` (name, size, checksum of every file, step, world
+   size; manifest.py).
    A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds one.
    - local: the manifest goes into the temp dir, which is then renamed (atomic);
    - object stores: the manifest PUT, after every other file is durable, is the commit point.
@@ -49,6 +50,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
+from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io import space
 from dcp_train.checkpoint.io.atomic import fsync_dir
@@ -182,11 +184,12 @@ class Checkpointer:
 
     def commit(self, target: str, final: str, step: int, per_rank_files: list[dict],
                rank: int = 0, expected: Optional[dict] = None, extra: Optional[dict] = None,
-               protect=None) -> int:
+               protect=None, checksum: str = C.CHECKSUM) -> int:
         """The committing rank (rank 0; on the local tier each node's lowest, `rank`):
-        check the listing, manifest, commit, `latest`, retention (steps 2-5). expected:
-        {name: size} the listing must show (default: every file written); extra: {name:
-        bytes} written before the manifest; protect: apply_retention's. Returns the bytes."""
+        check the listing, manifest, commit, `latest`, retention (steps 2-5). per_rank_files:
+        every rank's {file: [size, hex digest of `checksum`]}; expected: {name: size} the
+        listing must show (default: every file written); extra: {name: bytes} written before
+        the manifest; protect: apply_retention's. Returns the bytes."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
         on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
         if expected is None:
@@ -196,7 +199,7 @@ class Checkpointer:
                                   f"{sorted(set(on_disk.items()) ^ set(expected.items()))}")
         for name, data in (extra or {}).items():
             self.storage.write_atomic(posixpath.join(target, name), data)
-        manifest = M.build(step, len(per_rank_files), files)
+        manifest = M.build(step, len(per_rank_files), files, checksum)
         if self.storage.is_local:
             self.storage.write_atomic(posixpath.join(target, MANIFEST), manifest)
             fault_point("before_commit", rank, step)

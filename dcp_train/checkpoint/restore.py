@@ -1,20 +1,18 @@
-"""Loading a checkpoint into the components, with its verification running at the same time.
+"""Loading a checkpoint into the components, verifying it as it loads.
 
 Reading every byte of a checkpoint only to check it would double the cost of a resume. So
-discovery (layout.py, `defer=True`) checks everything but the CRC-32s of the shard
-files, and `load` checks those without a second pass where it can:
-- local: on a background thread while DCP reads the same files (the page cache serves both),
-  each rank a share of about equal bytes;
-- object stores: a file a rank needs most of is fetched whole and checksummed on arrival
-  (dcp_io.py; at the saved world size, every shard file); after the load the others are
-  checked, each rank a share of about equal bytes (a second download of those only). Damage found this way is returned,
-not raised: the manager then loads the next checkpoint discovery offers (the state read from
-the damaged one is overwritten) or stops, for a checkpoint the user named.
+discovery (layout.py, `defer=True`) checks everything but the checksums of the shard
+files, and `load` checks those on the bytes DCP reads anyway (dcp_io.py): each rank
+checksums the files it reads half or more of (at the saved world size, its own shard files:
+every file) while DCP reads them, locally piece by piece, from object stores each file as it
+arrives whole. The files no rank read that much of (only after a change of world size) are
+checked after the load, each rank a share of about equal bytes. Damage found this way is
+returned, not raised: the manager then loads the next checkpoint discovery offers (the state
+read from the damaged one is overwritten) or stops, for a checkpoint the user named.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -24,60 +22,56 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.storage import Storage
-from dcp_train.checkpoint.layout import Found
+from dcp_train.checkpoint.layout import METADATA, Found
 from dcp_train.errors import CheckpointError, describe
 
 
 def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
          rank: int, world_size: int, mine: Optional[list] = None) -> Optional[str]:
     """Collective: load `shared` components (every rank's) and, at the saved world size,
-    `entry` (this rank's RankEntry) from `found`; with `verify`, check every file's CRC-32
-    (see the module docstring; on a local dir, this rank checks a share of the files, or the
-    files `mine` names: the local tier's ranks check what they wrote, tiers/local.py). Returns None,
-    or what is damaged (then the components hold whatever was read). Any other failure is one
-    CheckpointError on every rank."""
+    `entry` (this rank's RankEntry) from `found`; with `verify`, check every file's checksum
+    (see the module docstring; of the files no rank checked while loading, this rank checks a
+    share, or those of them that `mine` names: the local tier's ranks check what they wrote,
+    tiers/local.py). Returns None, or what is damaged (then the components hold whatever was read).
+    Any other failure is one CheckpointError on every rank."""
     storage = Storage(found.path, storage_options)
     reader = storage.dcp_reader(found.path)
-    during = verify and storage.is_local  # local: check a share while DCP reads
-    names = share(found.files, world_size)[rank] if mine is None else mine
+    if verify:
+        reader.verify_with(found.checksum, mine)
 
     def load_and_check() -> tuple:
-        checked = {n: found.files[n] for n in names}
-        with ThreadPoolExecutor(1, thread_name_prefix="dcp_train-verify") as pool:
-            checking = pool.submit(M.corrupt, storage, found.path, checked) if during else None
-            error = None
-            try:
-                load_into(reader, shared, entry)
-            except (Exception, CheckpointException) as e:  # on every rank: a collective load
-                error = f"loading {found.path} failed: {describe(e)}"
-            try:
-                problems = checking.result() if checking is not None else []
-            except Exception as e:
-                problems, error = [], error or f"verifying {found.path} failed: {describe(e)}"
-        return problems, error, getattr(reader, "fetched", {})
+        try:
+            load_into(reader, shared, entry)
+        except (Exception, CheckpointException) as e:  # on every rank: a collective load
+            return f"loading {found.path} failed: {describe(e)}", reader.digests
+        return None, reader.digests
 
     gathered = D.agree(load_and_check, every_rank=True)
-    problems = sorted(p for ps, _, _ in gathered for p in ps)
-    if verify and not during:
-        problems += _check_rest(storage, found, [f for _, _, f in gathered], rank, world_size)
+    problems = []
+    if verify:
+        problems = _check_rest(storage, found, [d for _, d in gathered], rank, world_size, mine)
     if problems:  # damage explains a failed load too
         return "; ".join(problems)
-    errors = [err for _, err, _ in gathered if err]
+    errors = [err for err, _ in gathered if err]
     if errors:
         raise CheckpointError(errors[0])
     return None
 
 
-def _check_rest(storage: Storage, found: Found, fetched: list[dict], rank: int,
-                world_size: int) -> list[str]:
-    """Remote: the files some rank fetched whole were checksummed on arrival (dcp_io.py);
-    compare those, then check the others, each rank a share. Collective."""
-    seen = {n: v for f in fetched for n, v in f.items()}
-    problems = [M.corrupt_line(n, crc, found.files[n]["crc32"])
-                for n, (_, crc) in sorted(seen.items()) if crc != found.files[n]["crc32"]]
-    rest = {n: v for n, v in found.files.items() if n not in seen}
-    mine = {n: rest[n] for n in share(rest, world_size)[rank]}
-    gathered = D.agree(lambda: M.corrupt(storage, found.path, mine), every_rank=True)
+def _check_rest(storage: Storage, found: Found, digests: list[dict], rank: int,
+                world_size: int, mine: Optional[list]) -> list[str]:
+    """Compare the checksums the ranks computed while loading (`digests`, every rank's), then
+    check the files none of them computed, each rank a share (or the ones in `mine`), but
+    `.metadata`: whoever chose `found` checked it (CheckpointDir.check, LocalTier.usable).
+    Collective."""
+    seen = {n: v for d in digests for n, v in d.items()}
+    problems = [M.corrupt_line(n, value, found.files[n])
+                for n, (size, value) in sorted(seen.items())
+                if [size, value] != [found.files[n]["size"], M.digest(found.files[n])[1]]]
+    rest = {n: v for n, v in found.files.items() if n not in seen and n != METADATA}
+    names = share(rest, world_size)[rank] if mine is None else [n for n in mine if n in rest]
+    gathered = D.agree(lambda: M.corrupt(storage, found.path, {n: rest[n] for n in names}),
+                       every_rank=True)
     return problems + sorted(p for ps in gathered for p in ps)
 
 

@@ -5,7 +5,7 @@
     dcp-ckpt ls DIR --local LDIR     also the local tier's dir LDIR (repeat for each node's),
                                      with whether each local checkpoint is in DIR (replicated)
     dcp-ckpt inspect CKPT            every entry (shape, dtype, shards), per-rank entries, config
-    dcp-ckpt verify CKPT             sizes and CRC-32 of every file against manifest.json,
+    dcp-ckpt verify CKPT             sizes and checksum of every file against manifest.json,
                                      missing and extra files; exit code 0 (ok) or 1 (problems)
     dcp-ckpt export CKPT --out FILE [--format safetensors|torch] [--dtype fp32|bf16] [--hf]
                                      consolidated model weights in one file (see export.py);
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--local", action="append", default=[], metavar="LDIR",
                     help="a local tier dir (--local_checkpoint_dir of a node; repeat per node)")
     for name, text in (("inspect", "entries, shapes, dtypes, config"),
-                       ("verify", "sizes + CRC-32 against manifest.json; exit 1 on problems"),
+                       ("verify", "sizes + checksum against manifest.json; exit 1 on problems"),
                        ("export", "consolidated model weights in one file")):
         sp = sub.add_parser(name, parents=[common], help=text, allow_abbrev=False)
         sp.add_argument("ckpt", help="step dir, or checkpoint dir (uses `latest`)")

@@ -14,7 +14,7 @@ What the training process does for an asynchronous save of step s (Checkpointer.
    buffer crosses once, as a shared-memory handle; later saves send references).
 
 The save process runs the whole synchronous protocol of protocol.py on it: DCP planning and
-serialization, CRC-32, writes and uploads, the space check, manifest, commit, `latest` and
+serialization, checksums, writes and uploads, the space check, manifest, commit, `latest` and
 retention, over a gloo group of the save processes only (rank 0 of the training hosts its
 store). Python work in there competes for cores, not for the training interpreter's GIL.
 It sends back the `checkpoint` record (its `seconds` run from the training process's request:

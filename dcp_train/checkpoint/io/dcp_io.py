@@ -5,10 +5,13 @@ Storage.dcp_writer/dcp_reader (storage.py) hand them out; nothing else uses this
 Local paths use FileSystemWriter/FileSystemReader (sync_files=True: each file is fsynced).
 Every writer checksums what it writes on the way out: DCP opens each
 file through its FileSystem's `create_stream`, and ours wraps that stream so every byte is
-fed to CRC-32 as it is written, on a helper thread that runs while the write itself does
-(zlib and file writes both release the GIL). `writer.checksums` then maps each file this
-process wrote to [size, crc32 hex], which is what manifest.json records; no second pass over
-the bytes. Remote paths use subclasses of the fsspec ones in
+fed to the checksum (checksum.py: CRC-32C at ~13 GB/s, on the writing thread) as it is
+written. `writer.checksums` then maps each file this process wrote to [size, hex digest],
+which is what manifest.json records; no second pass over the bytes. Readers do the same on
+the way in once `verify_with(checksum)` was called (restore.py): each file this rank reads
+half or more of is checksummed piece by piece as DCP reads it, and what DCP skipped of it
+(zip headers, other ranks' entries) is read at the end; `reader.digests` then maps those
+files to [size, hex digest]. Remote paths use subclasses of the fsspec ones in
 torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
 - storage options: DCP calls `writer.reset(checkpoint_id)`, which rebuilds the
   filesystem from the URL alone and drops options given to the writer; ours keeps them,
@@ -24,7 +27,7 @@ an exception raised on its extra threads (pytorch/pytorch#191391); _CheckedWrite
 
 Reading. Both readers unpickle nothing but DCP's own metadata classes (safe_metadata.py). The
 remote reader fetches a file it needs most of in one go (concurrent ranged GETs), checksumming
-it on arrival: DCP's own reads would be one ranged GET per tensor, and the CRC-32 check a
+it on arrival: DCP's own reads would be one ranged GET per tensor, and the check a
 second download.
 """
 
@@ -33,9 +36,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import threading
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from dcp_train.torch_compat import require_dcp_internals
@@ -47,7 +47,8 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _Fsspe
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
 
-from dcp_train.run.faults import fault_point  # noqa: E402
+from dcp_train.checkpoint.io import checksum as C  # noqa: E402
+from dcp_train.run.faults import armed, fault_point  # noqa: E402
 from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
 from dcp_train.run.progress import received_bytes  # noqa: E402
 
@@ -70,41 +71,56 @@ def reader(path: str, storage_options: dict | None):
     return _RemoteReader(path, storage_options)
 
 
-_CRC_INLINE = 1 << 20  # smaller writes are checksummed on the writing thread
-_crc_pool: ThreadPoolExecutor | None = None
-_crc_pool_lock = threading.Lock()
-
-
-def _crc_executor() -> ThreadPoolExecutor:
-    global _crc_pool
-    with _crc_pool_lock:
-        if _crc_pool is None:
-            _crc_pool = ThreadPoolExecutor(4, thread_name_prefix="dcp_train-crc")
-        return _crc_pool
-
-
-class _CrcStream:
-    """A write-only file wrapper that computes the CRC-32 of everything written through it.
-    A large write is checksummed on a helper thread while the underlying write runs; both
-    finish before write() returns, so the caller may reuse its buffer at once."""
+class _WriteChecksum:
+    """A write-only file wrapper that checksums everything written through it (CHECKSUM, on
+    the writing thread: at ~13 GB/s a small share of the write's own time)."""
 
     def __init__(self, stream):
-        self._stream, self.crc, self.size = stream, 0, 0
+        self._stream, self.value, self.size = stream, 0, 0
+        self._faults = armed()  # test-only fault points (os.environ costs 2% of a save)
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        if view.nbytes < _CRC_INLINE:
-            self.crc = zlib.crc32(view, self.crc)
-            written = self._stream.write(data)
-        else:
-            crc = _crc_executor().submit(zlib.crc32, view, self.crc)
-            written = self._stream.write(data)
-            self.crc = crc.result()
+        self.value = C.update(C.CHECKSUM, self.value, view)
+        written = self._stream.write(view)
         self.size += view.nbytes
-        fault_point("mid_shard")  # test-only: a file of this rank's is partly written
+        if self._faults:
+            fault_point("mid_shard")  # test-only: a file of this rank's is partly written
         return written
 
     def __getattr__(self, name):  # tell, flush, fileno, close, ...
+        return getattr(self._stream, name)
+
+
+class _ReadChecksum:
+    """A read-only file wrapper that checksums the pieces read through it (checksum.Pieces);
+    `finish()` reads what was not read and returns [size, hex digest] of the whole file."""
+
+    def __init__(self, stream, checksum: str):
+        self._stream, self._pieces = stream, C.Pieces(checksum)
+
+    def readinto(self, buffer) -> int:
+        offset = self._stream.tell()
+        n = self._stream.readinto(buffer)
+        if n:
+            self._pieces.add(offset, memoryview(buffer).cast("B")[:n])
+        return n
+
+    def read(self, size=-1) -> bytes:
+        offset = self._stream.tell()
+        data = self._stream.read(size)
+        self._pieces.add(offset, data)
+        return data
+
+    def finish(self) -> list:
+        size = self._stream.seek(0, io.SEEK_END)
+
+        def read_at(offset: int, length: int) -> bytes:
+            self._stream.seek(offset)
+            return self._stream.read(length)
+        return [size, C.hexdigest(self._pieces.finish(read_at, size))]
+
+    def __getattr__(self, name):  # seek, tell, seekable, close, ...
         return getattr(self._stream, name)
 
 
@@ -129,7 +145,7 @@ class _Discard:
 
 
 class _Checksums:
-    """Mixin for DCP's FileSystem classes: `checksums` {file name: [size, crc32 hex]} of
+    """Mixin for DCP's FileSystem classes: `checksums` {file name: [size, hex digest]} of
     every file written through create_stream (recorded once the file is closed), and
     `errors`, what failed while writing one (raised by _CheckedWriter.write_data)."""
 
@@ -149,14 +165,15 @@ class _Checksums:
         wrapped = None
         try:
             with super().create_stream(path, mode) as stream:
-                wrapped = _CrcStream(stream)
+                wrapped = _WriteChecksum(stream)
                 yield wrapped
         except Exception as e:
             self.errors.append(e)
             if wrapped is None:  # the file could not even be opened: DCP writes into nothing
                 yield _Discard()
             return
-        self.checksums[posixpath.basename(str(path))] = [wrapped.size, f"{wrapped.crc:08x}"]
+        self.checksums[posixpath.basename(str(path))] = [wrapped.size,
+                                                          C.hexdigest(wrapped.value)]
 
     def rename(self, path, new_path) -> None:  # DCP: .metadata.tmp -> .metadata
         super().rename(path, new_path)
@@ -200,24 +217,50 @@ class _LocalWriter(_CheckedWriter, FileSystemWriter):
         self.fs = _ChecksummingLocalFS()
 
 
-class _RemoteFS(_FsspecFS):
+class _Digests:
+    """What reading FileSystems share: `digests` {file name: [size, hex digest]} of the files
+    named in `verify` (set by the reader before DCP reads), checksummed with `checksum` (None:
+    nothing is checksummed) while DCP reads them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checksum: str | None = None
+        self.verify: set[str] = set()
+        self.digests: dict[str, list] = {}
+
+
+class _DigestingLocalFS(_Digests, _LocalFS):
+    @contextmanager
+    def create_stream(self, path, mode):
+        name = posixpath.basename(str(path))
+        with super().create_stream(path, mode) as stream:
+            if "r" not in mode or self.checksum is None or name not in self.verify:
+                yield stream
+                return
+            wrapped = _ReadChecksum(stream, self.checksum)
+            yield wrapped
+            self.digests[name] = wrapped.finish()
+
+
+class _RemoteFS(_Digests, _FsspecFS):
     """torch's fsspec FileSystem that keeps the storage options across reset(), replaces
     rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT, and serves the files it
-    prefetched whole from memory, recording their size and CRC-32 in `fetched`."""
+    prefetched whole (`verify`) from memory, checksumming each once as it hands it out."""
 
     def __init__(self, fs, storage_options: dict):
         super().__init__()
         self.fs = fs
         self.storage_options = storage_options
         self.whole: dict[str, bytes] = {}  # prefetched, until DCP opens them
-        self.fetched: dict[str, list] = {}
 
     @contextmanager
     def create_stream(self, path, mode):
         name = posixpath.basename(str(path))
         if "r" in mode and name in self.whole:
             data = self.whole.pop(name)
-            self.fetched[name] = [len(data), f"{zlib.crc32(data):08x}"]
+            if self.checksum is not None:
+                self.digests[name] = [len(data),
+                                      C.hexdigest(C.update(self.checksum, 0, data))]
             yield io.BytesIO(data)
             return
         with super().create_stream(path, mode) as stream:
@@ -254,35 +297,60 @@ class _RemoteWriter(_CheckedWriter, FsspecWriter):
         self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
 
 
-class _LocalReader(SafeMetadataReader, FileSystemReader):
-    pass
+class _VerifyingReader:
+    """Mixin for DCP's readers (whose `fs` is a _Digests): after `verify_with(checksum)`, the
+    files this rank reads half or more of (at the saved world size: its own shard files) are
+    checksummed while DCP reads them, into `digests` {name: [size, hex digest]}; restore.py
+    compares those with the manifest and checks the files no rank read."""
 
+    def verify_with(self, checksum: str, only=None) -> None:
+        """Checksum with `checksum` what is read; only the files in `only`, if given (the
+        local tier's: a node's dir holds other nodes' files in part, tiers.py)."""
+        self.fs.checksum, self._only = checksum, only
 
-class _RemoteReader(SafeMetadataReader, FsspecReader):
-    """Downloads the files this rank needs most of (half their bytes or more: at the saved
-    world size, its own shard files) whole and all at once before DCP reads them, and holds
-    them in memory meanwhile (about this rank's share of the checkpoint); the others are read
-    with ranged reads of what it needs. `fetched`: {name: [size, crc32 hex]} of the files fetched whole, so their check
-    needs no second download (restore.py)."""
-
-    def __init__(self, path: str, storage_options: dict):
-        super().__init__(path, **storage_options)
-        self.fs = _RemoteFS(self.fs.fs, storage_options)
-
-    @property
-    def fetched(self) -> dict[str, list]:
-        return self.fs.fetched
-
-    def read_data(self, plan, planner):
+    def mostly_read(self, plan) -> set[str]:
+        """The files `plan` reads half the bytes or more of (and `only` names)."""
         total, wanted = {}, {}
         for info in self.storage_data.values():
             total[info.relative_path] = total.get(info.relative_path, 0) + info.length
         for index in {item.storage_index for item in plan.items}:
             info = self.storage_data[index]
             wanted[info.relative_path] = wanted.get(info.relative_path, 0) + info.length
-        whole = [name for name, n in wanted.items() if 2 * n >= total[name]]
-        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in whole],
-                         sum(total[name] for name in whole))
+        only = getattr(self, "_only", None)
+        return {name for name, n in wanted.items()
+                if 2 * n >= total[name] and (only is None or name in only)}
+
+    @property
+    def digests(self) -> dict[str, list]:
+        return self.fs.digests
+
+
+class _LocalReader(_VerifyingReader, SafeMetadataReader, FileSystemReader):
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.fs = _DigestingLocalFS()
+
+    def read_data(self, plan, planner):
+        if self.fs.checksum is not None:
+            self.fs.verify = self.mostly_read(plan)
+        return super().read_data(plan, planner)
+
+
+class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
+    """Downloads the files this rank needs most of whole and all at once before DCP reads
+    them, and holds them in memory meanwhile (about this rank's share of the checkpoint); the
+    others are read with ranged reads of what it needs. The files fetched whole are the ones
+    checksummed (`digests`), so their check needs no second download (restore.py)."""
+
+    def __init__(self, path: str, storage_options: dict):
+        super().__init__(path, **storage_options)
+        self.fs = _RemoteFS(self.fs.fs, storage_options)
+
+    def read_data(self, plan, planner):
+        self.fs.verify = self.mostly_read(plan)
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in self.fs.verify],
+                         sum(info.length for info in self.storage_data.values()
+                             if info.relative_path in self.fs.verify))
         return super().read_data(plan, planner)
 
 

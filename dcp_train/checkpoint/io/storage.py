@@ -215,7 +215,7 @@ class Storage:
     def dcp_writer(self, path: str, **kwargs):
         """A DCP StorageWriter for directory `path`; kwargs go to the writer
         (thread_count, single_file_per_rank, ...). After dcp.save, `writer.checksums` is
-        {file name: [size, crc32 hex]} of the files this process wrote.
+        {file name: [size, hex digest]} of the files this process wrote (checksum.CHECKSUM).
 
         Each rank writes dcp_io.WRITE_THREADS files (`__<rank>_0.distcp`, `__<rank>_1.distcp`)
         on as many threads, so one file's serialization overlaps the other's I/O. Measured here

@@ -31,7 +31,7 @@ tier's newest checkpoint: it may be the only copy.
 
 Resume: a rank can use local step s if its node dir holds it committed, saved with the same
 node layout (and so the same world size), and its files (own, `.metadata`, partial ranges)
-have the manifest's sizes and `.metadata`/partial CRC-32s (its own shards' CRC-32s are
+have the manifest's sizes and `.metadata`/partial checksums (its own shards' checksums are
 checked while loading, restore.py). The step every rank can use is agreed on.
 """
 
@@ -94,7 +94,7 @@ class LocalTier:
     def save(self, step: int, state_dict: dict, replicate: bool, durable_step: int) -> dict:
         """Collective: write and commit step `step` into every node's dir with the save
         protocol (protocol.py). Returns its `checkpoint` record, with per_rank: every rank's
-        {file: [size, crc32]}."""
+        {file: [size, hex digest]}."""
         t0 = time.perf_counter()
         faults.at_step(step)
         self.protocol.check_room(step, state_dict, what="local save of step")
@@ -202,8 +202,8 @@ class LocalTier:
             path_n = os.path.join(path, n)
             if not os.path.exists(path_n) or os.path.getsize(path_n) != files[n]["size"]:
                 return f"file {n} is missing or has the wrong size"
-        _, crc = M.hash_file(self.storage, os.path.join(path, METADATA))
-        if crc != files[METADATA]["crc32"]:
+        checksum, expected = M.digest(files[METADATA])
+        if M.hash_file(self.storage, os.path.join(path, METADATA), checksum)[1] != expected:
             return f"file {METADATA} is corrupt"
         for n, ranges in info["partial"].items():
             with open(os.path.join(path, n), "rb") as f:
@@ -220,12 +220,12 @@ class LocalTier:
                      files=M.read(self.storage, path)["files"])
 
     def unreplicated(self, found: Found, durable_step: int) -> list | None:
-        """Every rank's {file: [size, crc32]} of local checkpoint `found` if it was meant for
-        the durable tier and is newer than its newest (`durable_step`), else None."""
+        """Every rank's {file: [size, hex digest]} of local checkpoint `found` if it was meant
+        for the durable tier and is newer than its newest (`durable_step`), else None."""
         info = self.tier_info(found.path)
         if not info.get("replicate") or found.step <= durable_step:
             return None
-        return [{n: [found.files[n]["size"], found.files[n]["crc32"]] for n in
+        return [{n: [found.files[n]["size"], M.digest(found.files[n])[1]] for n in
                  info["written"][str(r)]} for r in range(self.world_size)]
 
     def written_by_me(self, path: str) -> list[str]:

@@ -3,7 +3,7 @@
 A save due on both tiers is one save: committed on the local tier (tiers/local.py), then handed to
 the Replicator, which copies it to --checkpoint_dir under the durable tier's own rules
 (protocol.py, whose protocol it calls): files in place under `step_XXXXXXXX/` (a temp dir
-on a local durable dir), `manifest.json` last (the commit; its sizes and CRC-32s are the ones
+on a local durable dir), `manifest.json` last (the commit; its sizes and checksums are the ones
 computed while the local save wrote the files, nothing is read twice), `latest` only after,
 then the durable retention. One job runs in three phases, each on a background thread:
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from dcp_train import distributed as D
+from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.errors import describe
@@ -56,7 +57,8 @@ class ReplicationReport(NamedTuple):
 class Job:
     step: int
     src: str  # this rank's local step dir
-    per_rank: list  # every rank's {file: [size, crc32]} (the local save's)
+    per_rank: list  # every rank's {file: [size, hex digest]} (the local save's)
+    checksum: str = C.CHECKSUM  # which (a local checkpoint of an older build: crc32)
     phase: str = "prepare"
     target: str | None = None  # the durable dir written into (rank 0's answer to prepare)
     attempts: int = 0  # of the current phase
@@ -77,10 +79,10 @@ class Replicator:
         self.retry_at = 0.0  # rank 0's clock
 
     # ------------------------------------------------------------------ the step boundary
-    def submit(self, step: int, src: str, per_rank: list) -> None:
+    def submit(self, step: int, src: str, per_rank: list, checksum: str = C.CHECKSUM) -> None:
         """Replicate local step `step` (same call on every rank); it waits for the job in
-        flight, and supersedes one that waits."""
-        job = Job(step, src, per_rank)
+        flight, and supersedes one that waits. per_rank: see Job."""
+        job = Job(step, src, per_rank, checksum)
         if self.job is None:
             self._start(job)
         else:
@@ -199,12 +201,13 @@ class Replicator:
         retention."""
         final = self.durable.dir.step_path(job.step)
         files = {n: v for d in job.per_rank for n, v in d.items()}
-        manifest = M.build(job.step, len(job.per_rank), files)
+        manifest = M.build(job.step, len(job.per_rank), files, job.checksum)
         there = posixpath.join(final, MANIFEST)
         committed = (job.attempts > 1 and self.storage.exists(there)
                      and self.storage.read_bytes(there) == manifest)
         if not committed:
-            return self.durable.commit(job.target, final, job.step, job.per_rank)
+            return self.durable.commit(job.target, final, job.step, job.per_rank,
+                                       checksum=job.checksum)
         self.durable.advance(job.step)
         return sum(size for size, _ in files.values())
 
