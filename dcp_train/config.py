@@ -82,7 +82,7 @@ class TrainingConfig:
     deterministic: bool = _help("bit-identical losses and state on every world size that "
                                 "divides the step's micro-batches (total_batch_size/seq_len/"
                                 "batch_size), and across resumes at any of them; slower, see "
-                                "README", default=False)
+                                "docs/deterministic.md", default=False)
 
 
 @dataclass

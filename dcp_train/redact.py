@@ -1,6 +1,6 @@
 """Credentials never persist: what is stored or printed carries storage options redacted.
 
-The rule (README, "Credentials"):
+The rule (docs/buckets.md, "Credentials"):
 
 - A key of a dict, at any depth, is credential-bearing when its name, lower-cased with `-`
   read as `_`, contains one of SECRET_WORDS (`key`, `secret`, `token`, `password`, `passwd`,

@@ -4,8 +4,7 @@
 and a CRC-32 of SAMPLES fixed windows of SAMPLE_BYTES each (the first window holds the .npy
 header and the first tokens; the others are spread evenly up to the file's last byte). So it
 reads at most SAMPLES * SAMPLE_BYTES = 64 KiB per shard however big the shard is: the cost is
-one open and 16 small reads per file, not the data size (measured in the README: 10 GB of
-100 MB shards in well under a second, cold).
+one open and 16 small reads per file, not the data size.
 
 What it catches: another set of shards (names), shards added, removed or reordered, a shard
 of another length, and other content of the same length unless every sampled window happens
