@@ -277,7 +277,7 @@ _RANGES = [
     ("max_steps", lambda v: v >= 1, ">= 1"),
     ("stop_at_step", lambda v: v == -1 or v >= 1, "-1 (off) or a step >= 1"),
     ("warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("max_lr", lambda v: v > 0, "a number > 0"),
+    ("max_lr", lambda v: v >= 0, "a number >= 0 (0: the weights stay as they are)"),
     ("weight_decay", lambda v: v >= 0, "a number >= 0"),
     ("grad_clip", lambda v: v > 0, "a number > 0"),
     ("batch_size", lambda v: v >= 1, ">= 1"),

@@ -148,7 +148,7 @@ def test_killed_peer_is_named_not_gloo(saved, tmp_path):
 
 # --------------------------------------------------------------------------- parse time
 @pytest.mark.parametrize("flags, says", [
-    (["--max_lr", "nan"], "--max_lr must be a number > 0, got nan"),
+    (["--max_lr", "nan"], "--max_lr must be a number >= 0 (0: the weights stay as they are), got nan"),
     (["--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
     (["--val_steps", "0"], "--val_steps must be >= 1"),
     (["--hellaswag_limit", "0"], "--hellaswag_limit must be -1 (all) or >= 1"),
