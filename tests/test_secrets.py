@@ -21,6 +21,8 @@ import torch.distributed.checkpoint as dcp
 from helpers import REPO, TINY, child_env, metrics, run_train, write_shards
 
 from dcp_train import redact
+from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.state import json_tensor
 
 KEY, SECRET, TOKEN = "AKIAFAKEKEY7Q2X9Z", "fake-secret-9f8e7d6c5b4a3", "fake-session-0a1b2c3d"
@@ -115,8 +117,12 @@ def test_inspect_redacts_a_checkpoint_written_with_keys_in_clear(tmp_path):
     meta = {"format_version": 1, "step": 2, "tokens": 0, "val_loss": None, "world_size": 1,
             "config": {"storage_options": options, "checkpoint_dir": "s3://b/run",
                        "model": {"n_layer": 1}}}
+    step = tmp_path / "step_00000002"
     dcp.save({"meta": json_tensor(meta), "model.w": torch.zeros(2)},
-             checkpoint_id=str(tmp_path / "step_00000002"), no_dist=True)
+             checkpoint_id=str(step), no_dist=True)
+    names = sorted(p.name for p in step.iterdir())  # committed: inspect reads only those
+    (step / M.MANIFEST).write_bytes(M.build(2, 1, M.hash_files(Storage(str(step)), str(step),
+                                                               names)))
     for extra in ([], ["--json"]):
         proc = subprocess.run([sys.executable, "-m", "dcp_train.ckpt", "inspect",
                                str(tmp_path / "step_00000002"), *extra], cwd=REPO,
