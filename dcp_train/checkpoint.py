@@ -9,10 +9,13 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
      atomic rename, and copying every object would move each byte twice). Files left there by
      a crashed attempt at the same step are deleted first (a committed dir being written over
      loses its manifest.json first, so it stops counting as committed before anything else
-     goes).
-   Every rank writes its own shards into it with dcp.save (DCP writes `.metadata` last).
+     goes). Whether there are any is known from the last listing of the dir (discovery's,
+     or the previous save's retention; one writer per dir), not asked again.
+   Every rank writes its own shards into it with dcp.save (DCP writes `.metadata` last;
+   on object stores under its final name, dcp_io.py).
 2. every rank has the size and CRC-32 of each file it wrote (computed while writing, see
-   dcp_io.py); rank 0 checks them against a listing of the dir.
+   dcp_io.py); locally rank 0 checks them against a listing of the dir. On an object store an
+   upload that returned is durable at that size, so no listing is asked for.
 3. commit: rank 0 writes `manifest.json` (name, size, CRC-32 of every file, step, world size).
    A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds one.
    - local: the manifest goes into the temp dir, which is then renamed (atomic);
@@ -26,6 +29,12 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
    files missing.
    One writer per dir (the lease, lease.py) and one save at a time: a leftover now is
    abandoned.
+
+Requests on an object store, per save: one PUT per file (data files, `.metadata`,
+manifest.json, `latest`; a large file is a multipart upload), one LIST for retention, and for
+each dir retention removes a DELETE of its manifest, a LIST and a batched DELETE. Every
+rank's requests are counted (store_requests.py) and summed through the gather of step 2: the
+`requests` of the `checkpoint` record.
 
 Asynchronous saves run steps 1-5 in a save process per rank (save_process.py): the training
 process only copies the state into reused shared-memory buffers, overlapped with the next
@@ -47,6 +56,7 @@ from dcp_train import distributed as D
 from dcp_train import faults
 from dcp_train import manifest as M
 from dcp_train import space
+from dcp_train import store_requests
 from dcp_train.atomic import fsync_dir
 from dcp_train.checkpoint_dir import LATEST, CheckpointDir, step_name
 from dcp_train.errors import CheckpointError, describe
@@ -129,7 +139,7 @@ class Checkpointer:
         def write() -> dict:
             try:
                 writer = self.storage.dcp_writer(target)
-                dcp.save(state_dict, storage_writer=writer)
+                dcp.save(state_dict, storage_writer=writer, planner=self.storage.dcp_planner())
                 fault_point("after_shards", rank, step)
                 return writer.checksums  # computed while writing (dcp_io.py)
             except (Exception, CheckpointException) as e:  # DCP's is a BaseException
@@ -143,29 +153,36 @@ class Checkpointer:
                 raise CheckpointError(f"committing step {step} to {final} failed: "
                                       f"{describe(e, self.dir.root)}") from e
 
+        mark = store_requests.snapshot()
         target = D.agree(lambda: self.target_dir(final))
-        per_rank_files = D.agree(write, every_rank=True)
+        gathered = D.agree(lambda: (write(), store_requests.since(mark)), every_rank=True)
+        per_rank_files = [files for files, _ in gathered]
         size = D.agree(commit)
         seconds = time.perf_counter() - t0
+        requests = store_requests.total(store_requests.since(mark),
+                                        *[counts for _, counts in gathered[1:]])
         return {"step": step, "path": final, "seconds": seconds, "bytes": size,
-                "mb_per_s": size / seconds / 1e6}
+                "mb_per_s": size / seconds / 1e6, "requests": requests}
 
     def target_dir(self, final: str) -> str:
         """Rank 0: the dir this save writes into (step 1 of the module docstring)."""
         if self.storage.is_local:
             return f"{final}.tmp-{secrets.token_hex(4)}"
-        if self.storage.exists(final):
+        if self.dir.seen is None:
+            self.dir.names()  # the first save of a save process: one listing
+        if posixpath.basename(final) in self.dir.seen:
             self.remove(final)
         return final
 
     def commit(self, target: str, final: str, step: int, per_rank_files: list[dict]) -> int:
         """Rank 0: manifest, commit, `latest`, retention (see the module docstring)."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
-        on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
-        written = {n: size for n, (size, _) in files.items()}
-        if on_disk != written:
-            raise CheckpointError(f"files of {target} differ from what was written: "
-                                  f"{sorted(set(on_disk.items()) ^ set(written.items()))}")
+        if self.storage.is_local:
+            on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
+            written = {n: size for n, (size, _) in files.items()}
+            if on_disk != written:
+                raise CheckpointError(f"files of {target} differ from what was written: "
+                                      f"{sorted(set(on_disk.items()) ^ set(written.items()))}")
         manifest = M.build(step, len(per_rank_files), files)
         if self.storage.is_local:
             self.storage.write_atomic(posixpath.join(target, MANIFEST), manifest)
@@ -176,6 +193,7 @@ class Checkpointer:
         else:
             fault_point("before_commit", 0, step)
             self.storage.write_atomic(posixpath.join(final, MANIFEST), manifest)  # the commit
+        self.dir.committed(posixpath.basename(final))
         fault_point("after_commit", 0, step)
         self.advance(step)
         return sum(s for s, _ in files.values())
@@ -183,19 +201,22 @@ class Checkpointer:
     def advance(self, step: int) -> None:
         """Rank 0, after step `step` is committed: `latest`, retention, on_commit."""
         self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
-        self.apply_retention(step)
+        self.apply_retention(step, latest=step_name(step))
         if self.on_commit is not None:
             self.on_commit()
 
     # --------------------------------------------------------------- retention
-    def apply_retention(self, step: Optional[int] = None, protect=None) -> list[str]:
+    def apply_retention(self, step: Optional[int] = None, protect=None,
+                        latest: Optional[str] = None) -> list[str]:
         """Rank 0: delete old committed dirs beyond N (never the one `latest` names, nor one
-        for which `protect(step, name)` is true) and leftovers; returns the names removed."""
-        committed, leftovers = self.dir.scan()
+        for which `protect(step, name)` is true) and leftovers; returns the names removed.
+        latest: what `latest` holds, if the caller just wrote it (else it is read)."""
+        committed, leftovers = self.dir.scan(fresh=True)
         keep = set(committed)
         if self.keep_last_n > 0:
             keep = set(sorted(committed)[-self.keep_last_n:])
-        latest = self.dir.latest_name()
+        if latest is None:
+            latest = self.dir.latest_name()
         removed = [name for s, name in sorted(committed.items()) if s not in keep
                    and name != latest and not (protect is not None and protect(s, name))]
         removed += leftovers
@@ -214,3 +235,4 @@ class Checkpointer:
             fsync_dir(path)  # the manifest's removal is durable before any other file goes
         fault_point("mid_removal", 0)
         self.storage.rm_tree(path)
+        self.dir.committed(posixpath.basename(path.rstrip("/")), False)

@@ -15,9 +15,13 @@ torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
   so passing `checkpoint_id=` to dcp.save/load as well is harmless.
 - sync_files=False: with True DCP falls back to os.sync() for files without fileno();
   an object is durable once its upload returned.
-- `.metadata`: DCP writes `.metadata.tmp` and renames it. gcsfs renames with the
-  `moveTo` API, which the GCS emulator lacks, and retries for ~30 s before falling back.
-  Ours rewrites the small file as one PUT of `.metadata` and deletes the temp object.
+- `.metadata`: DCP writes `.metadata.tmp` and renames it; on an object store a rename is a
+  copy (s3fs: HEAD, GET, PUT, DELETE; gcsfs's `moveTo` the GCS emulator lacks). Ours writes
+  `.metadata` under its final name, one PUT: the manifest PUT after it is the commit point,
+  so a half-written save is never taken for a whole one (checkpoint.py).
+- requests: no `mkdir` (a prefix is no directory) and no look for an existing `.metadata`
+  before writing (checkpoint.py clears a step dir of a crashed attempt first), so a save
+  sends one PUT per small file (a multipart upload for large ones) and nothing else.
 
 Threads. Each rank writes WRITE_THREADS files on as many threads. torch 2.13's writer loses
 an exception raised on its extra threads (pytorch/pytorch#191391); _CheckedWriter raises it.
@@ -25,12 +29,15 @@ an exception raised on its extra threads (pytorch/pytorch#191391); _CheckedWrite
 Reading. Both readers unpickle nothing but DCP's own metadata classes (safe_metadata.py). The
 remote reader fetches a file it needs most of in one go (concurrent ranged GETs), checksumming
 it on arrival: DCP's own reads would be one ranged GET per tensor, and the CRC-32 check a
-second download.
+second download. Given the manifest's sizes and `.metadata`'s bytes (read once by rank 0 at
+discovery and broadcast), it sends no HEAD and no GET of `.metadata`: a rank's resume is the
+ranged GETs of the files it reads.
 """
 
 from __future__ import annotations
 
 import io
+import pickle
 import posixpath
 import threading
 import zlib
@@ -41,12 +48,15 @@ from dcp_train.torch_compat import require_dcp_internals
 
 require_dcp_internals()  # the private DCP parts below exist in this torch, or one clear error
 
+from torch.distributed.checkpoint import DefaultSavePlanner  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS  # noqa: E402
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
 
 from dcp_train.faults import fault_point  # noqa: E402
+from dcp_train.ranged_read import open_sized, read_ranges  # noqa: E402
 from dcp_train.safe_metadata import SafeMetadataReader  # noqa: E402
 
 WRITE_THREADS = 2
@@ -61,11 +71,25 @@ def writer(path: str, storage_options: dict | None, **kwargs):
     return _RemoteWriter(path, storage_options, **kwargs)
 
 
-def reader(path: str, storage_options: dict | None):
-    """The StorageReader for directory `path` (local if storage_options is None)."""
+def save_planner(storage_options: dict | None):
+    """The SavePlanner for dcp.save (None: DCP's default). Remote: entries every rank holds
+    alike (replicated: step counters, RNG-free config, ...) are written by rank 0 alone. DCP's
+    default spreads them over all ranks' files, so at N ranks every rank would read ranges of
+    up to N files on resume: N^2 requests on an object store. Locally a read costs no request,
+    and DCP's default stays."""
+    if storage_options is None:
+        return None
+    return DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+
+
+def reader(path: str, storage_options: dict | None, sizes: dict | None = None,
+           metadata: bytes | None = None):
+    """The StorageReader for directory `path` (local if storage_options is None). sizes:
+    {file name: size} (the manifest's), metadata: `.metadata`'s bytes, already checked: both
+    spare the remote reader requests (the local one ignores them)."""
     if storage_options is None:
         return _LocalReader(path)
-    return _RemoteReader(path, storage_options)
+    return _RemoteReader(path, storage_options, sizes or {}, metadata)
 
 
 _CRC_INLINE = 1 << 20  # smaller writes are checksummed on the writing thread
@@ -199,14 +223,16 @@ class _LocalWriter(_CheckedWriter, FileSystemWriter):
 
 
 class _RemoteFS(_FsspecFS):
-    """torch's fsspec FileSystem that keeps the storage options across reset(), replaces
-    rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT, and serves the files it
-    prefetched whole from memory, recording their size and CRC-32 in `fetched`."""
+    """torch's fsspec FileSystem that keeps the storage options across reset(), has no
+    directories to make, and serves the files it prefetched whole from memory, recording
+    their size and CRC-32 in `fetched`. sizes: {file name: size} known beforehand (opening
+    one of those for reading sends no HEAD)."""
 
-    def __init__(self, fs, storage_options: dict):
+    def __init__(self, fs, storage_options: dict, sizes: dict | None = None):
         super().__init__()
         self.fs = fs
         self.storage_options = storage_options
+        self.sizes = dict(sizes or {})
         self.whole: dict[str, bytes] = {}  # prefetched, until DCP opens them
         self.fetched: dict[str, list] = {}
 
@@ -218,23 +244,28 @@ class _RemoteFS(_FsspecFS):
             self.fetched[name] = [len(data), f"{zlib.crc32(data):08x}"]
             yield io.BytesIO(data)
             return
+        if "r" in mode and name in self.sizes:
+            with open_sized(self.fs, path, self.sizes[name]) as stream:
+                yield stream
+            return
         with super().create_stream(path, mode) as stream:
             yield stream
 
     def prefetch(self, paths: list[str]) -> None:
-        """Download `paths` whole, all at once (fsspec fetches them concurrently; s3fs splits a
-        large object into concurrent ranged GETs, gcsfs when asked to)."""
-        kwargs = {"concurrency": FETCH_CONCURRENCY} if {"gs", "gcs"} & set(
-            _protocols(self.fs)) else {}
-        data = self.fs.cat(paths, **kwargs) if paths else {}
+        """Download `paths` whole, all at once: ranged GETs of the sizes known (Storage
+        .read_many), no HEAD; a file of unknown size by fsspec's cat."""
+        known = {p: self.sizes[posixpath.basename(p)] for p in paths
+                 if posixpath.basename(p) in self.sizes}
+        data = read_ranges(self.fs, known)
+        rest = [p for p in paths if p not in known]
+        data.update(self.fs.cat(rest) if rest else {})
         self.whole = {posixpath.basename(p): v for p, v in data.items()}
 
     def init_path(self, path, **kwargs):
         return super().init_path(path, **{**self.storage_options, **kwargs})
 
-    def rename(self, path, new_path) -> None:
-        self.fs.pipe_file(new_path, self.fs.cat_file(path))
-        self.fs.rm_file(path)
+    def mkdir(self, path) -> None:
+        pass  # a prefix needs no directory (s3fs would look for the bucket: a HEAD)
 
 
 class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
@@ -242,10 +273,26 @@ class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
 
 
 class _RemoteWriter(_CheckedWriter, FsspecWriter):
+    """Writes into a step dir that holds nothing of another attempt (checkpoint.py clears
+    it), so it neither looks for an existing `.metadata` nor makes directories, and writes
+    `.metadata` under its final name."""
+
     def __init__(self, path: str, storage_options: dict, **kwargs):
         kwargs.setdefault("sync_files", False)
         super().__init__(path, **kwargs, **storage_options)
         self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
+
+    def _metadata_exists(self) -> bool:
+        return False  # DCP would only warn about it; looking costs a HEAD and a LIST
+
+    def finish(self, metadata, results) -> None:
+        """DCP's finish (coordinator only), but one PUT of `.metadata` instead of a PUT of
+        `.metadata.tmp` and a rename (a copy: HEAD, GET, PUT, DELETE)."""
+        metadata.version = CURRENT_DCP_VERSION
+        metadata.storage_data = {wr.index: wr.storage_data for wrs in results for wr in wrs}
+        metadata.storage_meta = self.storage_meta()
+        with self.fs.create_stream(self._get_metadata_path(), "wb") as f:
+            pickle.dump(metadata, f)
 
 
 class _LocalReader(SafeMetadataReader, FileSystemReader):
@@ -259,9 +306,11 @@ class _RemoteReader(SafeMetadataReader, FsspecReader):
     with ranged reads of what it needs. `fetched`: {name: [size, crc32 hex]} of the files fetched whole, so their check
     needs no second download (restore.py)."""
 
-    def __init__(self, path: str, storage_options: dict):
+    def __init__(self, path: str, storage_options: dict, sizes: dict, metadata: bytes | None):
         super().__init__(path, **storage_options)
-        self.fs = _RemoteFS(self.fs.fs, storage_options)
+        self.fs = _RemoteFS(self.fs.fs, storage_options, sizes)
+        if metadata is not None:
+            self.use_metadata(metadata)
 
     @property
     def fetched(self) -> dict[str, list]:
@@ -278,9 +327,3 @@ class _RemoteReader(SafeMetadataReader, FsspecReader):
                           if 2 * n >= total[name]])
         return super().read_data(plan, planner)
 
-
-FETCH_CONCURRENCY = 8  # concurrent ranged GETs of one file (gcsfs; s3fs: its max_concurrency)
-
-
-def _protocols(fs) -> tuple:
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)

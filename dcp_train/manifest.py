@@ -29,6 +29,7 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from dcp_train.ranged_read import open_sized
 from dcp_train.storage import Storage
 
 MANIFEST = "manifest.json"
@@ -42,20 +43,30 @@ class ManifestError(ValueError):
     pass
 
 
-def hash_file(storage: Storage, path: str) -> tuple[int, str]:
-    """(size, CRC-32 as 8 hex digits) of one file."""
-    crc, size = 0, 0
-    with storage.fs.open(path, "rb") as f:
+class NotCommitted(ManifestError):
+    """The dir has no manifest.json: a save in progress or abandoned, never a checkpoint."""
+
+
+def hash_file(storage: Storage, path: str, size: int | None = None) -> tuple[int, str]:
+    """(size, CRC-32 as 8 hex digits) of one file; `size`, if known, spares an object store
+    the HEAD that opening a file sends to learn it."""
+    crc, size_read = 0, 0
+    known = size is not None and not storage.is_local
+    with (open_sized(storage.fs, path, size) if known else storage.fs.open(path, "rb")) as f:
         while chunk := f.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return size, f"{crc:08x}"
+            size_read += len(chunk)
+    return size_read, f"{crc:08x}"
 
 
-def hash_files(storage: Storage, dir_path: str, names: list[str]) -> dict[str, list]:
-    """{name: [size, crc32]} of files in `dir_path`, checksummed on a few threads."""
+def hash_files(storage: Storage, dir_path: str, names: list[str],
+               sizes: dict | None = None) -> dict[str, list]:
+    """{name: [size, crc32]} of files in `dir_path`, checksummed on a few threads; sizes:
+    {name: size} known beforehand (see hash_file)."""
+    sizes = sizes or {}
     with ThreadPoolExecutor(max(1, min(_THREADS, len(names)))) as pool:
-        results = pool.map(lambda n: hash_file(storage, posixpath.join(dir_path, n)), names)
+        results = pool.map(lambda n: hash_file(storage, posixpath.join(dir_path, n),
+                                               sizes.get(n)), names)
         return {n: list(r) for n, r in zip(names, results)}
 
 
@@ -70,12 +81,13 @@ def build(step: int, world_size: int, files: dict[str, list]) -> bytes:
 
 
 def read(storage: Storage, dir_path: str) -> dict:
-    """The manifest of `dir_path`; ManifestError if missing, unreadable or altered."""
-    path = posixpath.join(dir_path, MANIFEST)
-    if not storage.exists(path):
-        raise ManifestError("no manifest.json: the checkpoint was never committed")
+    """The manifest of `dir_path` (one GET); NotCommitted if missing, ManifestError if
+    unreadable or altered."""
+    data = storage.read_optional(posixpath.join(dir_path, MANIFEST))
+    if data is None:
+        raise NotCommitted("no manifest.json: the checkpoint was never committed")
     try:
-        manifest = json.loads(storage.read_bytes(path))
+        manifest = json.loads(data)
         body = {k: manifest[k] for k in ("step", "world_size", "files")}
         ok = manifest["sha256"] == _self_hash(body)
         sizes = all(isinstance(v["size"], int) and isinstance(v["crc32"], str)
@@ -89,8 +101,9 @@ def read(storage: Storage, dir_path: str) -> dict:
 
 def corrupt(storage: Storage, dir_path: str, files: dict[str, dict]) -> list[str]:
     """A line for each of `files` ({name: manifest entry}) whose CRC-32 differs."""
+    sizes = {n: v["size"] for n, v in files.items()}
     return [corrupt_line(n, digest, files[n]["crc32"])
-            for n, (_, digest) in hash_files(storage, dir_path, sorted(files)).items()
+            for n, (_, digest) in hash_files(storage, dir_path, sorted(files), sizes).items()
             if digest != files[n]["crc32"]]
 
 
@@ -98,16 +111,19 @@ def corrupt_line(name: str, digest: str, expected: str) -> str:
     return f"file {name} is corrupt (crc32 {digest}, manifest.json says {expected})"
 
 
-def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:
+def problems(storage: Storage, dir_path: str, deep=True, manifest: dict | None = None
+             ) -> list[str]:
     """What is wrong with committed step dir `dir_path`; [] means intact.
 
-    Always: the manifest itself, its step against the dir name, missing/extra files, sizes.
+    Always: the manifest itself (`manifest`, if already read), its step against the dir name,
+    missing/extra files, sizes (one listing of the dir: object stores, one LIST request).
     deep=True also recomputes every file's CRC-32 (a flipped byte anywhere is found); a
     collection of names recomputes those files' only."""
-    try:
-        manifest = read(storage, dir_path)
-    except ManifestError as e:
-        return [str(e)]
+    if manifest is None:
+        try:
+            manifest = read(storage, dir_path)
+        except ManifestError as e:
+            return [str(e)]
     files, found = manifest["files"], []
     name = posixpath.basename(dir_path.rstrip("/"))
     m = STEP_RE.match(name)
@@ -115,11 +131,12 @@ def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:
         found.append(f"manifest.json says step {manifest['step']}, the dir is {name}")
     if ".metadata" not in files:
         found.append("manifest.json lists no .metadata")
-    present = set(storage.listdir(dir_path)) - {MANIFEST, TIER}
+    listed = storage.listing(dir_path)
+    present = set(listed) - {MANIFEST, TIER}
     found += [f"extra file {n} (not in manifest.json)" for n in sorted(present - set(files))]
     found += [f"missing file {n}" for n in sorted(set(files) - present)]
     names = sorted(set(files) & present)
-    sizes = {n: storage.size(posixpath.join(dir_path, n)) for n in names}
+    sizes = {n: listed[n] for n in names}
     found += [f"file {n} has {sizes[n]} bytes, manifest.json says {files[n]['size']}"
               for n in names if sizes[n] != files[n]["size"]]
     if deep:

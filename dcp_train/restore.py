@@ -7,7 +7,9 @@ files, and `load` checks those without a second pass where it can:
   each rank a share of about equal bytes;
 - object stores: a file a rank needs most of is fetched whole and checksummed on arrival
   (dcp_io.py; at the saved world size, every shard file); after the load the others are
-  checked, each rank a share of about equal bytes (a second download of those only). Damage found this way is returned,
+  checked, each rank a share of about equal bytes (a second download of those only).
+  `.metadata` comes with `found` (read and checked once, by rank 0, at discovery) and file
+  sizes from the manifest: a rank's requests are the ranged GETs of the files it reads. Damage found this way is returned,
 not raised: the manager then loads the next checkpoint discovery offers (the state read from
 the damaged one is overwritten) or stops, for a checkpoint the user named.
 """
@@ -23,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train import distributed as D
 from dcp_train import manifest as M
-from dcp_train.checkpoint_dir import Found
+from dcp_train.checkpoint_dir import METADATA, Found
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.storage import Storage
 
@@ -37,7 +39,7 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
     or what is damaged (then the components hold whatever was read). Any other failure is one
     CheckpointError on every rank."""
     storage = Storage(found.path, storage_options)
-    reader = storage.dcp_reader(found.path)
+    reader = storage.dcp_reader(found.path, found.sizes, found.metadata)
     during = verify and storage.is_local  # local: check a share while DCP reads
     names = share(found.files, world_size)[rank] if mine is None else mine
 
@@ -70,12 +72,14 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
 
 def _check_rest(storage: Storage, found: Found, fetched: list[dict], rank: int,
                 world_size: int) -> list[str]:
-    """Remote: the files some rank fetched whole were checksummed on arrival (dcp_io.py);
-    compare those, then check the others, each rank a share. Collective."""
+    """Remote: the files some rank fetched whole were checksummed on arrival (dcp_io.py),
+    `.metadata` at discovery (found.metadata); compare those, then check the others, each rank
+    a share. Collective."""
     seen = {n: v for f in fetched for n, v in f.items()}
     problems = [M.corrupt_line(n, crc, found.files[n]["crc32"])
                 for n, (_, crc) in sorted(seen.items()) if crc != found.files[n]["crc32"]]
-    rest = {n: v for n, v in found.files.items() if n not in seen}
+    rest = {n: v for n, v in found.files.items() if n not in seen and not (
+        n == METADATA and found.metadata is not None)}
     mine = {n: rest[n] for n in share(rest, world_size)[rank]}
     gathered = D.agree(lambda: M.corrupt(storage, found.path, mine), every_rank=True)
     return problems + sorted(p for ps in gathered for p in ps)
