@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 from bench.ckpt_worker import build_state, components
 from dcp_train import distributed as D
-from dcp_train import restore
-from dcp_train.checkpoint import Checkpointer
-from dcp_train.checkpoint_dir import CheckpointDir, step_name
-from dcp_train.lease import WriterLease
+from dcp_train.checkpoint import restore
+from dcp_train.checkpoint.io.lease import WriterLease
+from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.protocol import Checkpointer
 
 
 def main() -> None:

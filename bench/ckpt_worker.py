@@ -47,14 +47,15 @@ from torch.distributed.tensor import DTensor
 
 from bench.common import drop_page_cache, model_config
 from dcp_train import distributed as D
-from dcp_train import components as C
-from dcp_train import restore
-from dcp_train.checkpoint import Checkpointer
-from dcp_train.checkpoint_dir import CheckpointDir
-from dcp_train.lease import WriterLease
+from dcp_train.checkpoint import restore
+from dcp_train.checkpoint import state as C
+from dcp_train.checkpoint.async_save.save_process import SaveProcess
+from dcp_train.checkpoint.io.lease import WriterLease
+from dcp_train.checkpoint.io.storage import Storage
+from dcp_train.checkpoint.layout import CheckpointDir
+from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer
-from dcp_train.storage import Storage
 
 
 # Phase timers, reset before each timed operation. CRC-32 verification is timed where it
@@ -74,7 +75,7 @@ def _timing(name: str, fn):
     return wrapper
 
 
-from dcp_train import manifest as _manifest
+from dcp_train.checkpoint.io import manifest as _manifest
 _manifest.hash_files = _timing("hash", _manifest.hash_files)
 
 
@@ -97,7 +98,7 @@ def make_checkpointer(root: str, so: dict, rank: int) -> TimedCheckpointer:
     directory = TimedDir(root, so)
     if rank == 0:  # as the trainer does before saving
         WriterLease(directory.storage).acquire()
-    return TimedCheckpointer(directory)
+    return TimedCheckpointer(directory, save_process=SaveProcess)
 
 
 def components(model, opt, rank: int, progress=None) -> tuple[list, object]:

@@ -40,9 +40,9 @@ import torch
 
 from bench.common import (MODELS, REPO, describe_model, model_config, model_flags,
                           read_json, run_child, torchrun)
-from dcp_train.flops import model_flops_per_token, peak_flops
-from dcp_train.metrics import read_metrics
 from dcp_train.model import GPT
+from dcp_train.run.metrics import read_metrics
+from dcp_train.train.flops import model_flops_per_token, peak_flops
 
 GPU = dict(exact_model="small", exact_batch=8, exact_total=4096, speed_model="gpt2-124m",
            speed_batch=32, speed_total=262144, speed_steps=25, skip=5, ckpt_model="gpt2-124m",

@@ -19,10 +19,11 @@ from torch.distributed.checkpoint.staging import DefaultStager
 
 from bench.common import model_config
 from dcp_train import distributed as D
-from dcp_train import components as C
-from dcp_train.checkpoint import Checkpointer
-from dcp_train.checkpoint_dir import CheckpointDir
-from dcp_train.lease import WriterLease
+from dcp_train.checkpoint import state as C
+from dcp_train.checkpoint.async_save.save_process import SaveProcess
+from dcp_train.checkpoint.io.lease import WriterLease
+from dcp_train.checkpoint.layout import CheckpointDir
+from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer
 
@@ -63,7 +64,7 @@ def main() -> None:
     directory = CheckpointDir(a.root)
     if info.is_main:  # as the trainer does before saving
         WriterLease(directory.storage).acquire()
-    ckpt = Checkpointer(directory)
+    ckpt = Checkpointer(directory, save_process=SaveProcess)
     progress = C.Progress(step=1, tokens=32, world_size=info.world_size, config={"probe": True})
     sd = {}
     for component in [C.ModelState(model), C.OptimizerState(model, opt), progress,

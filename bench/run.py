@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 from bench.common import (MODELS, REPO, ChildFailed, describe_model, drop_page_cache,  # noqa: E402
                           model_flags, ratios, read_json, run_child, stats, torchrun)
 from bench.procwatch import run_watched  # noqa: E402
-from dcp_train.metrics import read_metrics  # noqa: E402
+from dcp_train.run.metrics import read_metrics  # noqa: E402
 
 GB = 1e9
 

@@ -6,8 +6,8 @@
 N simulated ranks (threads of one process, 32 requests in flight at most) write files of a
 realistic count (two data files per rank, as DCP writes with dcp_io.WRITE_THREADS = 2; 4 KB
 each: the count matters here, not the bytes); rank 0 writes a real DCP `.metadata` and its own
-two files with dcp.save. The protocol parts are dcp_train's own code (checkpoint.py,
-checkpoint_dir.py, manifest.py, storage.py), run on the moto S3 server of tests/servers.py
+two files with dcp.save. The protocol parts are dcp_train's own code (checkpoint/protocol.py,
+layout.py, io/manifest.py, io/storage.py), run on the moto S3 server of tests/servers.py
 (127.0.0.1) and on a local dir. Phases, per N:
 
     commit        a save of step 1: rank 0 picks the dir (leftovers), every rank writes its
@@ -40,10 +40,10 @@ import torch.distributed.checkpoint as dcp
 
 from bench.common import run_meta, write_results
 from bench.run import _load_servers
-from dcp_train import store_requests as R
-from dcp_train.checkpoint import Checkpointer
-from dcp_train.checkpoint_dir import CheckpointDir, step_name
-from dcp_train.components import json_tensor
+from dcp_train.checkpoint.io import store_requests as R
+from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.state import json_tensor
 
 FILES_PER_RANK = 2
 FILE_BYTES = 4096

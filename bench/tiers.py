@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from bench.run import _load_servers
-from dcp_train.checkpoint import Checkpointer
-from dcp_train.checkpoint_dir import CheckpointDir
-from dcp_train.replicate import Replicator
-from dcp_train.tiers import LocalTier
+from dcp_train.checkpoint.layout import CheckpointDir
+from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.tiers.local import LocalTier
+from dcp_train.checkpoint.tiers.replicate import Replicator
 
 BEGIN, END = "<!-- bench.tiers: begin -->", "<!-- bench.tiers: end -->"
 

@@ -1,23 +1,26 @@
-"""Typed run configuration and the command line built from it.
+"""Typed run configuration: one dataclass per section, their checks, and the stored form.
 
-Every flag is a dataclass field with a help line (`field(metadata={"help": ...})`), so
-`--help` lists each one with its default. Model dimensions use nanoGPT's `GPTConfig` names and
-default to the chosen `--preset`; an explicit dimension flag overrides the preset.
+Every flag is a dataclass field with a help line (`field(metadata={"help": ...})`); cli.py
+builds the command line from them, so `--help` lists each one with its default. A flag's name
+is its field's name inside its section (`--checkpoint_dir` is `cfg.checkpoint.checkpoint_dir`;
+a TOML file's `[checkpoint]` table holds `checkpoint_dir`): model (nanoGPT's `GPTConfig`
+names, defaulting to the chosen `--preset`), training, data, eval, logging, hardware,
+checkpoint; `preset` and `storage_options` sit at the top.
 
-Parsing never touches torch.distributed, so `--help` and flag errors are instant.
+`as_record(cfg)` is the flat form checkpoints and the `config` metrics record store (the form
+they always had: every flag at the top, the model's dimensions under "model").
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
-from dcp_train import redact
+from dcp_train.errors import ConfigError
+from dcp_train.run import redact
 
 
 def _help(text: str, **kw):
@@ -54,15 +57,9 @@ PRESET_RUN_DEFAULTS = {
 
 
 @dataclass
-class Config:
-    """One training run. Field names are the command-line flags."""
+class TrainingConfig:
+    """Schedule, batch, seed (`[training]`)."""
 
-    # model
-    preset: str = _help(f"model preset, one of {sorted(PRESETS)}; dimension flags override it",
-                        default="gpt2-124m")
-    model: ModelConfig = field(default_factory=ModelConfig)  # filled from preset + flags
-
-    # schedule and batch
     max_steps: int = _help("number of optimizer updates to reach", default=19073)
     stop_at_step: int = _help("stop (with a checkpoint) after this step; the LR schedule still "
                               "runs to --max_steps (-1: off)", default=-1)
@@ -86,13 +83,21 @@ class Config:
                                 "batch_size), and across resumes at any of them; slower, see "
                                 "README", default=False)
 
-    # data
+
+@dataclass
+class DataConfig:
+    """Training data (`[data]`)."""
+
     data_dir: str = _help("folder or fsspec URL with *_train_*.npy / *_val_*.npy uint16 token "
                           "shards (URLs are cached under $DCP_TRAIN_CACHE_DIR); the default "
                           "folder gets the embedded corpus on first use", default="data/default")
     num_workers: int = _help("data loader worker processes per rank", default=0)
 
-    # evaluation
+
+@dataclass
+class EvalConfig:
+    """Val loss, HellaSwag and text samples (`[eval]`)."""
+
     eval_interval: int = _help("val loss every N steps (0 or -1: off)", default=250)
     val_steps: int = _help("micro-batches per rank for one val loss", default=20)
     hellaswag_interval: int = _help("HellaSwag every N steps (0 or -1: off)", default=250)
@@ -105,18 +110,32 @@ class Config:
                                 "without internet; default: tiktoken's own download/cache",
                                 default="")
 
-    # logging and devices
+
+@dataclass
+class LoggingConfig:
+    """Metrics (`[logging]`)."""
+
     log_dir: str = _help("where metrics.jsonl goes", default="log")
     tensorboard: bool = _help("also write the metrics as TensorBoard scalars to "
                               "<log_dir>/tensorboard (needs the tensorboard package)",
                               default=False)
+
+
+@dataclass
+class HardwareConfig:
+    """Device, torch.compile, MFU (`[hardware]`)."""
+
     device: str = _help("auto, cpu or cuda", default="auto")
     compile: Optional[bool] = _help("torch.compile each transformer block: true, false or auto "
                                     "(on for CUDA, off for CPU)", default=None)
     peak_tflops: float = _help("peak TFLOP/s of one device for MFU (0: the GPU's dense bf16 "
                                "peak by name on CUDA; on CPU mfu stays null)", default=0.0)
 
-    # checkpoints
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints, both tiers, resume, preemption (`[checkpoint]`)."""
+
     checkpoint_dir: str = _help("checkpoint folder: local path or fsspec URL (s3://, gs://, ...)",
                                 default="checkpoints")
     checkpoint_interval: int = _help("save every N steps (and always at the last step; 0: "
@@ -146,6 +165,22 @@ class Config:
     preempt_timeout: float = _help("after SIGTERM/SIGUSR1, exit without a checkpoint if the "
                                    "stop has not finished within this many seconds",
                                    default=120.0)
+
+
+@dataclass
+class Config:
+    """One training run: sections of flags (a flag's name is its field's name, in its section:
+    `--checkpoint_dir` is `cfg.checkpoint.checkpoint_dir`)."""
+
+    preset: str = _help(f"model preset, one of {sorted(PRESETS)}; dimension flags override it",
+                        default="gpt2-124m")
+    model: ModelConfig = field(default_factory=ModelConfig)  # filled from preset + flags
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage_options: str = _help("JSON dict of fsspec options for --checkpoint_dir/--data_dir",
                                  default="{}")
 
@@ -153,109 +188,64 @@ class Config:
     def storage_options_dict(self) -> dict:
         return json.loads(self.storage_options)
 
-PRESET_RUN_DEFAULTS_KEYS = {k for d in PRESET_RUN_DEFAULTS.values() for k in d}
+
+# The sections of Config, in the order of the stored (flat) form.
+SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig,
+            "eval": EvalConfig, "logging": LoggingConfig, "hardware": HardwareConfig,
+            "checkpoint": CheckpointConfig}
+PLACEHOLDER = "{node}"  # in --local_checkpoint_dir: the node rank
 
 
-class ConfigError(ValueError):
-    """A bad flag or combination; main() prints it as one line and exits 2."""
+def as_record(cfg: Config) -> dict:
+    """The run's flags as stored in a checkpoint (Progress.config) and the `config` record:
+    {flag: value} for every flag, the model's dimensions as a dict under "model"."""
+    record = {"preset": cfg.preset, "model": dataclasses.asdict(cfg.model)}
+    for name in SECTIONS:
+        if name != "model":
+            record.update(dataclasses.asdict(getattr(cfg, name)))
+    record["storage_options"] = cfg.storage_options
+    return record
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def redacted_config(cfg: Config) -> dict:
+    """as_record(cfg) with credentials redacted: what a checkpoint's `meta` and the metrics
+    `config` record store. `storage_options` stays a JSON string (redacted)."""
+    return redact.redact_config_dict(as_record(cfg))
 
 
-def _auto_bool(text: str) -> Optional[bool]:
-    return None if text.lower() == "auto" else _bool(text)
-
-
-def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
-    for f in fields(cls):
-        if f.name == "model":
-            continue
-        typ = {"int": int, "float": float, "str": str, "bool": _bool,
-               "Optional[int]": int, "Optional[bool]": _auto_bool}[str(f.type)]
-        by_preset = {p: d[f.name] for p, d in PRESET_RUN_DEFAULTS.items() if f.name in d}
-        if defaults_from_preset:
-            parser.add_argument(f"--{f.name}", type=typ, default=None,
-                                help=f"{f.metadata['help']} (default: from --preset)")
-        elif by_preset:
-            note = ", ".join(f"--preset {p}: {v}" for p, v in by_preset.items())
-            parser.add_argument(f"--{f.name}", type=typ, default=None,
-                                help=f"{f.metadata['help']} (default: {f.default}; {note})")
-        elif typ is _bool:
-            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True,
-                                default=f.default, help=f"{f.metadata['help']} (default: %(default)s)")
-        elif typ is _auto_bool:
-            parser.add_argument(f"--{f.name}", type=_auto_bool, nargs="?", const=True,
-                                default=f.default, help=f"{f.metadata['help']} (default: auto)")
-        else:
-            own = "(default:" in f.metadata["help"]  # the help says it (--seq_len)
-            parser.add_argument(f"--{f.name}", type=typ, default=f.default,
-                                help=f.metadata["help"] + ("" if own else " (default: %(default)s)"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dcp_train.main", allow_abbrev=False,  # --max_step must not mean --max_steps
-        description="GPT-2 pre-training with FSDP2 and DCP checkpoints. "
-                    "Launch: torchrun --nproc_per_node=N -m dcp_train.main [flags]")
-    _add_fields(parser.add_argument_group("run"), Config, defaults_from_preset=False)
-    _add_fields(parser.add_argument_group("model (override --preset)"), ModelConfig,
-                defaults_from_preset=True)
-    return parser
-
-
-def parse_config(argv: Optional[list[str]] = None) -> Config:
-    """Flags -> validated Config. Raises ConfigError (argparse's own errors exit 2)."""
-    args = vars(build_parser().parse_args(argv))
-    preset = args.pop("preset")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
-    model_overrides = {f.name: args.pop(f.name) for f in fields(ModelConfig)}
-    model = dataclasses.replace(PRESETS[preset],
-                                **{k: v for k, v in model_overrides.items() if v is not None})
-    run_defaults = {f.name: f.default for f in fields(Config) if f.name != "model"}
-    run_defaults.update(PRESET_RUN_DEFAULTS[preset])
-    args = {k: run_defaults[k] if v is None and k in PRESET_RUN_DEFAULTS_KEYS else v
-            for k, v in args.items()}
-    cfg = Config(preset=preset, model=model, **args)
-    validate(cfg)
-    redact.remember(cfg.storage_options_dict)  # scrubbed from every line printed or stored
-    return cfg
+def local_path(template: str, node: int) -> str:
+    """--local_checkpoint_dir of node `node`: `{node}` replaced by its rank, made absolute."""
+    return os.path.abspath(template.replace(PLACEHOLDER, str(node)))
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no torch.distributed. World-size checks live in train.py."""
-    m = cfg.model
-    if cfg.seq_len is None:
-        cfg.seq_len = m.block_size
-    if cfg.seq_len > m.block_size:
-        raise ConfigError(f"--seq_len {cfg.seq_len} exceeds --block_size {m.block_size}")
+    """Checks that need no torch.distributed (world-size checks: grad_accum_steps and
+    train/deterministic.py). Fills in seq_len (default: block_size)."""
+    t, m, ck, ev = cfg.training, cfg.model, cfg.checkpoint, cfg.eval
+    if t.seq_len is None:
+        t.seq_len = m.block_size
+    if t.seq_len > m.block_size:
+        raise ConfigError(f"--seq_len {t.seq_len} exceeds --block_size {m.block_size}")
     if m.n_embd % m.n_head:
         raise ConfigError(f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {m.dropout}")
     for name in ("max_steps", "batch_size", "seq_len", "total_batch_size", "vocab_size"):
-        value = getattr(m if name == "vocab_size" else cfg, name)
+        value = getattr(m if name == "vocab_size" else t, name)
         if value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
-    if cfg.warmup_steps < 0 or cfg.num_workers < 0:
+    if t.warmup_steps < 0 or cfg.data.num_workers < 0:
         raise ConfigError("--warmup_steps and --num_workers must be >= 0")
-    if cfg.total_batch_size % cfg.seq_len:
-        raise ConfigError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of "
-                          f"--seq_len {cfg.seq_len}; use a multiple so a step is whole sequences")
-    if cfg.resume and not cfg.checkpoint_path:
+    if t.total_batch_size % t.seq_len:
+        raise ConfigError(f"--total_batch_size {t.total_batch_size} is not a multiple of "
+                          f"--seq_len {t.seq_len}; use a multiple so a step is whole sequences")
+    if ck.resume and not ck.checkpoint_path:
         raise ConfigError("--resume needs --checkpoint_path PATH (a step_XXXXXXXX dir)")
-    if cfg.checkpoint_path and not cfg.resume:
+    if ck.checkpoint_path and not ck.resume:
         raise ConfigError("--checkpoint_path is only used with --resume; add --resume")
-    if cfg.resume and cfg.auto_resume:
+    if ck.resume and ck.auto_resume:
         raise ConfigError("--resume and --auto_resume contradict each other; pass one of them")
-    from dcp_train.tier_policy import validate as validate_tiers
-    validate_tiers(cfg)  # intervals, retention, the local tier
+    validate_checkpoint(ck)  # intervals, retention, the local tier
     try:  # the text may hold credentials: the messages never repeat it
         options = cfg.storage_options_dict
     except ValueError as e:
@@ -264,37 +254,55 @@ def validate(cfg: Config) -> None:
     if not isinstance(options, dict):
         raise ConfigError("--storage_options must be a JSON object ({...}), got a JSON "
                           f"{type(options).__name__}")
-    if cfg.lr_schedule not in ("continue", "recompute"):
-        raise ConfigError(f"--lr_schedule must be continue or recompute, got {cfg.lr_schedule!r}")
-    if m.vocab_size < 50257 and (cfg.generate_interval > 0 or cfg.hellaswag_interval > 0):
+    if t.lr_schedule not in ("continue", "recompute"):
+        raise ConfigError(f"--lr_schedule must be continue or recompute, got {t.lr_schedule!r}")
+    if m.vocab_size < 50257 and (ev.generate_interval > 0 or ev.hellaswag_interval > 0):
         raise ConfigError(f"--vocab_size {m.vocab_size} is smaller than the GPT-2 tokenizer's "
                           "50257 tokens, which text samples and HellaSwag need; set "
                           "--generate_interval 0 --hellaswag_interval 0 or a larger vocab")
-    if cfg.peak_tflops < 0:
+    if cfg.hardware.peak_tflops < 0:
         raise ConfigError(f"--peak_tflops must be >= 0 (0: from the GPU's name), got "
-                          f"{cfg.peak_tflops}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+                          f"{cfg.hardware.peak_tflops}")
+    if cfg.hardware.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.hardware.device!r}")
+
+
+def validate_checkpoint(ck: CheckpointConfig) -> None:
+    """Flag checks of the checkpoint section (both tiers); one-line ConfigErrors."""
+    if ck.checkpoint_interval < 0 or ck.local_checkpoint_interval < 0:
+        raise ConfigError("--checkpoint_interval and --local_checkpoint_interval must be >= 0")
+    for flag in ("keep_last_n_checkpoints", "keep_last_n_local_checkpoints"):
+        if getattr(ck, flag) == 0 or getattr(ck, flag) < -1:
+            raise ConfigError(f"--{flag} must be -1 (keep all) or >= 1")
+    for flag in ("checkpoint_interval_minutes", "local_checkpoint_interval_minutes"):
+        if not getattr(ck, flag) >= 0:
+            raise ConfigError(f"--{flag} must be >= 0 (0: off), got {getattr(ck, flag)}")
+    local = ck.local_checkpoint_dir
+    if not local:
+        if ck.local_checkpoint_interval or ck.local_checkpoint_interval_minutes:
+            raise ConfigError("--local_checkpoint_interval(_minutes) needs "
+                              "--local_checkpoint_dir PATH")
+        return
+    if "://" in local:
+        raise ConfigError(f"--local_checkpoint_dir must be a node-local path, not a URL "
+                          f"({local}); the durable tier is --checkpoint_dir")
+    durable = ck.checkpoint_dir.removeprefix("file://")
+    if "://" not in durable and local_path(local, 0) == os.path.abspath(durable):
+        raise ConfigError("--local_checkpoint_dir is --checkpoint_dir; give the local tier "
+                          "its own node-local dir")
+    if ck.async_checkpoint:
+        raise ConfigError("--async_checkpoint and --local_checkpoint_dir: the durable copy is "
+                          "already made in the background; drop --async_checkpoint")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step so that total_batch_size tokens make one step."""
-    per_micro = cfg.batch_size * cfg.seq_len * world_size
-    if cfg.total_batch_size % per_micro:
+    t = cfg.training
+    per_micro = t.batch_size * t.seq_len * world_size
+    if t.total_batch_size % per_micro:
         raise ConfigError(
-            f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size*seq_len*"
-            f"world_size = {cfg.batch_size}*{cfg.seq_len}*{world_size} = {per_micro}; "
-            f"change --batch_size or --total_batch_size")
-    return cfg.total_batch_size // per_micro
+            f"--total_batch_size {t.total_batch_size} is not divisible by batch_size*seq_len*"
+            f"world_size = {t.batch_size}*{t.seq_len}*{world_size} = {per_micro}; "
+            "change --batch_size or --total_batch_size")
+    return t.total_batch_size // per_micro
 
-
-def error_line(message: str) -> None:
-    """The one-line error the user sees for bad input: one write(2) call, so the lines of
-    several ranks sharing a pipe never interleave."""
-    sys.stdout.flush()
-    os.write(2, f"dcp_train: error: {' '.join(redact.scrub(message).split())}\n".encode())
-
-
-def die(message: str, code: int = 2) -> None:
-    error_line(message)
-    raise SystemExit(code)

@@ -59,7 +59,7 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            from dcp_train.config import ConfigError
+            from dcp_train.errors import ConfigError
             raise ConfigError("--device cuda was given but CUDA is not available (torch "
                               f"{torch.__version__}, torch.cuda.is_available() is False); use "
                               "--device cpu or --device auto")

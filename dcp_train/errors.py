@@ -1,5 +1,10 @@
-"""Errors for the user: CheckpointError, and environmental failures named in words:
+"""Errors for the user and the exit codes: ConfigError and CheckpointError, the one-line
+`dcp_train: error: ...` (error_line, die), and environmental failures named in words:
 `describe(exc, path)` is one line for the user.
+
+Exit codes: 0 done; EXIT_BAD_INPUT (2) bad input or an unusable environment; EXIT_PREEMPTED
+(75) stopped early with a checkpoint, continue with --auto_resume; EXIT_ORPHANED (128+SIGHUP)
+the launcher went away; 128+signal a second signal or the preemption timeout.
 
 Storage errors arrive wrapped: DCP's CheckpointException holds {rank: (exception, traceback)},
 s3fs turns botocore's ClientError into an OSError whose __cause__ is the ClientError, torch's
@@ -22,7 +27,7 @@ CheckpointException) and names the first kind it recognises:
 
 Known kinds read `<kind>: <details>; <what to do> (<Type: message>)`, of the exception in the
 chain that showed the kind (botocore's outer EndpointConnectionError names the URL, its cause
-only host:port); anything else is the innermost cause as `Type: message`, as checkpoint.py's
+only host:port); anything else is the innermost cause as `Type: message`, as protocol.py's
 `_cause` always did. Free space
 comes from os.statvfs of the nearest existing ancestor of a local `path`.
 """
@@ -31,19 +36,46 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
+import sys
 
-from dcp_train import redact
+from dcp_train.run import redact
 
-try:
-    from torch.distributed.checkpoint.api import CheckpointException
-except ImportError:  # pragma: no cover - torch without distributed
-    CheckpointException = ()
 
+def _dcp_failures(e: BaseException) -> list[BaseException]:
+    """The per-rank exceptions a DCP CheckpointException wraps ([] for anything else). Such an
+    exception exists only once torch's DCP is imported, so this module never imports torch
+    (`--help` and flag errors stay instant)."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    if api is not None and isinstance(e, api.CheckpointException) and e.failures:
+        return [failure[0] for failure in e.failures.values()]
+    return []
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resume with --auto_resume
+EXIT_ORPHANED = 128 + signal.SIGHUP  # as if hung up: the controlling agent is gone
+
+
+class ConfigError(ValueError):
+    """A bad flag or combination; main() prints it as one line and exits 2."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or loaded; the message is for the user (exit 2)."""
+
+
+def error_line(message: str) -> None:
+    """The one-line error the user sees for bad input: one write(2) call, so the lines of
+    several ranks sharing a pipe never interleave."""
+    sys.stdout.flush()
+    os.write(2, f"dcp_train: error: {' '.join(redact.scrub(message).split())}\n".encode())
+
+
+def die(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """error_line(message), then exit with `code`."""
+    error_line(message)
+    raise SystemExit(code)
 
 
 LOW_FREE_BYTES = 64 * 2**20  # below this, torch's unexplained writer errors mean a full disk
@@ -65,8 +97,7 @@ def chain(exc: BaseException) -> list[BaseException]:
         if e is None or any(e is seen for seen in out):
             continue
         out.append(e)
-        if CheckpointException and isinstance(e, CheckpointException) and e.failures:
-            todo += [failure[0] for failure in e.failures.values()]
+        todo += _dcp_failures(e)
         todo.append(e.__cause__)
         if not e.__suppress_context__:
             todo.append(e.__context__)
@@ -80,10 +111,11 @@ def one_line(e: BaseException) -> str:
 
 
 def innermost(e: BaseException) -> BaseException:
-    """The deepest cause (checkpoint.py's `_cause` walk: first failure, cause, context)."""
+    """The deepest cause (the protocol's old `_cause` walk: first failure, cause, context)."""
     while True:
-        if CheckpointException and isinstance(e, CheckpointException) and e.failures:
-            e = next(iter(e.failures.values()))[0]
+        failures = _dcp_failures(e)
+        if failures:
+            e = failures[0]
         elif e.__cause__ is not None:
             e = e.__cause__
         elif e.__context__ is not None and not e.__suppress_context__:

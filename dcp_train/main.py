@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import sys
 
-from dcp_train import redact
-from dcp_train.config import ConfigError, die, error_line, parse_config
-from dcp_train.orphan import exit_if_orphaned, watch_parent
-
-EXIT_BAD_INPUT = 2
+from dcp_train.cli import parse_config
+from dcp_train.errors import EXIT_BAD_INPUT, ConfigError, die, error_line
+from dcp_train.run import redact
+from dcp_train.run.orphan import exit_if_orphaned, watch_parent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,12 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     from dcp_train import distributed as D
     from dcp_train.errors import CheckpointError
     from dcp_train.data import DataError
-    from dcp_train.tokenizer import TokenizerError
-    from dcp_train.train import train
+    from dcp_train.data.tokenizer import TokenizerError
+    from dcp_train.train.loop import train
 
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     try:
-        info = D.setup(cfg.device)
+        info = D.setup(cfg.hardware.device)
     except ConfigError as e:  # --device cuda without CUDA
         die(str(e), EXIT_BAD_INPUT)
     code = 0

@@ -58,7 +58,7 @@ NEEDED = [
     (f"{_CKPT}.planner", "LoadItemType", ()),
     (f"{_CKPT}.planner", "WriteItemType", ()),
     ("torch.serialization", "_get_layout", ()),
-    # checkpoint.py's async save stages through these (pinned host memory on CUDA)
+    # protocol.py's async save stages through these (pinned host memory on CUDA)
     (f"{_CKPT}.staging", "DefaultStager", ()),
     (f"{_CKPT}.staging", "StagingOptions", ("use_pinned_memory", "use_shared_memory",
                                             "use_async_staging", "use_non_blocking_copy")),

@@ -43,8 +43,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # helpers.py, servers.py; the dcp_
 from helpers import (TINY, assert_same_tensors, kill_job, load_checkpoint, metrics,  # noqa: E402
                      run_train, start_train, write_shards)
 
-from dcp_train import manifest as M  # noqa: E402
-from dcp_train.storage import Storage  # noqa: E402
+from dcp_train.checkpoint.io import manifest as M  # noqa: E402
+from dcp_train.checkpoint.io.storage import Storage  # noqa: E402
 
 # TINY, 2 ranks, a checkpoint every 3 steps (a save takes about as long as 1-3 steps, so many
 # kills land in or next to one), keep 2. A launch makes ~5-15 steps a second on 2 cores.
@@ -253,7 +253,7 @@ def metadata_flip_survey(step_dir: Path, flips: int, seed: int) -> Counter:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from dcp_train.safe_metadata import load_metadata
+    from dcp_train.checkpoint.io.safe_metadata import load_metadata
 
     logging.disable(logging.CRITICAL)  # DCP logs every failed load with a traceback (root logger)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -17,10 +17,11 @@ import torch
 from helpers import REPO, TINY, child_env, metrics, run_train, write_shards
 
 import dcp_train
-from dcp_train import ckpt, hellaswag, plot, sample
-from dcp_train.config import build_parser, parse_config
+from dcp_train.cli import build_parser, parse_config
+from dcp_train.config import redacted_config
 from dcp_train.data import prepare
-from dcp_train.redact import redacted_config
+from dcp_train.tools import ckpt, plot, sample
+from dcp_train.train import hellaswag
 
 ARGS = [*TINY, "--batch_size", "4", "--total_batch_size", "512", "--checkpoint_interval", "2"]
 FALSE_WARNING = "assuming the intent is to load in a single process"

@@ -76,13 +76,13 @@ def test_compiled_stop_and_resume_is_bit_exact(tmp_path_factory, data, env):
     assert losses(eager / "log")[1] != losses(ref / "log")[1]
 
     # mfu: null without a peak on CPU; with --peak_tflops, FLOPs/token * tokens/s/device / peak
-    from dcp_train.config import parse_config
-    from dcp_train.flops import model_flops_per_token
+    from dcp_train.cli import parse_config
+    from dcp_train.train.flops import model_flops_per_token
     from dcp_train.model import GPT
 
     assert all(r["mfu"] is None for r in _train_records(ref))
     cfg = parse_config(ARGS)
-    per_token = model_flops_per_token(GPT(cfg.model), cfg.seq_len)
+    per_token = model_flops_per_token(GPT(cfg.model), cfg.training.seq_len)
     with_peak = _train_records(run)
     assert [r["step"] for r in with_peak] == list(range(1, N + 1))
     for r in with_peak:

@@ -19,7 +19,7 @@ import torch
 from dcp_train.data import (DataError, GlobalOrderSampler, TokenShards, build_train_loader,
                             find_shards, global_batch, global_permutation, val_batches)
 from dcp_train.data.prepare import ensure_default_data, prepare
-from dcp_train.tokenizer import EOT, get_tokenizer
+from dcp_train.data.tokenizer import EOT, get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 8

@@ -33,8 +33,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcp_train.config import ConfigError, parse_config
-from dcp_train.deterministic import check_resume, micro_batches_per_step
+from dcp_train.cli import parse_config
+from dcp_train.errors import ConfigError
+from dcp_train.train.deterministic import check_resume, micro_batches_per_step
 from helpers import (REPO, TINY, assert_same_tensors, child_env, load_checkpoint, metrics,
                            run_train, write_shards)
 

@@ -19,12 +19,12 @@ import torch
 import torch.multiprocessing as mp
 
 from dcp_train.config import ModelConfig
-from dcp_train.evaluate import val_loss
-from dcp_train.generate import decode, generate
-from dcp_train.hellaswag import (HellaSwagError, download, hellaswag_accuracy, iterate_examples,
-                                 most_likely_row, render_example)
+from dcp_train.data.tokenizer import get_tokenizer
 from dcp_train.model import GPT
-from dcp_train.tokenizer import get_tokenizer
+from dcp_train.train.evaluate import val_loss
+from dcp_train.train.generate import decode, generate
+from dcp_train.train.hellaswag import (HellaSwagError, download, hellaswag_accuracy,
+                                       iterate_examples, most_likely_row, render_example)
 
 TINY = ModelConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
 PROMPT = "Hello, I'm a language model,"

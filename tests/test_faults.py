@@ -40,13 +40,13 @@ from helpers import (REPO, TINY, assert_same_tensors, child_env, descendants, ki
 from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_reference,
                   run_with_kills)
 
-from dcp_train import manifest as M
-from dcp_train.checkpoint_dir import CheckpointDir, step_name
+from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.io.safe_metadata import UnsafeCheckpointError, load_metadata
+from dcp_train.checkpoint.io.storage import Storage
+from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.restore import share as _share
 from dcp_train.errors import CheckpointError
-from dcp_train.restore import share as _share
-from dcp_train.faults import POINTS
-from dcp_train.safe_metadata import UnsafeCheckpointError, load_metadata
-from dcp_train.storage import Storage
+from dcp_train.run.faults import POINTS
 
 N = 6
 FAULT_STEP = 4

@@ -3,10 +3,12 @@ parameter name. In-process, no torchrun: instant."""
 
 import pytest
 
-from dcp_train.config import ConfigError, ModelConfig, parse_config
-from dcp_train.flops import (Throughput, flops_per_token, gpu_peak_tflops,
-                             model_flops_per_token, peak_flops)
+from dcp_train.cli import parse_config
+from dcp_train.config import ModelConfig
+from dcp_train.errors import ConfigError
 from dcp_train.model import GPT
+from dcp_train.train.flops import (Throughput, flops_per_token, gpu_peak_tflops,
+                                   model_flops_per_token, peak_flops)
 
 
 def test_gpt2_124m_flops_per_token_is_nanogpts():

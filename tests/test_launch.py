@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from dcp_train import ckpt
-from dcp_train.storage import Storage
+from dcp_train.checkpoint.io.storage import Storage
+from dcp_train.tools import ckpt
 from helpers import (REPO, TINY, assert_same_tensors, child_env, free_port, kill_job,
                      load_checkpoint, losses, metrics, run_train, wait_for, write_shards)
 
@@ -142,7 +142,7 @@ def test_plot_marks_checkpoints_and_resume(elastic_run, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image
 
-    from dcp_train.plot import main, plot_metrics
+    from dcp_train.tools.plot import main, plot_metrics
 
     records = metrics(elastic_run / "log")
     fig = plot_metrics(records, str(tmp_path / "loss.png"), size=(8, 4), dpi=50)

@@ -93,8 +93,8 @@ def test_tied_weight_is_saved_once_and_older_checkpoints_still_load(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dcp_train import components as C
-    from dcp_train.restore import load_into
+    from dcp_train.checkpoint import state as C
+    from dcp_train.checkpoint.restore import load_into
 
     def trained(seed):
         torch.manual_seed(seed)

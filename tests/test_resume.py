@@ -145,7 +145,7 @@ def test_dcp_to_torch_save_weights_match_the_trained_model(reference, tmp_path, 
     """torch's own converter reads our checkpoint; its weights give the logged val loss."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from dcp_train.config import parse_config
+    from dcp_train.cli import parse_config
     from dcp_train.data import find_shards, val_batches
     from dcp_train.model import GPT
 

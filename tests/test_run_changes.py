@@ -6,7 +6,6 @@ Run: .venv/bin/python -m pytest tests/test_run_changes.py -q
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -17,13 +16,13 @@ import pytest
 
 from helpers import write_shards
 
-from dcp_train.config import parse_config
+from dcp_train.checkpoint.compat import change_lines, compare_run, end_note, mismatch_message
+from dcp_train.cli import parse_config
+from dcp_train.config import as_record, redacted_config
 from dcp_train.data import find_shards
-from dcp_train.data.fingerprint import (SAMPLE_BYTES, SAMPLES, data_fingerprint,
-                                        fingerprint_diff, window_offsets)
-from dcp_train.optim import (lr_at, lr_of, saved_schedule, schedule_for_launch, schedule_of)
-from dcp_train.redact import redacted_config
-from dcp_train.runcheck import change_lines, compare_run, end_note, mismatch_message
+from dcp_train.data.fingerprint import (SAMPLES, SAMPLE_BYTES, data_fingerprint, fingerprint_diff,
+                                        window_offsets)
+from dcp_train.optim import lr_at, lr_of, saved_schedule, schedule_for_launch, schedule_of
 
 BASE = ["--preset", "tiny", "--vocab_size", "512", "--block_size", "32", "--seq_len", "32",
         "--generate_interval", "0", "--hellaswag_interval", "0"]
@@ -174,7 +173,7 @@ def test_lr_schedule_recompute_refits_the_cosine():
 
 
 def test_saved_schedule_of_older_checkpoints():
-    config = dataclasses.asdict(parse_config([*BASE, "--max_steps", "40"]))
+    config = as_record(parse_config([*BASE, "--max_steps", "40"]))
     assert saved_schedule({"config": config}) == schedule_of(3e-3, 10, 40)
     assert saved_schedule({"config": config, "lr_schedule": schedule_of(1.0, 2, 3)}) == \
         schedule_of(1.0, 2, 3)

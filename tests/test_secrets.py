@@ -20,8 +20,8 @@ import torch.distributed.checkpoint as dcp
 
 from helpers import REPO, TINY, child_env, metrics, run_train, write_shards
 
-from dcp_train import redact
-from dcp_train.components import json_tensor
+from dcp_train.checkpoint.state import json_tensor
+from dcp_train.run import redact
 
 KEY, SECRET, TOKEN = "AKIAFAKEKEY7Q2X9Z", "fake-secret-9f8e7d6c5b4a3", "fake-session-0a1b2c3d"
 ENV_SECRET = "env-secret-5e6f7a8b9c"

@@ -35,9 +35,9 @@ def test_fresh_start_on_a_committed_run_is_refused_and_changes_nothing(tmp_path)
 
 def _rewrite_format(step_dir: Path, out: Path, version) -> None:
     """A valid, committed copy of `step_dir` whose meta says format `version`."""
-    from dcp_train import manifest as M
-    from dcp_train.components import json_tensor, tensor_json
-    from dcp_train.storage import Storage
+    from dcp_train.checkpoint.io import manifest as M
+    from dcp_train.checkpoint.state import json_tensor, tensor_json
+    from dcp_train.checkpoint.io.storage import Storage
 
     flat = load_checkpoint(step_dir, out.parent)
     meta = tensor_json(flat["meta"])

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from dcp_train.storage import Storage
+from dcp_train.checkpoint.io.storage import Storage
 
 
 @pytest.fixture(params=["local", "s3", "gs"])
@@ -95,7 +95,7 @@ def test_a_failed_writer_thread_fails_the_save(storage, process_group, monkeypat
     """torch 2.13's FileSystemWriter loses an exception raised on one of its extra writer
     threads and reports the save complete (pytorch/pytorch#191391). Our writers (two threads
     per rank) raise it, and nothing is printed by the thread."""
-    from dcp_train import dcp_io
+    from dcp_train.checkpoint.io import dcp_io
 
     base = dcp_io._LocalFS if storage.is_local else dcp_io._FsspecFS
     original, caller = base.create_stream, threading.get_ident()

@@ -36,13 +36,14 @@ from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, down
                      free_port, kill_job, losses, metrics, one_error, read_latest, run_train,
                      s3fs_of, tmpfs, wait_for)
 
-from dcp_train.checkpoint import Checkpointer
-from dcp_train.checkpoint_dir import CheckpointDir
-from dcp_train.checkpoint_dir import step_name as step
-from dcp_train.ckpt import main as ckpt_main
-from dcp_train.config import ConfigError, parse_config
-from dcp_train.replicate import Job, Replicator
-from dcp_train.tiers import LocalTier
+from dcp_train.checkpoint.layout import CheckpointDir
+from dcp_train.checkpoint.layout import step_name as step
+from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.tiers.local import LocalTier
+from dcp_train.checkpoint.tiers.replicate import Job, Replicator
+from dcp_train.cli import parse_config
+from dcp_train.errors import ConfigError
+from dcp_train.tools.ckpt import main as ckpt_main
 
 MAX_STEPS = 8
 ARGS = [*TINY, "--dropout", "0.1", "--max_steps", str(MAX_STEPS), "--batch_size", "2",

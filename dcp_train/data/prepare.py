@@ -36,8 +36,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import write_atomic
-from ..tokenizer import EOT, get_tokenizer
+from dcp_train.checkpoint.io.atomic import write_atomic
+from dcp_train.data.tokenizer import EOT, get_tokenizer
 from .shards import SHARD_DTYPE, DataError, find_shards
 from .sources import default_texts, fineweb_texts, text_texts
 

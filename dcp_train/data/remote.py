@@ -19,7 +19,7 @@ import os
 import posixpath
 import shutil
 
-from ..atomic import write_atomic
+from dcp_train.checkpoint.io.atomic import write_atomic
 from ..errors import one_line
 from .shards import DataError
 

@@ -1,0 +1,1 @@
+"""Asynchronous saves: the save process (parent side), its child, the state pipe."""

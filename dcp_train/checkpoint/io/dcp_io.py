@@ -1,0 +1,329 @@
+"""DCP's StorageWriter/StorageReader for one checkpoint directory, local or a URL (torch 2.11-2.13:
+the private parts used here are checked on import, torch_compat.py).
+Storage.dcp_writer/dcp_reader (storage.py) hand them out; nothing else uses this module.
+
+Local paths use FileSystemWriter/FileSystemReader (sync_files=True: each file is fsynced).
+Every writer checksums what it writes on the way out: DCP opens each
+file through its FileSystem's `create_stream`, and ours wraps that stream so every byte is
+fed to CRC-32 as it is written, on a helper thread that runs while the write itself does
+(zlib and file writes both release the GIL). `writer.checksums` then maps each file this
+process wrote to [size, crc32 hex], which is what manifest.json records; no second pass over
+the bytes. Remote paths use subclasses of the fsspec ones in
+torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
+- storage options: DCP calls `writer.reset(checkpoint_id)`, which rebuilds the
+  filesystem from the URL alone and drops options given to the writer; ours keeps them,
+  so passing `checkpoint_id=` to dcp.save/load as well is harmless.
+- sync_files=False: with True DCP falls back to os.sync() for files without fileno();
+  an object is durable once its upload returned.
+- `.metadata`: DCP writes `.metadata.tmp` and renames it; on an object store a rename is a
+  copy (s3fs: HEAD, GET, PUT, DELETE; gcsfs's `moveTo` the GCS emulator lacks). Ours writes
+  `.metadata` under its final name, one PUT: the manifest PUT after it is the commit point,
+  so a half-written save is never taken for a whole one (protocol.py).
+- requests: no `mkdir` (a prefix is no directory) and no look for an existing `.metadata`
+  before writing (protocol.py clears a step dir of a crashed attempt first), so a save
+  sends one PUT per small file (a multipart upload for large ones) and nothing else.
+
+Threads. Each rank writes WRITE_THREADS files on as many threads. torch 2.13's writer loses
+an exception raised on its extra threads (pytorch/pytorch#191391); _CheckedWriter raises it.
+
+Reading. Both readers unpickle nothing but DCP's own metadata classes (safe_metadata.py). The
+remote reader fetches a file it needs most of in one go (concurrent ranged GETs), checksumming
+it on arrival: DCP's own reads would be one ranged GET per tensor, and the CRC-32 check a
+second download. Given the manifest's sizes and `.metadata`'s bytes (read once by rank 0 at
+discovery and broadcast), it sends no HEAD and no GET of `.metadata`: a rank's resume is the
+ranged GETs of the files it reads.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import posixpath
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+from dcp_train.torch_compat import require_dcp_internals
+
+require_dcp_internals()  # the private DCP parts below exist in this torch, or one clear error
+
+from torch.distributed.checkpoint import DefaultSavePlanner  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS  # noqa: E402
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION  # noqa: E402
+from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
+
+from dcp_train.run.faults import fault_point  # noqa: E402
+from dcp_train.checkpoint.io.ranged_read import open_sized, read_ranges  # noqa: E402
+from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
+
+WRITE_THREADS = 2
+
+
+def writer(path: str, storage_options: dict | None, **kwargs):
+    """The StorageWriter for directory `path`: local if storage_options is None, else fsspec
+    with those options. kwargs go to DCP's writer; thread_count defaults to WRITE_THREADS."""
+    kwargs.setdefault("thread_count", WRITE_THREADS)
+    if storage_options is None:
+        return _LocalWriter(path, **kwargs)
+    return _RemoteWriter(path, storage_options, **kwargs)
+
+
+def save_planner(storage_options: dict | None):
+    """The SavePlanner for dcp.save (None: DCP's default). Remote: entries every rank holds
+    alike (replicated: step counters, RNG-free config, ...) are written by rank 0 alone. DCP's
+    default spreads them over all ranks' files, so at N ranks every rank would read ranges of
+    up to N files on resume: N^2 requests on an object store. Locally a read costs no request,
+    and DCP's default stays."""
+    if storage_options is None:
+        return None
+    return DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+
+
+def reader(path: str, storage_options: dict | None, sizes: dict | None = None,
+           metadata: bytes | None = None):
+    """The StorageReader for directory `path` (local if storage_options is None). sizes:
+    {file name: size} (the manifest's), metadata: `.metadata`'s bytes, already checked: both
+    spare the remote reader requests (the local one ignores them)."""
+    if storage_options is None:
+        return _LocalReader(path)
+    return _RemoteReader(path, storage_options, sizes or {}, metadata)
+
+
+_CRC_INLINE = 1 << 20  # smaller writes are checksummed on the writing thread
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
+
+
+def _crc_executor() -> ThreadPoolExecutor:
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(4, thread_name_prefix="dcp_train-crc")
+        return _crc_pool
+
+
+class _CrcStream:
+    """A write-only file wrapper that computes the CRC-32 of everything written through it.
+    A large write is checksummed on a helper thread while the underlying write runs; both
+    finish before write() returns, so the caller may reuse its buffer at once."""
+
+    def __init__(self, stream):
+        self._stream, self.crc, self.size = stream, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes < _CRC_INLINE:
+            self.crc = zlib.crc32(view, self.crc)
+            written = self._stream.write(data)
+        else:
+            crc = _crc_executor().submit(zlib.crc32, view, self.crc)
+            written = self._stream.write(data)
+            self.crc = crc.result()
+        self.size += view.nbytes
+        fault_point("mid_shard")  # test-only: a file of this rank's is partly written
+        return written
+
+    def __getattr__(self, name):  # tell, flush, fileno, close, ...
+        return getattr(self._stream, name)
+
+
+class _Discard:
+    """Stands in for a file that could not be opened; what is written is dropped."""
+
+    def __init__(self):
+        self.position = 0
+
+    def write(self, data) -> int:
+        self.position += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Checksums:
+    """Mixin for DCP's FileSystem classes: `checksums` {file name: [size, crc32 hex]} of
+    every file written through create_stream (recorded once the file is closed), and
+    `errors`, what failed while writing one (raised by _CheckedWriter.write_data)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checksums: dict[str, list] = {}
+        self.errors: list[Exception] = []
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        # an error is kept for write_data, not raised: on DCP's extra writer threads it would
+        # be lost (see _CheckedWriter)
+        wrapped = None
+        try:
+            with super().create_stream(path, mode) as stream:
+                wrapped = _CrcStream(stream)
+                yield wrapped
+        except Exception as e:
+            self.errors.append(e)
+            if wrapped is None:  # the file could not even be opened: DCP writes into nothing
+                yield _Discard()
+            return
+        self.checksums[posixpath.basename(str(path))] = [wrapped.size, f"{wrapped.crc:08x}"]
+
+    def rename(self, path, new_path) -> None:  # DCP: .metadata.tmp -> .metadata
+        super().rename(path, new_path)
+        old = posixpath.basename(str(path))
+        if old in self.checksums:
+            self.checksums[posixpath.basename(str(new_path))] = self.checksums.pop(old)
+
+
+class _CheckedWriter:
+    """Mixin for DCP's writers (whose `fs` is a _Checksums): `checksums` of the files written,
+    and a write_data that fails when any of its threads failed.
+
+    torch 2.13's FileSystemWriter with thread_count > 1 loses an exception raised on one of
+    its extra threads: it only reaches threading.excepthook, and the save is reported complete
+    with a `.metadata` that names data never written (pytorch/pytorch#191391). Here every
+    failure inside a file's stream is kept and raised once all threads are done, and a write
+    that returns fewer results than it had items fails too."""
+
+    @property
+    def checksums(self) -> dict[str, list]:
+        return self.fs.checksums
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        if self.fs.errors:
+            raise self.fs.errors[0]
+        written = len(future.wait())
+        if written != len(plan.items):
+            raise OSError(f"DCP wrote {written} of {len(plan.items)} items of {self.path}: "
+                          "a writer thread failed")
+        return future
+
+
+class _ChecksummingLocalFS(_Checksums, _LocalFS):
+    pass
+
+
+class _LocalWriter(_CheckedWriter, FileSystemWriter):
+    def __init__(self, path: str, **kwargs):
+        super().__init__(path, sync_files=True, **kwargs)
+        self.fs = _ChecksummingLocalFS()
+
+
+class _RemoteFS(_FsspecFS):
+    """torch's fsspec FileSystem that keeps the storage options across reset(), has no
+    directories to make, and serves the files it prefetched whole from memory, recording
+    their size and CRC-32 in `fetched`. sizes: {file name: size} known beforehand (opening
+    one of those for reading sends no HEAD)."""
+
+    def __init__(self, fs, storage_options: dict, sizes: dict | None = None):
+        super().__init__()
+        self.fs = fs
+        self.storage_options = storage_options
+        self.sizes = dict(sizes or {})
+        self.whole: dict[str, bytes] = {}  # prefetched, until DCP opens them
+        self.fetched: dict[str, list] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        name = posixpath.basename(str(path))
+        if "r" in mode and name in self.whole:
+            data = self.whole.pop(name)
+            self.fetched[name] = [len(data), f"{zlib.crc32(data):08x}"]
+            yield io.BytesIO(data)
+            return
+        if "r" in mode and name in self.sizes:
+            with open_sized(self.fs, path, self.sizes[name]) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            yield stream
+
+    def prefetch(self, paths: list[str]) -> None:
+        """Download `paths` whole, all at once: ranged GETs of the sizes known (Storage
+        .read_many), no HEAD; a file of unknown size by fsspec's cat."""
+        known = {p: self.sizes[posixpath.basename(p)] for p in paths
+                 if posixpath.basename(p) in self.sizes}
+        data = read_ranges(self.fs, known)
+        rest = [p for p in paths if p not in known]
+        data.update(self.fs.cat(rest) if rest else {})
+        self.whole = {posixpath.basename(p): v for p, v in data.items()}
+
+    def init_path(self, path, **kwargs):
+        return super().init_path(path, **{**self.storage_options, **kwargs})
+
+    def mkdir(self, path) -> None:
+        pass  # a prefix needs no directory (s3fs would look for the bucket: a HEAD)
+
+
+class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
+    pass
+
+
+class _RemoteWriter(_CheckedWriter, FsspecWriter):
+    """Writes into a step dir that holds nothing of another attempt (protocol.py clears
+    it), so it neither looks for an existing `.metadata` nor makes directories, and writes
+    `.metadata` under its final name."""
+
+    def __init__(self, path: str, storage_options: dict, **kwargs):
+        kwargs.setdefault("sync_files", False)
+        super().__init__(path, **kwargs, **storage_options)
+        self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
+
+    def _metadata_exists(self) -> bool:
+        return False  # DCP would only warn about it; looking costs a HEAD and a LIST
+
+    def finish(self, metadata, results) -> None:
+        """DCP's finish (coordinator only), but one PUT of `.metadata` instead of a PUT of
+        `.metadata.tmp` and a rename (a copy: HEAD, GET, PUT, DELETE)."""
+        metadata.version = CURRENT_DCP_VERSION
+        metadata.storage_data = {wr.index: wr.storage_data for wrs in results for wr in wrs}
+        metadata.storage_meta = self.storage_meta()
+        with self.fs.create_stream(self._get_metadata_path(), "wb") as f:
+            pickle.dump(metadata, f)
+
+
+class _LocalReader(SafeMetadataReader, FileSystemReader):
+    pass
+
+
+class _RemoteReader(SafeMetadataReader, FsspecReader):
+    """Downloads the files this rank needs most of (half their bytes or more: at the saved
+    world size, its own shard files) whole and all at once before DCP reads them, and holds
+    them in memory meanwhile (about this rank's share of the checkpoint); the others are read
+    with ranged reads of what it needs. `fetched`: {name: [size, crc32 hex]} of the files fetched whole, so their check
+    needs no second download (restore.py)."""
+
+    def __init__(self, path: str, storage_options: dict, sizes: dict, metadata: bytes | None):
+        super().__init__(path, **storage_options)
+        self.fs = _RemoteFS(self.fs.fs, storage_options, sizes)
+        if metadata is not None:
+            self.use_metadata(metadata)
+
+    @property
+    def fetched(self) -> dict[str, list]:
+        return self.fs.fetched
+
+    def read_data(self, plan, planner):
+        total, wanted = {}, {}
+        for info in self.storage_data.values():
+            total[info.relative_path] = total.get(info.relative_path, 0) + info.length
+        for index in {item.storage_index for item in plan.items}:
+            info = self.storage_data[index]
+            wanted[info.relative_path] = wanted.get(info.relative_path, 0) + info.length
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name, n in wanted.items()
+                          if 2 * n >= total[name]])
+        return super().read_data(plan, planner)
+

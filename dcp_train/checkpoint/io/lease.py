@@ -1,0 +1,118 @@
+"""One writer per checkpoint directory: a lease file that a crashed run does not leave stuck.
+
+Rank 0 holds `<checkpoint_dir>/writer.lease`, JSON {run_id, host, pid, heartbeat, timeout_s},
+and refreshes its heartbeat while training. A new run may take the lease over when
+
+- the lease belongs to the same run (`run_id`: DCP_TRAIN_RUN_ID, else SLURM_JOB_ID, else
+  torchrun's TORCHELASTIC_RUN_ID, i.e. its --rdzv_id): an elastic restart or a SLURM requeue;
+- the holder is on this host and its pid is gone (a crash or SIGKILL): at once;
+- its heartbeat is older than its timeout (a holder on another host that died).
+
+Otherwise the run stops with an error naming the holder and how to override (delete the file).
+The lease file is replaced atomically, but neither local files nor fsspec object stores give us
+a compare-and-swap here, so two runs started at the same instant could both win: the lease
+guards against mistakes (a second job on the same directory), not against a deliberate race.
+
+Requests on an object store: `check` one GET (a missing lease is a 404, no HEAD first),
+`acquire` one PUT (and a GET unless `check` ran within timeout/4 seconds), `refresh` one PUT
+at most every timeout/4 seconds, `release` a GET and a DELETE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+from dcp_train.checkpoint.io.storage import Storage
+
+LEASE = "writer.lease"
+
+
+class LeaseError(RuntimeError):
+    pass
+
+
+def run_id() -> str:
+    for var in ("DCP_TRAIN_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        # plain `torchrun --nproc_per_node=N` (no --rdzv_id) sets TORCHELASTIC_RUN_ID=none for
+        # every job: that names no run, and would let a second job take a live run's lease
+        if os.environ.get(var) and os.environ[var] != "none":
+            return f"{var}={os.environ[var]}"
+    return f"pid={os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class WriterLease:
+    def __init__(self, storage: Storage, timeout_s: float = 300.0):
+        self.storage = storage
+        self.path = storage.join(LEASE)
+        self.timeout_s = timeout_s
+        self.mine = {"run_id": run_id(), "host": socket.gethostname(), "pid": os.getpid()}
+        self._last_refresh = 0.0
+        self._checked_at = None  # time.monotonic() of the last check()
+
+    def acquire(self) -> None:
+        """Take the lease: LeaseError if another live run holds it. Reads it again unless
+        check() did within timeout/4 seconds."""
+        if self._checked_at is None or \
+                time.monotonic() - self._checked_at > self.timeout_s / 4:
+            self.check()
+        self._write()
+
+    def check(self) -> None:
+        """LeaseError if another run that is alive holds the lease (reads only)."""
+        self._checked_at = time.monotonic()
+        holder = self._read()
+        if holder is not None and self._alive(holder):
+            raise LeaseError(
+                f"checkpoint dir {self.storage.root} is in use by run {holder.get('run_id')} "
+                f"(pid {holder.get('pid')} on {holder.get('host')}, heartbeat "
+                f"{time.time() - holder.get('heartbeat', 0):.0f}s ago); use another "
+                f"--checkpoint_dir, or if that run is dead delete {self.path}")
+
+    def refresh(self) -> None:
+        """Renew the heartbeat, at most every timeout/4 seconds (cheap to call every step)."""
+        if time.time() - self._last_refresh > self.timeout_s / 4:
+            self._write()
+
+    def release(self) -> None:
+        holder = self._read()
+        if holder is not None and all(holder.get(k) == v for k, v in self.mine.items()):
+            self.storage.rm_file(self.path)
+
+    def _alive(self, holder: dict) -> bool:
+        if holder.get("run_id") == self.mine["run_id"]:
+            return False  # our own run, restarted
+        if holder.get("host") == self.mine["host"]:
+            return _pid_alive(int(holder.get("pid", -1)))
+        return time.time() - float(holder.get("heartbeat", 0)) < float(holder.get("timeout_s", 0))
+
+    def _read(self) -> dict | None:
+        try:
+            data = self.storage.read_optional(self.path)
+            return None if data is None else json.loads(data)
+        except (ValueError, OSError):
+            return None  # unreadable: treat as no lease
+
+    def _write(self) -> None:
+        self._last_refresh = time.time()
+        record = {**self.mine, "heartbeat": self._last_refresh, "timeout_s": self.timeout_s}
+        self.storage.write_atomic(self.path, json.dumps(record).encode())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead
+        with open(f"/proc/{pid}/status") as f:
+            return not any(l.startswith("State:") and "Z" in l.split()[1] for l in f)
+    except OSError:
+        return True

@@ -1,0 +1,315 @@
+"""The checkpoint manager: the trainer's only way to checkpoints, in three calls.
+
+    ckpt = CheckpointManager(cfg, info, metrics, progress, shared=[...], entry=RankEntry(...))
+    ckpt.resume()                                  # once, before the first step
+    ckpt.step(step, last=..., stopping=...)        # after every step: saves when due
+    ckpt.close()                                   # at the end: the last step is committed
+
+It owns the policy (when to save, sync or async, retention, which checkpoint to resume from)
+and the writer lease; the components (state.py) own what is saved and how it comes back.
+
+resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
+1. probe the storage, refuse a dir another live run writes (the lease, read only);
+2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
+   newest valid one (layout.py); without either a dir that holds committed
+   checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
+3. check that this run can continue it: a format this code reads, and the same data, seed,
+   sequence length, batch geometry and model (compat.py); what may change (LR, intervals,
+   ...) is reported as WARNING lines and in the `resume` record;
+4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
+   checkpoint fall back to the next one, and is an error for one the user named;
+5. take the writer lease: nothing is written to --checkpoint_dir before this point; with
+   --async_checkpoint, start the save process (save_process.py);
+6. this rank's entry is restored at the same world size; otherwise, and at a fresh start, its
+   parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
+7. log the `resume` record, with `requests`: what every rank sent to the store from step 1
+   to 5, summed through the gather that takes the lease (store_requests.py).
+
+Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py), and to the durable
+one by background replication (replicate.py); resume takes the newer tier (tiers/policy.py).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+
+from dcp_train import distributed as D
+from dcp_train.checkpoint import restore
+from dcp_train.checkpoint.async_save.save_process import SaveProcess
+from dcp_train.checkpoint.compat import change_lines, compare_run, end_note, mismatch_message
+from dcp_train.checkpoint.io import store_requests
+from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
+from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
+from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.state import OptimizerState, check_format
+from dcp_train.checkpoint.tiers.local import LocalTier
+from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
+from dcp_train.checkpoint.tiers.replicate import Replicator
+from dcp_train.errors import CheckpointError, ConfigError, describe
+from dcp_train.run.metrics import resident_mb
+from dcp_train.train import deterministic
+
+
+def due(interval: int, step: int, last: bool) -> bool:
+    return interval > 0 and (step % interval == 0 or last)
+
+
+class CheckpointManager:
+    def __init__(self, cfg, info, metrics, progress, shared: list, entry):
+        self.cfg, self.info, self.metrics = cfg, info, metrics
+        ck = self.ck = cfg.checkpoint  # the checkpoint section of the config
+        self.progress, self.shared, self.entry = progress, shared, entry
+        self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
+                                 verify=ck.verify_checkpoint)
+        self.lease = WriterLease(self.dir.storage)
+        self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
+                                   on_commit=self.lease.refresh, save_process=SaveProcess)
+        for component in shared:  # an async save copies the state before it changes
+            if isinstance(component, OptimizerState):
+                component.optimizer.register_step_pre_hook(lambda *_: self.writer.staged())
+        self.committed_step = None  # the step whose state is committed in our dir(s)
+        self.local = self.replicator = None
+        if ck.local_checkpoint_dir:
+            self.local = LocalTier(ck.local_checkpoint_dir, ck.keep_last_n_local_checkpoints,
+                                   info.rank, info.world_size)
+            self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log)
+        self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
+        self.tier = None  # with a local tier: (tier resumed from, why)
+        self.changes = {}  # {flag: [saved, now]} of what this resume changed (compat.py)
+
+    # ----------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        t0, mark = time.perf_counter(), store_requests.snapshot()
+        if self.local is not None:
+            self.local.setup()
+        found = D.agree(self._choose)
+        if self.local is not None:
+            found = self._choose_tier(found)
+        if found is not None:
+            self._check(found)
+            found = self._load(found)
+        requests = store_requests.total(*D.agree(lambda: self._take_lease(mark),
+                                                 every_rank=True))
+        if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
+            self.writer.start_save_process(self.info.rank, self.info.world_size)
+        self.clock.start()
+        if found is None or not self._same_world(found):
+            self.entry.fresh()
+        if found is None:
+            if self.ck.auto_resume:
+                self.metrics.say(f"no checkpoint in {self.dir.root}: starting fresh at step 0")
+            return
+        if found.path == self.dir.step_path(found.step) or self._from_local:
+            self.committed_step = found.step
+        self._log_resume(found, time.perf_counter() - t0, requests)
+        per_rank = self.local.unreplicated(found, self.replicator.durable_step) \
+            if self._from_local else None
+        if per_rank is not None:  # meant for the durable tier, not there yet
+            self.replicator.submit(found.step, found.path, per_rank)
+
+    @reading
+    def _choose(self) -> Found | None:
+        """Rank 0: the checkpoint to resume from (its shard CRC-32s are checked while
+        loading), or None."""
+        self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
+        self._check_lease()  # another live run writes here: refuse before reading its dirs
+        if self.ck.resume:
+            return self.dir.open(self.ck.checkpoint_path, defer=True)
+        if self.ck.auto_resume:
+            return self.dir.find_latest(defer=True)
+        committed, _ = self.dir.scan()
+        if committed:  # a fresh start would overwrite that run's step dirs and `latest`
+            raise ConfigError(f"checkpoint dir {self.dir.root} holds a run at step "
+                              f"{max(committed)}; pass --auto_resume to continue it or use "
+                              "another --checkpoint_dir")
+        return None
+
+    def _load(self, found: Found) -> Found:
+        """Load `found`; if verification finds it damaged, the next one discovery offers
+        (its note says why), or an error for a checkpoint named with --checkpoint_path."""
+        rejected = {}
+        while True:
+            entry = self.entry if self._same_world(found) else None
+            local = self._from_local
+            problem = restore.load(found, {} if local else self.dir.storage.storage_options,
+                                   self.shared, entry, self.dir.verify, self.info.rank,
+                                   self.info.world_size,
+                                   mine=self.local.written_by_me(found.path) if local else None)
+            if problem is None:
+                return found
+            if local:  # a damaged local checkpoint: the durable tier's newest instead
+                self.tier = ("durable", f"local step {found.step} is damaged ({problem})")
+                found = D.agree(lambda: self.dir.find_latest(defer=True))
+                if found is None:
+                    raise CheckpointError(f"{self.tier[1]} and {self.dir.root} holds no "
+                                          "checkpoint; move the local dir away to start fresh")
+                self._check(found)
+                continue
+            if not found.discovered:
+                raise CheckpointError(unusable(self.ck.checkpoint_path, problem))
+            rejected[posixpath.basename(found.path)] = problem
+            found = D.agree(lambda: self.dir.fall_back(found, rejected))
+            self._check(found)
+
+    @property
+    def _from_local(self) -> bool:
+        return self.tier is not None and self.tier[0] == "local"
+
+    def _choose_tier(self, durable: Found | None) -> Found | None:
+        """Every rank: the durable tier's `durable`, or the local tier's newest checkpoint
+        that every rank can load (tier_policy.choose); self.tier says which and why."""
+        usable = D.agree(self.local.usable, every_rank=True)
+        if not self.ck.auto_resume:
+            if any(usable) and not self.ck.resume:
+                raise ConfigError(f"--local_checkpoint_dir {self.local.root} holds a run at "
+                                  f"step {max(s for u in usable for s in u)}; pass "
+                                  "--auto_resume to continue it or use another dir")
+            self.tier = ("durable", "--checkpoint_path names it") if durable else None
+            return durable
+        self.replicator.durable_step = durable.step if durable is not None else -1
+        local, why = choose(usable, self.local.nodes, self.replicator.durable_step)
+        if not local:
+            self.tier = ("durable", why) if durable is not None else None
+            return durable
+        self.tier = ("local", why)
+        return self.local.found(common_step(usable))
+
+    def _check(self, found: Found) -> None:
+        """Refuse a checkpoint this run cannot continue: a newer format, a switch of
+        --deterministic, or other data, seed, sequence length, batch geometry or model
+        (compat.py); keep what may change."""
+        check_format(found.meta, found.path)
+        deterministic.check_resume(found.meta["config"], self.cfg)
+        errors, self.changes = compare_run(found.meta["config"], found.meta.get(
+            "data_fingerprint"), self.cfg, self.progress.data_fingerprint)
+        if errors:
+            raise ConfigError(mismatch_message(found.path, errors))
+
+    def _same_world(self, found: Found) -> bool:
+        return found.meta["world_size"] == self.info.world_size
+
+    def _check_lease(self) -> None:
+        try:
+            self.lease.check()
+        except LeaseError as e:
+            raise CheckpointError(str(e)) from e
+
+    def _take_lease(self, mark) -> dict:
+        """Every rank: rank 0 takes the lease; each returns its store requests since `mark`
+        (the gather this makes is how the resume's requests are summed)."""
+        self._acquire_lease()
+        return store_requests.since(mark)
+
+    def _acquire_lease(self) -> None:
+        """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""
+        if not self.info.is_main:
+            return
+        try:
+            self.lease.acquire()
+        except LeaseError as e:
+            raise CheckpointError(str(e)) from e
+        except Exception as e:  # read-only or unwritable dir, missing permissions
+            raise CheckpointError(f"cannot write to checkpoint dir {self.dir.root}: "
+                                  f"{describe(e)}") from e
+
+    def _log_resume(self, found: Found, seconds: float, requests: dict) -> None:
+        rng_how = self.entry.parts["rng"].how
+        for line in ([f"WARNING: {found.note}"] if found.note else []) + \
+                change_lines(self.changes):
+            self.metrics.say(line)
+        self.metrics.log("resume", step=self.progress.step, path=found.path,
+                         world_size_saved=found.meta["world_size"],
+                         world_size=self.info.world_size, rng=rng_how, note=found.note,
+                         changes=self.changes, seconds=seconds,
+                         bytes=sum(f["size"] for f in found.files.values()),
+                         requests=requests,
+                         **({"tier": self.tier[0], "tier_reason": self.tier[1]}
+                            if self.tier else {}))
+        self.metrics.say(f"resumed from {found.path} at step {self.progress.step} (world size "
+                         f"{found.meta['world_size']} -> {self.info.world_size}, rng {rng_how}"
+                         + (f", {store_requests.line(requests)}" if requests["total"] else "")
+                         + ")")
+        if self.tier:
+            self.metrics.say(f"resumed from the {self.tier[0]} tier: {self.tier[1]}")
+        if note := end_note(self.progress.step, self.cfg.training.max_steps):
+            self.metrics.say(note)
+
+    # ------------------------------------------------------------------------ saving
+    def report(self):
+        """This rank's part of train/loop.py's per-step gather: rank 0's (durable, local) due by
+        wall time, and the replication's state (replicate.py)."""
+        return (self.clock.due() if self.info.is_main else None,
+                self.replicator.report() if self.replicator else None)
+
+    def step(self, step: int, last: bool, stopping: bool, reports=None) -> None:
+        """After step `step`: collect a finished async save, keep the lease alive, move the
+        replication on, and save when due (every --checkpoint_interval steps or
+        --checkpoint_interval_minutes, the last step, a stop; the local tier's own
+        intervals). reports: every rank's report() from the per-step gather."""
+        self.writer.poll()  # an async save that every rank has finished is logged now
+        self._log_records()
+        if self.info.is_main:
+            self._lease(self.lease.refresh)
+        if reports is None and (self.local is not None or self.clock.enabled):
+            reports = D.agree(self.report, every_rank=True)
+        if self.replicator is not None:
+            self.replicator.advance([r[1] for r in reports])
+        by_time = reports[0][0] if reports else (False, False)
+        if due(self.ck.checkpoint_interval, step, last) or by_time[0] or last or stopping:
+            self.save()
+        elif self.local is not None and (due(self.ck.local_checkpoint_interval, step, False)
+                                         or by_time[1]):
+            self.save(durable=False)
+
+    def save(self, durable: bool = True) -> None:
+        """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
+        sd = {}
+        for component in [*self.shared, self.entry]:
+            sd.update(component.state_dict())
+        if self.local is None:
+            self.writer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
+                             asynchronous=self.ck.async_checkpoint)
+        else:
+            rec = self.local.save(self.progress.step, sd, durable,
+                                  self.replicator.durable_step)
+            if durable:
+                self.replicator.submit(self.progress.step, rec["path"], rec.pop("per_rank"))
+            self._log_records([{k: v for k, v in rec.items() if k != "per_rank"}])
+            self.clock.saved("local")
+        if durable:
+            self.clock.saved("durable")
+        self.committed_step = self.progress.step
+        self._log_records()
+
+    def close(self) -> None:
+        """Commit the current step if not saved (a run resumed at its final step from another
+        dir or world size), wait for a save or replication in flight, release the lease."""
+        if self.committed_step != self.progress.step:
+            self.save()
+        self.writer.close()
+        if self.replicator is not None:
+            self.replicator.finish()
+        self._log_records()
+        if self.info.is_main:
+            self._lease(self.lease.release)
+
+    def _lease(self, op) -> None:
+        try:
+            op()
+        except Exception as e:  # with a local tier, an unreachable bucket stops nothing
+            if self.local is None:
+                raise
+            self.metrics.say(f"WARNING: {op.__name__} of {self.lease.path} failed: "
+                             f"{describe(e)}")
+
+    def _log_records(self, records=None) -> None:
+        for record in self.writer.records() if records is None else records:
+            self.metrics.log("checkpoint", **record, rss_mb=resident_mb())
+            tier = f"{record['tier']} " if "tier" in record else ""
+            reqs = record.get("requests") or {}
+            self.metrics.say(f"step {record['step']:6d} | {tier}checkpoint "
+                             f"{record['path']} committed ({record['seconds']:.2f}s, loop "
+                             f"blocked {record['blocked_s']:.2f}s, {record['bytes'] or 0:,} bytes"
+                             + (f", {store_requests.line(reqs)}" if reqs.get("total") else "")
+                             + ")")

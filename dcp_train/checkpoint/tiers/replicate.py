@@ -1,0 +1,218 @@
+"""Replication: a committed local checkpoint copied to the durable tier in the background.
+
+A save due on both tiers is one save: committed on the local tier (tiers/local.py), then handed to
+the Replicator, which copies it to --checkpoint_dir under the durable tier's own rules
+(protocol.py, whose protocol it calls): files in place under `step_XXXXXXXX/` (a temp dir
+on a local durable dir), `manifest.json` last (the commit; its sizes and CRC-32s are the ones
+computed while the local save wrote the files, nothing is read twice), `latest` only after,
+then the durable retention. One job runs in three phases, each on a background thread:
+
+    prepare   rank 0: the dir to write into; leftovers of a crashed attempt at that step go
+    upload    every rank: the files it wrote itself, from its own node, in one parallel
+              fsspec put; then a listing checks their sizes against the manifest's
+    commit    rank 0, once every rank's upload is done: check the listing, manifest, `latest`
+
+Ranks agree on phase changes at step boundaries, through the one small gather train/loop.py
+already does per step (`report()` goes into it, `advance()` reads every rank's report), so
+replication adds no collective to a step. A failed phase (bucket unreachable, ...) is a
+WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. A newer job
+supersedes a waiting one, or a failed one before its commit phase (catching up means copying
+the newest checkpoint, not every one missed; a commit is cheap and may have passed its
+commit point already, so it is retried). At the end of the run `finish()` waits for the job in flight, with three
+attempts; a step that did not make it stays on the local tier, which the next
+--auto_resume resumes from and replicates.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dcp_train import distributed as D
+from dcp_train.checkpoint.io import manifest as M
+from dcp_train.checkpoint.io.manifest import MANIFEST
+from dcp_train.errors import describe
+from dcp_train.run.faults import fault_point
+
+PHASES = ("prepare", "upload", "commit")
+
+
+@dataclass
+class Job:
+    step: int
+    src: str  # this rank's local step dir
+    per_rank: list  # every rank's {file: [size, crc32]} (the local save's)
+    phase: str = "prepare"
+    target: str | None = None  # the durable dir written into (rank 0's answer to prepare)
+    attempts: int = 0  # of the current phase
+    error: str | None = None  # the failure of its last attempt, agreed by every rank
+    t0: float = 0.0
+
+
+class Replicator:
+    def __init__(self, durable, rank: int, say, log):
+        """durable: the durable tier's Checkpointer; say/log: metrics.say/metrics.log."""
+        self.durable, self.storage, self.rank = durable, durable.storage, rank
+        self.say, self.log = say, log
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-replicate")
+        self.job: Job | None = None
+        self.waiting: Job | None = None
+        self.future: Future | None = None
+        self.durable_step = -1  # the durable tier's newest committed step
+        self.retry_at = 0.0  # rank 0's clock
+
+    # ------------------------------------------------------------------ the step boundary
+    def submit(self, step: int, src: str, per_rank: list) -> None:
+        """Replicate local step `step` (same call on every rank); it waits for the job in
+        flight, and supersedes one that waits."""
+        job = Job(step, src, per_rank)
+        if self.job is None:
+            self._start(job)
+        else:
+            if self.waiting is not None:
+                self.say(f"WARNING: replication of step {self.waiting.step} skipped: step "
+                         f"{step} is newer")
+            self.waiting = job
+
+    def report(self):
+        """This rank's part of the per-step gather: (step, phase, attempt, state, answer,
+        retry allowed); state is 'running', 'done', 'failed' (waiting to retry) or this
+        rank's error; None without a job."""
+        job = self.job
+        if job is None:
+            return None
+        answer = None
+        if job.error is not None:
+            state = "failed"
+        elif self.future is None:
+            state = "done"
+        elif not self.future.done():
+            state = "running"
+        elif self.future.exception() is not None:
+            state = describe(self.future.exception(), self.storage.root)
+        else:
+            state, answer = "done", self.future.result()
+        return (job.step, job.phase, job.attempts, state, answer,
+                time.monotonic() >= self.retry_at)
+
+    def advance(self, reports: list) -> None:
+        """Every rank, with every rank's report: move the job on, the same way everywhere."""
+        job = self.job
+        if job is None or any(r is None or r[:3] != (job.step, job.phase, job.attempts)
+                              for r in reports):
+            return
+        states = [r[3] for r in reports]
+        if "running" in states:
+            return
+        errors = [s for s in states if s not in ("done", "failed")]
+        if job.error is None and not errors:
+            self._next_phase(job, reports[0][4])
+        elif self.waiting is not None and job.phase != "commit":  # a commit is retried
+            self.say(f"WARNING: replication of step {job.step} given up "
+                     f"({job.error or errors[0]}): step {self.waiting.step} is newer")
+            self._start(self.waiting)
+        elif job.error is None:
+            self._failed(job, errors[0])
+        elif reports[0][5]:  # rank 0's clock: the retry is due
+            self._run(job)
+
+    def _failed(self, job: Job, error: str) -> None:
+        delay = min(60.0, 2.0 * 2 ** (job.attempts - 1))
+        self.say(f"WARNING: replicating step {job.step} to {self.storage.root} failed "
+                 f"({job.phase}, attempt {job.attempts}): {error}; training goes on, "
+                 f"retrying in {delay:.0f}s; the step is safe on the local tier")
+        job.error, self.future = error, None
+        self.retry_at = time.monotonic() + delay
+
+    def _next_phase(self, job: Job, answer) -> None:
+        if job.phase == "prepare":
+            job.target, job.phase = answer, "upload"
+        elif job.phase == "upload":
+            job.phase = "commit"
+        else:
+            self._done(job, answer)
+            return
+        job.attempts = 0
+        self._run(job)
+
+    def _done(self, job: Job, size: int) -> None:
+        self.durable_step = max(self.durable_step, job.step)
+        seconds = time.perf_counter() - job.t0
+        self.log("replication", step=job.step, path=self.durable.dir.step_path(job.step),
+                 seconds=seconds, bytes=size, mb_per_s=size / seconds / 1e6)
+        self.say(f"step {job.step:6d} | replicated to {self.durable.dir.step_path(job.step)} "
+                 f"({seconds:.2f}s, {size:,} bytes)")
+        self.job, waiting, self.waiting = None, self.waiting, None
+        if waiting is not None:
+            self._start(waiting)
+
+    def _start(self, job: Job) -> None:
+        job.t0 = time.perf_counter()
+        self.job, self.waiting = job, None
+        self._run(job)
+
+    def _run(self, job: Job) -> None:
+        """Start (again) the job's phase on this rank; a phase with nothing to do on this
+        rank is done at once."""
+        job.attempts += 1
+        job.error = None
+        work = {"prepare": self._prepare, "upload": self._upload, "commit": self._commit}
+        if job.phase == "upload" or self.rank == 0:
+            self.future = self.pool.submit(work[job.phase], job)
+        else:
+            self.future = None
+
+    # ------------------------------------------------------------------ the phases
+    def _prepare(self, job: Job) -> str:
+        return self.durable.target_dir(self.durable.dir.step_path(job.step))
+
+    def _upload(self, job: Job) -> str:
+        mine = sorted(job.per_rank[self.rank])
+        if self.storage.is_local:
+            os.makedirs(job.target, exist_ok=True)
+        if mine:
+            self.storage.fs.put([os.path.join(job.src, n) for n in mine],
+                                [posixpath.join(job.target, n) for n in mine])
+        fault_point("mid_replication", self.rank, job.step)
+        there = self.storage.find(job.target)
+        wrong = [n for n in mine if there.get(n) != job.per_rank[self.rank][n][0]]
+        if wrong:
+            raise OSError(f"uploaded files {wrong[:3]} do not have the local sizes")
+        return job.target
+
+    def _commit(self, job: Job) -> int:
+        """The durable commit (protocol.py); a retry that finds this very manifest already
+        committed (an attempt failed after its commit point) only redoes `latest` and
+        retention."""
+        final = self.durable.dir.step_path(job.step)
+        files = {n: v for d in job.per_rank for n, v in d.items()}
+        manifest = M.build(job.step, len(job.per_rank), files)
+        there = posixpath.join(final, MANIFEST)
+        if job.attempts == 1 or not self.storage.exists(there) or \
+                self.storage.read_bytes(there) != manifest:
+            return self.durable.commit(job.target, final, job.step, job.per_rank)
+        self.durable.advance(job.step)
+        return sum(size for size, _ in files.values())
+
+    # ------------------------------------------------------------------ the end
+    def steps(self) -> set[int]:
+        return {j.step for j in (self.job, self.waiting) if j is not None}
+
+    def finish(self, attempts: int = 3) -> None:
+        """Collective: drive the job in flight (and one waiting) to the end; after `attempts`
+        failed attempts of a phase, leave it on the local tier with a WARNING line."""
+        while self.job is not None:
+            self.advance(D.agree(self.report, every_rank=True))
+            job = self.job
+            if job is not None and job.error is not None and job.attempts >= attempts:
+                self.say(f"WARNING: step {job.step} was not replicated to "
+                         f"{self.storage.root}; it is on the local tier only, and the next "
+                         "--auto_resume run resumes from it and replicates it")
+                self.job = None
+                if self.waiting is not None:
+                    self._start(self.waiting)
+            time.sleep(0.05)
+        self.pool.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""The run around the loop: preemption, orphan watch, fault points, metrics, redaction."""

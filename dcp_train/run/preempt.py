@@ -1,0 +1,58 @@
+"""Preemption: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) stops the run at the next step boundary with
+a checkpoint.
+
+- The first signal only sets a flag. After every step all ranks combine their flags (one tiny
+  all-reduce), so they agree on the same stopping step even if only one rank got the signal;
+  they save a checkpoint of that step and exit with EXIT_PREEMPTED.
+- A second signal, or `--preempt_timeout` seconds after the first, exits at once without a
+  checkpoint (exit code 128 + signal number), for when the save cannot finish in time.
+
+torchrun forwards SIGTERM and SIGINT to its workers and waits up to 30 s before killing them (a
+Ctrl-C in the terminal reaches torchrun only: the workers run in sessions of their own); SLURM
+sends SIGUSR1 ahead of a time limit with `--signal=USR1@SECONDS` (see launch/slurm.sbatch).
+SIGINT replaces Python's KeyboardInterrupt from the moment Preemption is installed: a Ctrl-C
+never unwinds the loop half-way through a step or a save.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Preemption:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.signum: int | None = None
+        self._pid = os.getpid()
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker inherited this handler (torchrun signals the rank's
+            # whole process group): its rank decides and ends it
+            return
+        if self.signum is not None:  # second signal: no more waiting
+            _exit_now(signum, "second signal")
+        self.signum = signum
+        print(f"dcp_train: got {signal.Signals(signum).name}: stopping after this step with a "
+              f"checkpoint (a second signal or {self.timeout_s:g}s exits without one)",
+              file=sys.stderr, flush=True)
+        timer = threading.Timer(self.timeout_s, _exit_now, (signum, "--preempt_timeout"))
+        timer.daemon = True
+        timer.start()
+
+
+def _exit_now(signum: int, why: str) -> None:
+    print(f"dcp_train: {why}: exiting without a checkpoint", file=sys.stderr, flush=True)
+    os._exit(128 + signum)

@@ -1,0 +1,1 @@
+"""Command-line tools: dcp-ckpt (ckpt.py, show.py, export.py), samples, loss plots."""

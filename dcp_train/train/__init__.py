@@ -1,0 +1,1 @@
+"""The training run: the loop (loop.py), evaluation, HellaSwag, samples, FLOPs, deterministic mode."""
