@@ -28,7 +28,8 @@ Requests (object stores). Every method says what it sends; none looks before it 
 `read_many` one ranged GET per ranged_read.READ_CHUNK of each file (sizes given, so no HEAD),
 `write_bytes`/`write_atomic` one PUT, `rm_file` one DELETE (no existence check), `rm_tree`
 a listing and batched deletes. `exists` and `size` are a HEAD (and a LIST when missing):
-tools use them, the save and resume protocol do not. store_requests.py counts what is sent.
+tools use them; the protocol only to look for the manifest of a step dir it has not seen
+committed before (retention's scan) and for a --checkpoint_path. store_requests.py counts what is sent.
 
 DCP. `dcp_writer`/`dcp_reader` hand out the StorageWriter/StorageReader of dcp_io.py for a
 local directory or a URL (checksums while writing, the traps of DCP's fsspec classes).
