@@ -31,7 +31,6 @@ import os
 import tempfile
 import time
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +39,8 @@ import torch.distributed.checkpoint as dcp
 
 from bench.common import run_meta, write_results
 from bench.run import _load_servers
+from dcp_train.checkpoint.io import checksum as C
+from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io import store_requests as R
 from dcp_train.checkpoint.layout import CheckpointDir, step_name
 from dcp_train.checkpoint.protocol import Checkpointer
@@ -92,7 +93,8 @@ def write_rank(ck: Checkpointer, target: str, rank: int) -> dict:
     for i in range(FILES_PER_RANK):
         data = os.urandom(FILE_BYTES)
         ck.storage.write_bytes(f"{target}/__{rank}_{i}.distcp", data)
-        out[f"__{rank}_{i}.distcp"] = [len(data), f"{zlib.crc32(data):08x}"]
+        out[f"__{rank}_{i}.distcp"] = [len(data),
+                                        C.hexdigest(C.update(C.CHECKSUM, 0, data))]
     return out
 
 
@@ -112,8 +114,9 @@ def verify_own(storage, found, rank: int) -> None:
                               for n, v in mine.items()})
     for path, content in data.items():
         name = path.rsplit("/", 1)[-1]
-        if f"{zlib.crc32(content):08x}" != mine[name]["crc32"]:
-            raise RuntimeError(f"{path}: CRC-32 differs")
+        checksum, expected = M.digest(mine[name])
+        if C.hexdigest(C.update(checksum, 0, content)) != expected:
+            raise RuntimeError(f"{path}: {checksum} differs")
 
 
 def measure(url: str, options: dict | None, n: int) -> dict:
