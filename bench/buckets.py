@@ -2,7 +2,7 @@
 same files, measured side by side (bench/bucket_worker.py) against the test servers on
 127.0.0.1 (tests/servers.py: moto_server for S3, the GCS emulator for GCS).
 
-    python -m bench.buckets            # tiny on S3 and GCS (1 and 2 ranks), GPT-2 124M on S3
+    python -m bench.buckets            # tiny on S3 and GCS (1 and 2 ranks), GPT-2 124M on both
     python -m bench.buckets --cells s3:gpt2-124m:1:one_get   # one cell (STORE:MODEL:RANKS[:one_get])
     python -m bench.buckets --quick    # tiny on S3 and GCS, 1 rank, 1 repetition
 
@@ -78,7 +78,8 @@ def main(argv=None) -> None:
         cells = [(s, m, w, 1, o) for s, m, w, _, o in cells]
     else:
         cells += [("s3", "tiny", 2, a.reps, {}), ("gcs", "tiny", 2, a.reps, {}),
-                  ("s3", "gpt2-124m", 1, 1, {}), ("s3", "gpt2-124m", 1, 1, ONE_GET)]
+                  ("s3", "gpt2-124m", 1, 1, {}), ("s3", "gpt2-124m", 1, 1, ONE_GET),
+                  ("gcs", "gpt2-124m", 1, 1, {})]
     if a.cells:
         cells = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2]), a.reps,
                   ONE_GET if c.endswith(":one_get") else {}) for c in a.cells]

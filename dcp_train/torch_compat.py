@@ -40,6 +40,12 @@ NEEDED = [
     (f"{_CKPT}._fsspec_filesystem", "FileSystem.init_path", ("path",)),
     (f"{_CKPT}.filesystem", "FileSystemWriter", ("path", "sync_files", "thread_count")),
     (f"{_CKPT}.filesystem", "FileSystemWriter.write_data", ("plan", "planner")),
+    # dcp_io.py's remote writer replaces these two (`.metadata` under its final name)
+    (f"{_CKPT}.filesystem", "FileSystemWriter.finish", ("metadata", "results")),
+    (f"{_CKPT}.filesystem", "FileSystemWriter._metadata_exists", ()),
+    (f"{_CKPT}.filesystem", "FileSystemWriter._get_metadata_path", ("rank",)),
+    (f"{_CKPT}.filesystem", "CURRENT_DCP_VERSION", ()),
+    (f"{_CKPT}.default_planner", "DefaultSavePlanner", ("dedup_save_to_lowest_rank",)),
     (f"{_CKPT}.filesystem", "FileSystemReader._get_metadata_path", ("rank",)),
     (f"{_CKPT}.filesystem", "_StorageInfo", ()),
     (f"{_CKPT}.metadata", "Metadata", ()),

@@ -10,6 +10,7 @@
     s3.restart()   # endpoint back on the same port, with the same data
     s3.close()     # kill everything (also done at interpreter exit); use this, or
                    # `with start_s3_server() as s3:`, for teardown: stop() kills nothing
+    s3.requests()  # [(method, path?query), ...] the server answered so far (its own log)
 
 Outage simulation. moto keeps its state in memory and has no persistence option
 (its request "recorder" cannot replay multipart uploads, checked with moto 5.2.5), so
@@ -36,6 +37,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,6 +140,10 @@ def _hard_close(s: socket.socket) -> None:
     except OSError:
         pass
     s.close()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ACCESS = re.compile(r'"([A-Z]+) (\S+) HTTP/1\.[01]" \d{3}')
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -246,6 +252,17 @@ class S3Server(_Server):
             "secret": "testing",
             "client_kwargs": {"region_name": "us-east-1"},
         }
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path with query) of every request moto answered so far, in order, from
+        moto's own request log (werkzeug's access lines): counted at the server, so nothing
+        the client does is taken on trust."""
+        out = []
+        for line in self.log.splitlines():
+            m = _ACCESS.search(_ANSI.sub("", line))
+            if m:
+                out.append((m.group(1), m.group(2)))
+        return out
 
     def make_bucket(self, name: str) -> str:
         """Create the bucket (moto does not check signatures); return 's3://name'."""

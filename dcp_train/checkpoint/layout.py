@@ -14,7 +14,10 @@ A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds 
 the step comes from the name (an anchored pattern), never from file times.
 
 Discovery: trust `latest` if it names a valid committed dir; otherwise fall back to the highest
-valid committed dir and say why in `Found.note`. "Valid" is manifest.problems: the manifest
+valid committed dir and say why in `Found.note`. Its requests on an object store: one listing
+of the dir (shared with the probe), a GET of `latest`, then for the dir it names a GET of
+manifest.json, a listing of the step dir (sizes) and a GET of `.metadata`; the caller (rank 0)
+hands `.metadata`'s bytes on in `Found`, so no other rank reads it again. "Valid" is manifest.problems: the manifest
 checks itself and names exactly the files present with their sizes, and (verification on) every
 file's checksum matches. With `defer=True` only `.metadata`'s is checked; the shard files
 are checked while they are loaded (restore.py), where damage makes the trainer fall back.
@@ -31,6 +34,7 @@ from typing import Optional
 
 from torch.distributed.checkpoint.api import CheckpointException
 
+from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.atomic import TEMP_RE
 from dcp_train.checkpoint.io.manifest import MANIFEST, STEP_RE
@@ -57,6 +61,11 @@ class Found:
     files: dict  # manifest.json's {name: {"size", <checksum>}} (manifest.digest)
     note: str = ""  # why this one was chosen, when it was not simply `latest`
     discovered: bool = True  # chosen by discovery (so it may fall back), not named by the user
+    metadata: Optional[bytes] = None  # `.metadata`'s bytes, checked against the manifest
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {n: v["size"] for n, v in self.files.items()}
 
     @property
     def checksum(self) -> str:
@@ -90,6 +99,9 @@ class CheckpointDir:
             raise CheckpointError(f"cannot open checkpoint dir {url}: {describe(e)}") from e
         self.root = self.storage.root
         self.verify = verify
+        self._listing = None  # the probe's listing of root, until discovery uses it
+        self.seen: Optional[set] = None  # names under root at the last listing, kept current
+        self._committed: set[str] = set()  # step dirs seen committed (their manifest read)
 
     def step_path(self, step: int) -> str:
         return self.storage.join(step_name(step))
@@ -102,45 +114,107 @@ class CheckpointDir:
         """Fail now, not at the first save, when the storage cannot be reached, refuses the
         credentials or has no such bucket."""
         try:
-            self.storage.probe()
+            self._listing = self.storage.probe()
         except Exception as e:  # botocore's connection errors are no OSError
             # the outermost error: botocore's names the endpoint, its cause only host:port
             raise CheckpointError(f"cannot use checkpoint dir {self.root}: {one_line(e)}") from e
 
     # ------------------------------------------------------------------ what is there
-    def scan(self) -> tuple[dict[int, str], list[str]]:
+    def names(self, fresh: bool = False) -> dict:
+        """{name: size or None} directly under root: the probe's listing if not used yet
+        (and not `fresh`), else a new one (object stores: one LIST request)."""
+        listing, self._listing = self._listing, None
+        if listing is None or fresh:
+            listing = self.storage.listing(self.root)
+        self.seen = set(listing)
+        return listing
+
+    def committed(self, name: str, yes: bool = True) -> None:
+        """Tell this view that step dir `name` was just committed (or removed, yes=False), so
+        scan() need not look for its manifest and `seen` stays current."""
+        (self._committed.add if yes else self._committed.discard)(name)
+        if self.seen is not None:
+            (self.seen.add if yes else self.seen.discard)(name)
+
+    def scan(self, fresh: bool = False) -> tuple[dict[int, str], list[str]]:
         """(committed {step: name}, names of leftovers: temp dirs, uncommitted step dirs and
-        `latest` temp files). No file is read."""
+        `latest` temp files). No file is read: a listing (see `names`) and a look for the
+        manifest of each step dir not known committed (a HEAD)."""
         committed, leftovers = {}, []
-        for name in self.storage.listdir(self.root):
+        for name in sorted(self.names(fresh)):
             if TMP_RE.match(name) or ((m := TEMP_RE.match(name)) and m.group(1) == LATEST):
                 leftovers.append(name)
             elif m := STEP_RE.match(name):
-                if self.storage.exists(self.storage.join(name, MANIFEST)):
+                if name in self._committed or self.storage.exists(
+                        self.storage.join(name, MANIFEST)):
                     committed[int(m.group(1))] = name
+                    self._committed.add(name)
                 else:
                     leftovers.append(name)
         return committed, leftovers
 
     def latest_name(self) -> Optional[str]:
-        """What `latest` holds (stripped), or None if there is no `latest`."""
-        path = self.storage.join(LATEST)
-        if not self.storage.exists(path):
-            return None
-        return self.storage.read_bytes(path).decode(errors="replace").strip()
+        """What `latest` holds (stripped), or None if there is no `latest` (one GET)."""
+        data = self.storage.read_optional(self.storage.join(LATEST))
+        return None if data is None else data.decode(errors="replace").strip()
 
     def check(self, path: str, defer: bool = False) -> Optional[str]:
         """None if `path` is a complete, intact committed checkpoint, else what is wrong.
         With verification on (the default) every file's checksum is checked too; with `defer`,
         only `.metadata`'s (the small file read first), the others are left to the load."""
-        deep = self.verify and ((METADATA,) if defer else True)
-        found = M.problems(self.storage, path, deep=deep)
-        return "; ".join(found) if found else None
+        try:
+            problem, _, _ = self.examine(path, defer)
+        except M.ManifestError as e:
+            return str(e)
+        return problem
 
-    def found(self, path: str, note: str = "", discovered: bool = True) -> Found:
-        meta = read_meta(self.storage.dcp_reader(path))
-        return Found(path=path, step=int(meta["step"]), meta=meta,
-                     files=M.read(self.storage, path)["files"], note=note, discovered=discovered)
+    def examine(self, path: str, defer: bool) -> tuple[Optional[str], dict, Optional[bytes]]:
+        """(what is wrong or None, the manifest, `.metadata`'s bytes once checked) of step dir
+        `path` (see `check`); M.NotCommitted if it has no manifest. Object stores: a GET of
+        the manifest, a listing of the dir, and with `defer` a GET of `.metadata`."""
+        manifest = M.read(self.storage, path)
+        if not defer:
+            found = M.problems(self.storage, path, deep=self.verify, manifest=manifest)
+            return ("; ".join(found) if found else None), manifest, None
+        found = M.problems(self.storage, path, deep=False, manifest=manifest)
+        if found:
+            return "; ".join(found), manifest, None
+        entry = manifest["files"][METADATA]
+        data = self.storage.read_bytes(posixpath.join(path, METADATA))
+        checksum = M.digest(entry)[0]
+        value = C.hexdigest(C.update(checksum, 0, data))
+        if self.verify and (len(data) != entry["size"] or value != M.digest(entry)[1]):
+            return M.corrupt_line(METADATA, value, entry), manifest, None
+        return None, manifest, data
+
+    def found(self, path: str, note: str = "", discovered: bool = True,
+              manifest: Optional[dict] = None, metadata: Optional[bytes] = None) -> Found:
+        """The Found of committed step dir `path` (its manifest and `.metadata`'s bytes, if
+        already read, spare their requests); reads the `meta` entry (a ranged GET)."""
+        files = (manifest or M.read(self.storage, path))["files"]
+        reader = self.storage.dcp_reader(path, {n: v["size"] for n, v in files.items()},
+                                         metadata)
+        meta = read_meta(reader)
+        self._committed.add(posixpath.basename(path.rstrip("/")))
+        return Found(path=path, step=int(meta["step"]), meta=meta, files=files, note=note,
+                     discovered=discovered, metadata=metadata)
+
+    def _found(self, ok: tuple, note: str = "") -> Found:
+        path, manifest, metadata = ok
+        return self.found(path, note, manifest=manifest, metadata=metadata)
+
+    def _try(self, name: str, defer: bool, rejected: dict):
+        """(problem, Found) of step dir `name` for discovery; (None, None) if uncommitted."""
+        if name in rejected:
+            return rejected[name], None
+        path = self.storage.join(name)
+        try:
+            problem, manifest, metadata = self.examine(path, defer)
+        except M.NotCommitted:
+            return None, None
+        except M.ManifestError as e:
+            return str(e), None
+        return problem, (None if problem else (path, manifest, metadata))
 
     # -------------------------------------------------------------------- discovery
     @reading
@@ -148,30 +222,33 @@ class CheckpointDir:
                     ) -> Optional[Found]:
         """The checkpoint to auto-resume from, or None if there is none. defer: see `check`.
         rejected: {dir name: problem} of dirs found damaged while loading; passed over (and
-        named in the note)."""
-        if not self.storage.exists(self.root):
-            return None
+        named in the note). Requests: see the module docstring; a step dir is looked at only
+        when `latest` does not lead to a valid one."""
         rejected = rejected or {}
-        committed, _ = self.scan()
+        names = self.names()
+        steps = {int(m.group(1)): n for n in names if (m := STEP_RE.match(n))}
         note, checked = "", None
-        latest = self.latest_name()
+        latest = self.latest_name() if LATEST in names else None
         if latest is not None:
-            if STEP_RE.match(latest) and latest in committed.values():
-                problem = rejected.get(latest) or self.check(self.storage.join(latest), defer)
-                if problem is None:
-                    return self.found(self.storage.join(latest))
-                note, checked = f"`latest` names {latest}, which is invalid ({problem})", latest
+            problem, ok = (self._try(latest, defer, rejected) if latest in steps.values()
+                           else (None, None))
+            if ok:
+                return self._found(ok)
+            checked = latest
+            if problem is not None:
+                note = f"`latest` names {latest}, which is invalid ({problem})"
             else:
                 note = f"`latest` holds {latest[:60]!r}, which is not a committed step dir"
-        elif committed:
-            note = "`latest` is missing"
-        for step in sorted(committed, reverse=True):
-            name = committed[step]
+        for step in sorted(steps, reverse=True):
+            name = steps[step]
             if name == checked:
                 continue  # just found invalid (a full verification re-reads every byte)
-            problem = rejected.get(name) or self.check(self.storage.join(name), defer)
-            if problem is None:
-                return self.found(self.storage.join(name), note + f"; falling back to {name}")
+            problem, ok = self._try(name, defer, rejected)
+            if problem is None and ok is None:
+                continue  # never committed: a leftover, not a checkpoint
+            note = note or "`latest` is missing"
+            if ok:
+                return self._found(ok, note + f"; falling back to {name}")
             note += f"; {name} is invalid ({problem})"
         if note:
             raise CheckpointError(f"no valid checkpoint in {self.root}: {note.lstrip('; ')}; "
@@ -203,10 +280,13 @@ class CheckpointDir:
                 raise CheckpointError(unusable(path, f"its `latest` names {latest[:60]!r}, "
                                       f"which {what}; name a committed step dir instead "
                                       "(--auto_resume would pick the newest valid one)"))
-        problem = other.check(target, defer)
+        try:
+            problem, manifest, metadata = other.examine(target, defer)
+        except M.ManifestError as e:
+            problem = str(e)
         if problem is not None:
             raise CheckpointError(unusable(target if latest else path, problem))
-        return other.found(target, discovered=False)
+        return other.found(target, discovered=False, manifest=manifest, metadata=metadata)
 
     def resolve(self) -> str:
         """For tools: the step dir this view's root names: itself (a step dir, a temp dir or

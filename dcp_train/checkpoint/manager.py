@@ -22,7 +22,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
    --async_checkpoint, start the save process (save_process.py);
 6. this rank's entry is restored at the same world size; otherwise, and at a fresh start, its
    parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
-7. log the `resume` record.
+7. log the `resume` record, with `requests`: what every rank sent to the store from step 1
+   to 5, summed through the gather that takes the lease (store_requests.py).
 
 Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py), and to the durable
 one by background replication (replicate.py); resume takes the newer tier (tiers/policy.py).
@@ -38,6 +39,7 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
 from dcp_train.checkpoint.compat import change_lines, check_resume, end_note
+from dcp_train.checkpoint.io import store_requests
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.protocol import Checkpointer
@@ -113,7 +115,7 @@ class CheckpointManager:
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
         """Collective, once before the first step: the steps of the module docstring."""
-        t0 = time.perf_counter()
+        t0, mark = time.perf_counter(), store_requests.snapshot()
         failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
@@ -123,7 +125,8 @@ class CheckpointManager:
         if found is not None:
             self._check(found)
             found = self._load(found)
-        D.agree(self._acquire_lease)
+        requests = store_requests.total(*D.agree(lambda: self._take_lease(mark),
+                                                 every_rank=True))
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.writer.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
@@ -135,7 +138,7 @@ class CheckpointManager:
             return
         if found.path == self.dir.step_path(found.step) or self._from_local:
             self.committed_step = found.step
-        self._log_resume(found, time.perf_counter() - t0)
+        self._log_resume(found, time.perf_counter() - t0, requests)
         if self._from_local:
             per_rank = self.local.unreplicated(found, self.replicator.durable_step)
             if per_rank is not None:  # meant for the durable tier, not there yet
@@ -226,6 +229,12 @@ class CheckpointManager:
         except LeaseError as e:
             raise CheckpointError(str(e)) from e
 
+    def _take_lease(self, mark) -> dict:
+        """Every rank: rank 0 takes the lease; each returns its store requests since `mark`
+        (the gather this makes is how the resume's requests are summed)."""
+        self._acquire_lease()
+        return store_requests.since(mark)
+
     def _acquire_lease(self) -> None:
         """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""
         if not self.info.is_main:
@@ -238,7 +247,7 @@ class CheckpointManager:
             raise CheckpointError(f"cannot write to checkpoint dir {self.dir.root}: "
                                   f"{describe(e)}") from e
 
-    def _log_resume(self, found: Found, seconds: float) -> None:
+    def _log_resume(self, found: Found, seconds: float, requests: dict) -> None:
         rng_how = self.entry.parts["rng"].how
         warnings = [f"WARNING: {found.note}"] if found.note else []
         for line in warnings + change_lines(self.changes):
@@ -248,10 +257,13 @@ class CheckpointManager:
                          world_size=self.info.world_size, rng=rng_how, note=found.note,
                          changes=self.changes, seconds=seconds,
                          bytes=sum(f["size"] for f in found.files.values()),
+                         requests=requests,
                          **({"tier": self.tier.tier, "tier_reason": self.tier.reason}
                             if self.tier else {}))
         self.metrics.say(f"resumed from {found.path} at step {self.progress.step} (world size "
-                         f"{found.meta['world_size']} -> {self.info.world_size}, rng {rng_how})")
+                         f"{found.meta['world_size']} -> {self.info.world_size}, rng {rng_how}"
+                         + (f", {store_requests.line(requests)}" if requests["total"] else "")
+                         + ")")
         if self.tier:
             self.metrics.say(f"resumed from the {self.tier.tier} tier: {self.tier.reason}")
         if note := end_note(self.progress.step, self.cfg.training.max_steps):
@@ -332,6 +344,9 @@ class CheckpointManager:
         for record in self.writer.records() if records is None else records:
             self.metrics.log("checkpoint", **record, rss_mb=resident_mb())
             tier = f"{record['tier']} " if "tier" in record else ""
+            reqs = record.get("requests") or {}
             self.metrics.say(f"step {record['step']:6d} | {tier}checkpoint "
                              f"{record['path']} committed ({record['seconds']:.2f}s, loop "
-                             f"blocked {record['blocked_s']:.2f}s, {record['bytes'] or 0:,} bytes)")
+                             f"blocked {record['blocked_s']:.2f}s, {record['bytes'] or 0:,} bytes"
+                             + (f", {store_requests.line(reqs)}" if reqs.get("total") else "")
+                             + ")")

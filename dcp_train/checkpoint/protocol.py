@@ -9,10 +9,14 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
      atomic rename, and copying every object would move each byte twice). Files left there by
      a crashed attempt at the same step are deleted first (a committed dir being written over
      loses its manifest.json first, so it stops counting as committed before anything else
-     goes).
-   Every rank writes its own shards into it with dcp.save (DCP writes `.metadata` last).
+     goes). Whether there are any is known from the last listing of the dir (discovery's,
+     or the previous save's retention; one writer per dir), not asked again.
+   Every rank writes its own shards into it with dcp.save (DCP writes `.metadata` last;
+   on object stores under its final name, dcp_io.py).
 2. every rank has the size and checksum of each file it wrote (computed while writing, see
-   dcp_io.py); rank 0 checks the sizes against a listing of the dir (no file is read again).
+   dcp_io.py); locally rank 0 checks the sizes against a listing of the dir (no file is read
+   again). On an object store an upload that returned is durable at that size, so no listing
+   is asked for.
 3. commit: rank 0 writes `manifest.json` (name, size, checksum of every file, step, world
    size; manifest.py).
    A step dir counts as committed only if its name is `step_XXXXXXXX` and it holds one.
@@ -31,6 +35,12 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
 The node-local tier (tiers/local.py) runs the same steps on its own directory through the same
 methods (`check_room`, `target_dir`, `write`, `commit`): only who commits differs (each node's
 lowest rank, over its node's files) and what it adds before the manifest (`tier.json`).
+
+Requests on an object store, per save: one PUT per file (data files, `.metadata`,
+manifest.json, `latest`; a large file is a multipart upload), one LIST for retention, and for
+each dir retention removes a DELETE of its manifest, a LIST and a batched DELETE. Every
+rank's requests are counted (store_requests.py) and summed through the gather of step 2: the
+`requests` of the `checkpoint` record.
 
 Asynchronous saves run steps 1-5 in a save process per rank (async_save/): the training
 process only copies the state into reused shared-memory buffers, overlapped with the next
@@ -53,6 +63,7 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io import space
+from dcp_train.checkpoint.io import store_requests
 from dcp_train.checkpoint.io.atomic import fsync_dir
 from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.checkpoint.layout import LATEST, CheckpointDir, step_name
@@ -146,13 +157,17 @@ class Checkpointer:
                 raise CheckpointError(f"committing step {step} to {final} failed: "
                                       f"{describe(e, self.dir.root)}") from e
 
+        mark = store_requests.snapshot()
         target = D.agree(lambda: self.target_dir(final))
-        per_rank_files = D.agree(lambda: self.write(step, state_dict, rank, target),
-                                 every_rank=True)
+        gathered = D.agree(lambda: (self.write(step, state_dict, rank, target),
+                                    store_requests.since(mark)), every_rank=True)
+        per_rank_files = [files for files, _ in gathered]
         size = D.agree(commit)
         seconds = time.perf_counter() - t0
+        requests = store_requests.total(store_requests.since(mark),
+                                        *[counts for _, counts in gathered[1:]])
         return {"step": step, "path": final, "seconds": seconds, "bytes": size,
-                "mb_per_s": size / seconds / 1e6}
+                "mb_per_s": size / seconds / 1e6, "requests": requests}
 
     def check_room(self, step: int, state_dict: dict, what: str = "saving step") -> None:
         """Every rank, before any write: refuse a save the free space cannot hold."""
@@ -167,7 +182,7 @@ class Checkpointer:
             if self.storage.is_local:
                 os.makedirs(target, exist_ok=True)
             writer = self.storage.dcp_writer(target)
-            dcp.save(state_dict, storage_writer=writer)
+            dcp.save(state_dict, storage_writer=writer, planner=self.storage.dcp_planner())
             fault_point("after_shards", rank, step)
             return writer.checksums
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
@@ -178,7 +193,9 @@ class Checkpointer:
         """Rank 0: the dir this save writes into (step 1 of the module docstring)."""
         if self.storage.is_local:
             return f"{final}.tmp-{secrets.token_hex(4)}"
-        if self.storage.exists(final):
+        if self.dir.seen is None:
+            self.dir.names()  # the first save of a save process: one listing
+        if posixpath.basename(final) in self.dir.seen:
             self.remove(final)
         return final
 
@@ -191,12 +208,13 @@ class Checkpointer:
         listing must show (default: every file written); extra: {name: bytes} written before
         the manifest; protect: apply_retention's. Returns the bytes."""
         files = {n: v for d in per_rank_files for n, v in d.items()}
-        on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
-        if expected is None:
-            expected = {n: size for n, (size, _) in files.items()}
-        if on_disk != expected:
-            raise CheckpointError(f"files of {target} differ from what was written: "
-                                  f"{sorted(set(on_disk.items()) ^ set(expected.items()))}")
+        if self.storage.is_local:  # an object store's returned upload is durable at its size
+            on_disk = self.storage.find(target)  # {name: size}: a listing, no file is read
+            if expected is None:
+                expected = {n: size for n, (size, _) in files.items()}
+            if on_disk != expected:
+                raise CheckpointError(f"files of {target} differ from what was written: "
+                                      f"{sorted(set(on_disk.items()) ^ set(expected.items()))}")
         for name, data in (extra or {}).items():
             self.storage.write_atomic(posixpath.join(target, name), data)
         manifest = M.build(step, len(per_rank_files), files, checksum)
@@ -209,6 +227,7 @@ class Checkpointer:
         else:
             fault_point("before_commit", rank, step)
             self.storage.write_atomic(posixpath.join(final, MANIFEST), manifest)  # the commit
+        self.dir.committed(posixpath.basename(final))
         fault_point("after_commit", rank, step)
         self.advance(step, protect)
         return sum(s for s, _ in files.values())
@@ -216,19 +235,22 @@ class Checkpointer:
     def advance(self, step: int, protect=None) -> None:
         """After step `step` is committed: `latest`, retention, on_commit."""
         self.storage.write_atomic(self.storage.join(LATEST), (step_name(step) + "\n").encode())
-        self.apply_retention(step, protect)
+        self.apply_retention(step, protect, latest=step_name(step))
         if self.on_commit is not None:
             self.on_commit()
 
     # --------------------------------------------------------------- retention
-    def apply_retention(self, step: Optional[int] = None, protect=None) -> list[str]:
+    def apply_retention(self, step: Optional[int] = None, protect=None,
+                        latest: Optional[str] = None) -> list[str]:
         """Rank 0: delete old committed dirs beyond N (never the one `latest` names, nor one
-        for which `protect(step, name)` is true) and leftovers; returns the names removed."""
-        committed, leftovers = self.dir.scan()
+        for which `protect(step, name)` is true) and leftovers; returns the names removed.
+        latest: what `latest` holds, if the caller just wrote it (else it is read)."""
+        committed, leftovers = self.dir.scan(fresh=True)
         keep = set(committed)
         if self.keep_last_n > 0:
             keep = set(sorted(committed)[-self.keep_last_n:])
-        latest = self.dir.latest_name()
+        if latest is None:
+            latest = self.dir.latest_name()
         removed = [name for s, name in sorted(committed.items()) if s not in keep
                    and name != latest and not (protect is not None and protect(s, name))]
         removed += leftovers
@@ -247,3 +269,4 @@ class Checkpointer:
             fsync_dir(path)  # the manifest's removal is durable before any other file goes
         fault_point("mid_removal", 0)
         self.storage.rm_tree(path)
+        self.dir.committed(posixpath.basename(path.rstrip("/")), False)

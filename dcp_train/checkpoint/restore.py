@@ -6,7 +6,9 @@ files, and `load` checks those on the bytes DCP reads anyway (dcp_io.py): each r
 checksums the files it reads half or more of (at the saved world size, its own shard files:
 every file) while DCP reads them, locally piece by piece, from object stores each file as it
 arrives whole. The files no rank read that much of (only after a change of world size) are
-checked after the load, each rank a share of about equal bytes. Damage found this way is
+checked after the load, each rank a share of about equal bytes. On object stores `.metadata`
+comes with `found` (read and checked once, by rank 0, at discovery) and file sizes from the
+manifest: a rank's requests are the ranged GETs of the files it reads. Damage found this way is
 returned, not raised: the manager then loads the next checkpoint discovery offers (the state
 read from the damaged one is overwritten) or stops, for a checkpoint the user named.
 """
@@ -35,7 +37,7 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
     tiers/local.py). Returns None, or what is damaged (then the components hold whatever was read).
     Any other failure is one CheckpointError on every rank."""
     storage = Storage(found.path, storage_options)
-    reader = storage.dcp_reader(found.path)
+    reader = storage.dcp_reader(found.path, found.sizes, found.metadata)
     if verify:
         reader.verify_with(found.checksum, mine)
 

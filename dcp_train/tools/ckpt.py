@@ -13,7 +13,8 @@
                                      for transformers' GPT2LMHeadModel.from_pretrained(DIR)
 
 CKPT is a step dir (`.../step_00000020`) or a checkpoint dir, which means the step dir its
-`latest` names. DIR and CKPT are local paths or fsspec URLs (s3://, gs://, ...); options for
+`latest` names. On an object store every command ends with the requests it sent, by kind
+(`store requests: 4 requests (GET 3, LIST 1)`; with --json, a "requests" entry). DIR and CKPT are local paths or fsspec URLs (s3://, gs://, ...); options for
 the filesystem go in `--storage_options '{"endpoint_url": "..."}'`. Everything runs in this one
 process, without torch.distributed and without knowing the saved world size. Bad input prints
 `dcp-ckpt: error: ...` and exits 2.
@@ -29,6 +30,7 @@ import sys
 import warnings
 
 from dcp_train import redact
+from dcp_train.checkpoint.io import store_requests
 from dcp_train.checkpoint.io.manifest import (MANIFEST, TIER, ManifestError,
                                               problems as manifest_problems, read as read_manifest,
                                               require_intact)
@@ -160,9 +162,10 @@ def verify(storage: Storage, path: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- commands
-def _show(info: dict, as_json: bool, printer) -> int:
-    if as_json:
-        print(json.dumps(info, indent=1))
+def _show(info: dict, args, printer) -> int:
+    if args.json:
+        counts = store_requests.total(store_requests.since(args.mark))
+        print(json.dumps({**info, "requests": counts} if counts["total"] else info, indent=1))
     else:
         printer(info)
     return 0
@@ -176,13 +179,13 @@ def _step_dir(args, opts) -> tuple[Storage, str]:
 
 def cmd_ls(args, opts) -> int:
     if args.local:
-        return _show(list_tiers(CheckpointDir(args.dir, opts), args.local), args.json,
+        return _show(list_tiers(CheckpointDir(args.dir, opts), args.local), args,
                      print_tiers)
-    return _show(list_checkpoints(CheckpointDir(args.dir, opts)), args.json, print_listing)
+    return _show(list_checkpoints(CheckpointDir(args.dir, opts)), args, print_listing)
 
 
 def cmd_inspect(args, opts) -> int:
-    return _show(inspect(*_step_dir(args, opts)), args.json, print_inspect)
+    return _show(inspect(*_step_dir(args, opts)), args, print_inspect)
 
 
 def cmd_verify(args, opts) -> int:
@@ -266,6 +269,7 @@ EXIT_BROKEN_PIPE = 128 + 13  # as a tool killed by SIGPIPE: the reader (`| head`
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.mark = store_requests.snapshot()
     # dcp.load(no_dist=True) warns that it loads in a single process: that is the intent here
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
@@ -278,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     redact.remember(opts)
     try:
         code = COMMANDS[args.command](args, opts)
+        counts = store_requests.total(store_requests.since(args.mark))
+        if counts["total"] and not getattr(args, "json", False):
+            print(f"store requests: {store_requests.line(counts)}")
         sys.stdout.flush()  # a closed pipe fails here, inside the try, not at exit
         return code
     except BrokenPipeError:

@@ -3,8 +3,8 @@ the private parts used here are checked on import, torch_compat.py).
 Storage.dcp_writer/dcp_reader (storage.py) hand them out; nothing else uses this module.
 
 Local paths use FileSystemWriter/FileSystemReader (sync_files=True: each file is fsynced).
-Every writer checksums what it writes on the way out: DCP opens each
-file through its FileSystem's `create_stream`, and ours wraps that stream so every byte is
+Every writer checksums what it writes on the way out: DCP opens each file through its
+FileSystem's `create_stream`, and ours wraps that stream (checked_streams.py) so every byte is
 fed to the checksum (checksum.py: CRC-32C at ~13 GB/s, on the writing thread) as it is
 written. `writer.checksums` then maps each file this process wrote to [size, hex digest],
 which is what manifest.json records; no second pass over the bytes. Readers do the same on
@@ -18,9 +18,13 @@ torch.distributed.checkpoint._fsspec_filesystem that fix three traps:
   so passing `checkpoint_id=` to dcp.save/load as well is harmless.
 - sync_files=False: with True DCP falls back to os.sync() for files without fileno();
   an object is durable once its upload returned.
-- `.metadata`: DCP writes `.metadata.tmp` and renames it. gcsfs renames with the
-  `moveTo` API, which the GCS emulator lacks, and retries for ~30 s before falling back.
-  Ours rewrites the small file as one PUT of `.metadata` and deletes the temp object.
+- `.metadata`: DCP writes `.metadata.tmp` and renames it; on an object store a rename is a
+  copy (s3fs: HEAD, GET, PUT, DELETE; gcsfs's `moveTo` the GCS emulator lacks). Ours writes
+  `.metadata` under its final name, one PUT: the manifest PUT after it is the commit point,
+  so a half-written save is never taken for a whole one (protocol.py).
+- requests: no `mkdir` (a prefix is no directory) and no look for an existing `.metadata`
+  before writing (protocol.py clears a step dir of a crashed attempt first), so a save
+  sends one PUT per small file (a multipart upload for large ones) and nothing else.
 
 Threads. Each rank writes WRITE_THREADS files on as many threads. torch 2.13's writer loses
 an exception raised on its extra threads (pytorch/pytorch#191391); _CheckedWriter raises it.
@@ -28,13 +32,16 @@ an exception raised on its extra threads (pytorch/pytorch#191391); _CheckedWrite
 Reading. Both readers unpickle nothing but DCP's own metadata classes (safe_metadata.py). The
 remote reader fetches a file it needs most of in one go (concurrent ranged GETs), checksumming
 it on arrival: DCP's own reads would be one ranged GET per tensor, and the check a
-second download.
+second download. Given the manifest's sizes and `.metadata`'s bytes (read once by rank 0 at
+discovery and broadcast), it sends no HEAD and no GET of `.metadata`: a rank's resume is the
+ranged GETs of the files it reads.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import posixpath
 from contextlib import contextmanager
 
@@ -42,13 +49,17 @@ from dcp_train.torch_compat import require_dcp_internals
 
 require_dcp_internals()  # the private DCP parts below exist in this torch, or one clear error
 
+from torch.distributed.checkpoint import DefaultSavePlanner  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS  # noqa: E402
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
 
 from dcp_train.checkpoint.io import checksum as C  # noqa: E402
-from dcp_train.run.faults import armed, fault_point  # noqa: E402
+from dcp_train.checkpoint.io.ranged_read import open_sized, read_ranges  # noqa: E402
+from dcp_train.checkpoint.io.checked_streams import (  # noqa: E402
+    Discard, ReadChecksum, WriteChecksum)
 from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
 from dcp_train.run.progress import received_bytes  # noqa: E402
 
@@ -64,84 +75,25 @@ def writer(path: str, storage_options: dict | None, **kwargs):
     return _RemoteWriter(path, storage_options, **kwargs)
 
 
-def reader(path: str, storage_options: dict | None):
-    """The StorageReader for directory `path` (local if storage_options is None)."""
+def save_planner(storage_options: dict | None):
+    """The SavePlanner for dcp.save (None: DCP's default). Remote: entries every rank holds
+    alike (replicated: step counters, RNG-free config, ...) are written by rank 0 alone. DCP's
+    default spreads them over all ranks' files, so at N ranks every rank would read ranges of
+    up to N files on resume: N^2 requests on an object store. Locally a read costs no request,
+    and DCP's default stays."""
+    if storage_options is None:
+        return None
+    return DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+
+
+def reader(path: str, storage_options: dict | None, sizes: dict | None = None,
+           metadata: bytes | None = None):
+    """The StorageReader for directory `path` (local if storage_options is None). sizes:
+    {file name: size} (the manifest's), metadata: `.metadata`'s bytes, already checked: both
+    spare the remote reader requests (the local one ignores them)."""
     if storage_options is None:
         return _LocalReader(path)
-    return _RemoteReader(path, storage_options)
-
-
-class _WriteChecksum:
-    """A write-only file wrapper that checksums everything written through it (CHECKSUM, on
-    the writing thread: at ~13 GB/s a small share of the write's own time)."""
-
-    def __init__(self, stream):
-        self._stream, self.value, self.size = stream, 0, 0
-        self._faults = armed()  # test-only fault points (os.environ costs 2% of a save)
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self.value = C.update(C.CHECKSUM, self.value, view)
-        written = self._stream.write(view)
-        self.size += view.nbytes
-        if self._faults:
-            fault_point("mid_shard")  # test-only: a file of this rank's is partly written
-        return written
-
-    def __getattr__(self, name):  # tell, flush, fileno, close, ...
-        return getattr(self._stream, name)
-
-
-class _ReadChecksum:
-    """A read-only file wrapper that checksums the pieces read through it (checksum.Pieces);
-    `finish()` reads what was not read and returns [size, hex digest] of the whole file."""
-
-    def __init__(self, stream, checksum: str):
-        self._stream, self._pieces = stream, C.Pieces(checksum)
-
-    def readinto(self, buffer) -> int:
-        offset = self._stream.tell()
-        n = self._stream.readinto(buffer)
-        if n:
-            self._pieces.add(offset, memoryview(buffer).cast("B")[:n])
-        return n
-
-    def read(self, size=-1) -> bytes:
-        offset = self._stream.tell()
-        data = self._stream.read(size)
-        self._pieces.add(offset, data)
-        return data
-
-    def finish(self) -> list:
-        size = self._stream.seek(0, io.SEEK_END)
-
-        def read_at(offset: int, length: int) -> bytes:
-            self._stream.seek(offset)
-            return self._stream.read(length)
-        return [size, C.hexdigest(self._pieces.finish(read_at, size))]
-
-    def __getattr__(self, name):  # seek, tell, seekable, close, ...
-        return getattr(self._stream, name)
-
-
-class _Discard:
-    """Stands in for a file that could not be opened; what is written is dropped."""
-
-    def __init__(self):
-        self.position = 0
-
-    def write(self, data) -> int:
-        self.position += memoryview(data).nbytes
-        return memoryview(data).nbytes
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return _RemoteReader(path, storage_options, sizes or {}, metadata)
 
 
 class _Checksums:
@@ -165,12 +117,12 @@ class _Checksums:
         wrapped = None
         try:
             with super().create_stream(path, mode) as stream:
-                wrapped = _WriteChecksum(stream)
+                wrapped = WriteChecksum(stream)
                 yield wrapped
         except Exception as e:
             self.errors.append(e)
             if wrapped is None:  # the file could not even be opened: DCP writes into nothing
-                yield _Discard()
+                yield Discard()
             return
         self.checksums[posixpath.basename(str(path))] = [wrapped.size,
                                                           C.hexdigest(wrapped.value)]
@@ -237,20 +189,22 @@ class _DigestingLocalFS(_Digests, _LocalFS):
             if "r" not in mode or self.checksum is None or name not in self.verify:
                 yield stream
                 return
-            wrapped = _ReadChecksum(stream, self.checksum)
+            wrapped = ReadChecksum(stream, self.checksum)
             yield wrapped
             self.digests[name] = wrapped.finish()
 
 
 class _RemoteFS(_Digests, _FsspecFS):
-    """torch's fsspec FileSystem that keeps the storage options across reset(), replaces
-    rename (only used for `.metadata.tmp` -> `.metadata`) by one PUT, and serves the files it
-    prefetched whole (`verify`) from memory, checksumming each once as it hands it out."""
+    """torch's fsspec FileSystem that keeps the storage options across reset(), has no
+    directories to make, and serves the files it prefetched whole (`verify`) from memory,
+    checksumming each once as it hands it out. sizes: {file name: size} known beforehand
+    (opening or prefetching one of those sends no HEAD)."""
 
-    def __init__(self, fs, storage_options: dict):
+    def __init__(self, fs, storage_options: dict, sizes: dict | None = None):
         super().__init__()
         self.fs = fs
         self.storage_options = storage_options
+        self.sizes = dict(sizes or {})
         self.whole: dict[str, bytes] = {}  # prefetched, until DCP opens them
 
     @contextmanager
@@ -263,27 +217,35 @@ class _RemoteFS(_Digests, _FsspecFS):
                                       C.hexdigest(C.update(self.checksum, 0, data))]
             yield io.BytesIO(data)
             return
+        if "r" in mode and name in self.sizes:
+            with open_sized(self.fs, path, self.sizes[name]) as stream:
+                yield stream
+            return
         with super().create_stream(path, mode) as stream:
             yield stream
 
     def prefetch(self, paths: list[str], nbytes: int = 0) -> None:
-        """Download `paths` (`nbytes` in all) whole, all at once (fsspec fetches them
-        concurrently; s3fs splits a large object into concurrent ranged GETs, gcsfs when asked
-        to); a bytes bar at a terminal on rank 0 (run/progress.py)."""
+        """Download `paths` (`nbytes` in all) whole, all at once: ranged GETs of the sizes
+        known (ranged_read.py), no HEAD; a file of unknown size by fsspec's cat (s3fs splits a
+        large object into concurrent ranged GETs, gcsfs when asked to); a bytes bar at a
+        terminal on rank 0 (run/progress.py)."""
+        known = {p: self.sizes[posixpath.basename(p)] for p in paths
+                 if posixpath.basename(p) in self.sizes}
+        rest = [p for p in paths if p not in known]
         kwargs = {"concurrency": FETCH_CONCURRENCY} if {"gs", "gcs"} & set(
             _protocols(self.fs)) else {}
         data = {}
         if paths:
             with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
-                data = self.fs.cat(paths, **kwargs)
+                data = read_ranges(self.fs, known)
+                data.update(self.fs.cat(rest, **kwargs) if rest else {})
         self.whole = {posixpath.basename(p): v for p, v in data.items()}
 
     def init_path(self, path, **kwargs):
         return super().init_path(path, **{**self.storage_options, **kwargs})
 
-    def rename(self, path, new_path) -> None:
-        self.fs.pipe_file(new_path, self.fs.cat_file(path))
-        self.fs.rm_file(path)
+    def mkdir(self, path) -> None:
+        pass  # a prefix needs no directory (s3fs would look for the bucket: a HEAD)
 
 
 class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
@@ -291,10 +253,26 @@ class _ChecksummingRemoteFS(_Checksums, _RemoteFS):
 
 
 class _RemoteWriter(_CheckedWriter, FsspecWriter):
+    """Writes into a step dir that holds nothing of another attempt (protocol.py clears
+    it), so it neither looks for an existing `.metadata` nor makes directories, and writes
+    `.metadata` under its final name."""
+
     def __init__(self, path: str, storage_options: dict, **kwargs):
         kwargs.setdefault("sync_files", False)
         super().__init__(path, **kwargs, **storage_options)
         self.fs = _ChecksummingRemoteFS(self.fs.fs, storage_options)
+
+    def _metadata_exists(self) -> bool:
+        return False  # DCP would only warn about it; looking costs a HEAD and a LIST
+
+    def finish(self, metadata, results) -> None:
+        """DCP's finish (coordinator only), but one PUT of `.metadata` instead of a PUT of
+        `.metadata.tmp` and a rename (a copy: HEAD, GET, PUT, DELETE)."""
+        metadata.version = CURRENT_DCP_VERSION
+        metadata.storage_data = {wr.index: wr.storage_data for wrs in results for wr in wrs}
+        metadata.storage_meta = self.storage_meta()
+        with self.fs.create_stream(self._get_metadata_path(), "wb") as f:
+            pickle.dump(metadata, f)
 
 
 class _VerifyingReader:
@@ -342,9 +320,11 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
     others are read with ranged reads of what it needs. The files fetched whole are the ones
     checksummed (`digests`), so their check needs no second download (restore.py)."""
 
-    def __init__(self, path: str, storage_options: dict):
+    def __init__(self, path: str, storage_options: dict, sizes: dict, metadata: bytes | None):
         super().__init__(path, **storage_options)
-        self.fs = _RemoteFS(self.fs.fs, storage_options)
+        self.fs = _RemoteFS(self.fs.fs, storage_options, sizes)
+        if metadata is not None:
+            self.use_metadata(metadata)
 
     def read_data(self, plan, planner):
         self.fs.verify = self.mostly_read(plan)
@@ -354,7 +334,7 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
         return super().read_data(plan, planner)
 
 
-FETCH_CONCURRENCY = 8  # concurrent ranged GETs of one file (gcsfs; s3fs: its max_concurrency)
+FETCH_CONCURRENCY = 8  # concurrent ranged GETs of one file of unknown size (gcsfs)
 
 
 def _protocols(fs) -> tuple:

@@ -12,6 +12,10 @@ Otherwise the run stops with an error naming the holder and how to override (del
 The lease file is replaced atomically, but neither local files nor fsspec object stores give us
 a compare-and-swap here, so two runs started at the same instant could both win: the lease
 guards against mistakes (a second job on the same directory), not against a deliberate race.
+
+Requests on an object store: `check` one GET (a missing lease is a 404, no HEAD first),
+`acquire` one PUT (and a GET unless `check` ran within timeout/4 seconds), `refresh` one PUT
+at most every timeout/4 seconds, `release` a GET and a DELETE.
 """
 
 from __future__ import annotations
@@ -47,13 +51,19 @@ class WriterLease:
         self.timeout_s = timeout_s
         self.mine = {"run_id": run_id(), "host": socket.gethostname(), "pid": os.getpid()}
         self._last_refresh = 0.0
+        self._checked_at = None  # time.monotonic() of the last check()
 
     def acquire(self) -> None:
-        self.check()
+        """Take the lease: LeaseError if another live run holds it. Reads it again unless
+        check() did within timeout/4 seconds."""
+        if self._checked_at is None or \
+                time.monotonic() - self._checked_at > self.timeout_s / 4:
+            self.check()
         self._write()
 
     def check(self) -> None:
         """LeaseError if another run that is alive holds the lease (reads only)."""
+        self._checked_at = time.monotonic()
         holder = self._read()
         if holder is not None and self._alive(holder):
             raise LeaseError(
@@ -70,7 +80,7 @@ class WriterLease:
     def release(self) -> None:
         holder = self._read()
         if holder is not None and all(holder.get(k) == v for k, v in self.mine.items()):
-            self.storage.fs.rm(self.path)
+            self.storage.rm_file(self.path)
 
     def _alive(self, holder: dict) -> bool:
         if holder.get("run_id") == self.mine["run_id"]:
@@ -80,10 +90,9 @@ class WriterLease:
         return time.time() - float(holder.get("heartbeat", 0)) < float(holder.get("timeout_s", 0))
 
     def _read(self) -> dict | None:
-        if not self.storage.exists(self.path):
-            return None
         try:
-            return json.loads(self.storage.read_bytes(self.path))
+            data = self.storage.read_optional(self.path)
+            return None if data is None else json.loads(data)
         except (ValueError, OSError):
             return None  # unreadable: treat as no lease
 

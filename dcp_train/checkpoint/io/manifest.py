@@ -28,6 +28,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from dcp_train.checkpoint.io import checksum as C
+from dcp_train.checkpoint.io.ranged_read import open_sized
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.errors import CheckpointError
 
@@ -43,27 +44,36 @@ class ManifestError(ValueError):
     """manifest.json is missing or damaged: the step dir is not a valid checkpoint."""
 
 
+class NotCommitted(ManifestError):
+    """The dir has no manifest.json: a save in progress or abandoned, never a checkpoint."""
+
+
 class ManifestFormatError(CheckpointError):
     """manifest.json is in a format this build cannot read (a newer one): never taken for
     damage (discovery does not fall back past it), one error for the user."""
 
 
-def hash_file(storage: Storage, path: str, checksum: str = C.CHECKSUM) -> tuple[int, str]:
-    """(size, checksum as 8 hex digits) of one file."""
-    value, size = 0, 0
-    with storage.fs.open(path, "rb") as f:
+def hash_file(storage: Storage, path: str, checksum: str = C.CHECKSUM,
+              size: int | None = None) -> tuple[int, str]:
+    """(size, checksum as 8 hex digits) of one file; `size`, if known, spares an object
+    store the HEAD that opening a file sends to learn it."""
+    value, size_read = 0, 0
+    known = size is not None and not storage.is_local
+    with (open_sized(storage.fs, path, size) if known else storage.fs.open(path, "rb")) as f:
         while chunk := f.read(_CHUNK):
             value = C.update(checksum, value, chunk)
-            size += len(chunk)
-    return size, C.hexdigest(value)
+            size_read += len(chunk)
+    return size_read, C.hexdigest(value)
 
 
 def hash_files(storage: Storage, dir_path: str, names: list[str],
-               checksum: str = C.CHECKSUM) -> dict[str, list]:
-    """{name: [size, checksum]} of files in `dir_path`, checksummed on a few threads."""
+               checksum: str = C.CHECKSUM, sizes: dict | None = None) -> dict[str, list]:
+    """{name: [size, checksum]} of files in `dir_path`, checksummed on a few threads; sizes:
+    {name: size} known beforehand (see hash_file)."""
+    sizes = sizes or {}
     with ThreadPoolExecutor(max(1, min(_THREADS, len(names)))) as pool:
-        results = pool.map(lambda n: hash_file(storage, posixpath.join(dir_path, n), checksum),
-                           names)
+        results = pool.map(lambda n: hash_file(storage, posixpath.join(dir_path, n), checksum,
+                                               sizes.get(n)), names)
         return {n: list(r) for n, r in zip(names, results)}
 
 
@@ -95,13 +105,15 @@ def build(step: int, world_size: int, files: dict[str, list],
 
 
 def read(storage: Storage, dir_path: str) -> dict:
-    """The manifest of `dir_path` (format 1 given `checksum` "crc32"); ManifestError if missing,
-    unreadable, altered or in a format this build cannot read."""
+    """The manifest of `dir_path` (one GET; format 1 given `checksum` "crc32"); NotCommitted
+    if missing, ManifestError if unreadable or altered, ManifestFormatError if in a format this
+    build cannot read."""
     path = posixpath.join(dir_path, MANIFEST)
-    if not storage.exists(path):
-        raise ManifestError("no manifest.json: the checkpoint was never committed")
+    data = storage.read_optional(path)
+    if data is None:
+        raise NotCommitted("no manifest.json: the checkpoint was never committed")
     try:
-        manifest = json.loads(storage.read_bytes(path))
+        manifest = json.loads(data)
         version = manifest.get("format_version", 1)
         if version not in (1, FORMAT_VERSION) or manifest.get("checksum", "crc32") not in \
                 C.ALGORITHMS:
@@ -127,8 +139,10 @@ def read(storage: Storage, dir_path: str) -> dict:
 def corrupt(storage: Storage, dir_path: str, files: dict[str, dict]) -> list[str]:
     """A line for each of `files` ({name: manifest entry}) whose checksum differs."""
     checksum = checksum_of(files)
+    sizes = {n: v["size"] for n, v in files.items()}
     return [corrupt_line(n, value, files[n])
-            for n, (_, value) in hash_files(storage, dir_path, sorted(files), checksum).items()
+            for n, (_, value) in hash_files(storage, dir_path, sorted(files), checksum,
+                                            sizes).items()
             if value != digest(files[n])[1]]
 
 
@@ -137,16 +151,19 @@ def corrupt_line(name: str, value: str, entry: dict) -> str:
     return f"file {name} is corrupt ({checksum} {value}, manifest.json says {expected})"
 
 
-def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:
+def problems(storage: Storage, dir_path: str, deep=True, manifest: dict | None = None
+             ) -> list[str]:
     """What is wrong with committed step dir `dir_path`; [] means intact.
 
-    Always: the manifest itself, its step against the dir name, missing/extra files, sizes.
+    Always: the manifest itself (`manifest`, if already read), its step against the dir name,
+    missing/extra files, sizes (one listing of the dir: object stores, one LIST request).
     deep=True also recomputes every file's checksum (a flipped byte anywhere is found); a
     collection of names recomputes those files' only."""
-    try:
-        manifest = read(storage, dir_path)
-    except ManifestError as e:
-        return [str(e)]
+    if manifest is None:
+        try:
+            manifest = read(storage, dir_path)
+        except ManifestError as e:
+            return [str(e)]
     files, found = manifest["files"], []
     name = posixpath.basename(dir_path.rstrip("/"))
     m = STEP_RE.match(name)
@@ -154,11 +171,12 @@ def problems(storage: Storage, dir_path: str, deep=True) -> list[str]:
         found.append(f"manifest.json says step {manifest['step']}, the dir is {name}")
     if ".metadata" not in files:
         found.append("manifest.json lists no .metadata")
-    present = set(storage.listdir(dir_path)) - {MANIFEST, TIER}
+    listed = storage.listing(dir_path)
+    present = set(listed) - {MANIFEST, TIER}
     found += [f"extra file {n} (not in manifest.json)" for n in sorted(present - set(files))]
     found += [f"missing file {n}" for n in sorted(set(files) - present)]
     names = sorted(set(files) & present)
-    sizes = {n: storage.size(posixpath.join(dir_path, n)) for n in names}
+    sizes = {n: listed[n] for n in names}
     found += [f"file {n} has {sizes[n]} bytes, manifest.json says {files[n]['size']}"
               for n in names if sizes[n] != files[n]["size"]]
     if deep:

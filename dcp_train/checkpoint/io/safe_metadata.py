@@ -78,6 +78,11 @@ class SafeMetadataReader:
     A reader reads `.metadata` once (restore.load_into and dcp.load both ask for it; on an
     object store each read is a GET)."""
 
+    def use_metadata(self, data: bytes) -> None:
+        """Take `.metadata`'s bytes from the caller (read and checked once, at discovery)
+        instead of reading the file."""
+        self._safe_metadata = (self._get_metadata_path(None), data)
+
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         cached = getattr(self, "_safe_metadata", None)

@@ -23,6 +23,14 @@ Atomicity.
 - Listing caches of s3fs/gcsfs are dropped before every read of a listing or an
   existence check, because other processes (ranks) write to the same prefix.
 
+Requests (object stores). Every method says what it sends; none looks before it leaps:
+`listing` is one LIST (a page per 1,000 names), `read_bytes` one GET (no HEAD first),
+`read_many` one ranged GET per ranged_read.READ_CHUNK of each file (sizes given, so no HEAD),
+`write_bytes`/`write_atomic` one PUT, `rm_file` one DELETE (no existence check), `rm_tree`
+a listing and batched deletes. `exists` and `size` are a HEAD (and a LIST when missing):
+tools use them; the protocol only to look for the manifest of a step dir it has not seen
+committed before (retention's scan) and for a --checkpoint_path. store_requests.py counts what is sent.
+
 DCP. `dcp_writer`/`dcp_reader` hand out the StorageWriter/StorageReader of dcp_io.py for a
 local directory or a URL (checksums while writing, the traps of DCP's fsspec classes).
 
@@ -44,8 +52,13 @@ import shutil
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from dcp_train.checkpoint.io import dcp_io
+from fsspec.asyn import sync
+
+from dcp_train.checkpoint.io import dcp_io, store_requests
 from dcp_train.checkpoint.io.atomic import fsync_dir, write_atomic
+from dcp_train.checkpoint.io.ranged_read import read_ranges
+
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs"}  # no directories, no rename: stores of objects
 
 
 class Storage:
@@ -53,10 +66,14 @@ class Storage:
         self.storage_options = dict(storage_options or {})
         self.fs, root = url_to_fs(os.fspath(url), **self.storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(
+            self.fs.protocol)
+        self.object_store = bool(protocols & OBJECT_STORES)
         if self.is_local:
             self.root = os.path.abspath(root)
         else:  # keep the protocol so every path we hand out names its filesystem
             self.root = self.fs.unstrip_protocol(root.rstrip("/"))
+            store_requests.install()
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
@@ -85,33 +102,57 @@ class Storage:
 
     def listdir(self, path: str) -> list[str]:
         """Names (not paths) of the entries directly under `path`, sorted; [] if missing."""
-        try:
-            entries = self.fs.ls(self._fresh(path), detail=False)
-        except FileNotFoundError:
-            return []
+        return sorted(self.listing(path))
+
+    def listing(self, path: str) -> dict[str, int | None]:
+        """{name: size in bytes, or None for a directory} of the entries directly under
+        `path`; {} if there are none. S3: one LIST request (a page per 1,000 entries), and a
+        missing bucket raises FileNotFoundError (an empty prefix does not)."""
+        if self.is_local:
+            try:
+                with os.scandir(path) as it:
+                    return {e.name: None if e.is_dir() else e.stat().st_size for e in it}
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
         base = self.fs._strip_protocol(path).rstrip("/")
-        names = set()
+        if hasattr(self.fs, "_lsdir"):  # s3fs: no second listing of the parent when empty
+            entries = sync(self.fs.loop, self.fs._lsdir, base, refresh=True)
+        else:
+            try:
+                entries = self.fs.ls(self._fresh(path), detail=True)
+            except FileNotFoundError:
+                return {}
+        out = {}
         for e in entries:
-            e = self.fs._strip_protocol(e).rstrip("/")
-            if e != base:  # ls of a file lists the file itself
-                names.add(posixpath.basename(e))
-        return sorted(names)
+            name = self.fs._strip_protocol(e["name"]).rstrip("/")
+            if name != base:  # ls of a file lists the file itself
+                out[posixpath.basename(name)] = (None if e.get("type") == "directory"
+                                                 else int(e.get("size") or 0))
+        return out
 
     def size(self, path: str) -> int:
         return self.fs.size(self._fresh(path))
 
-    def probe(self) -> None:
+    def probe(self) -> dict[str, int | None] | None:
         """Raise now (not at the first write) if `root` cannot be used: endpoint unreachable,
-        credentials refused, bucket missing. `root` itself need not exist yet. Remote only:
-        lists `root`, or, when it is missing, its nearest existing ancestor (the bucket of a
-        new run), so a missing bucket raises FileNotFoundError naming it."""
+        credentials refused, bucket missing. `root` itself need not exist yet. Remote only
+        (local: returns None). S3: one listing of `root`, which is returned (a missing bucket
+        raises FileNotFoundError naming it). Other stores: lists `root`, or, when it is
+        missing, its nearest existing ancestor (the bucket of a new run); returns None."""
         if self.is_local:
-            return
+            return None
         path = self.fs._strip_protocol(self.root).rstrip("/")
+        if hasattr(self.fs, "_lsdir"):
+            try:
+                return self.listing(self.root)
+            except FileNotFoundError:
+                bucket = path.split("/")[0]
+                raise FileNotFoundError(f"{self.fs.unstrip_protocol(bucket)} does not exist "
+                                        "(no such bucket)") from None
         while True:
             try:
                 self.fs.ls(self._fresh(path), detail=False)
-                return
+                return None
             except FileNotFoundError:
                 parent = self.fs._parent(path)
                 if not parent or parent == path:
@@ -121,7 +162,7 @@ class Storage:
             except PermissionError:
                 if path == self.fs._strip_protocol(self.root).rstrip("/"):
                     raise  # the run must be able to list its own directory
-                return  # credentials for a prefix only: the first save will tell
+                return None  # credentials for a prefix only: the first save will tell
 
     def find(self, path: str) -> dict[str, int]:
         """All files under `path`, recursively: {relative posix path: size in bytes}."""
@@ -138,7 +179,28 @@ class Storage:
     # -- reading and writing -----------------------------------------------------------
 
     def read_bytes(self, path: str) -> bytes:
+        """The whole file; FileNotFoundError if missing. Object stores: one GET (a ranged
+        one from byte 0, so s3fs sends no HEAD to learn the size first)."""
+        if self.object_store:
+            try:
+                return self.fs.cat_file(path, start=0)
+            except OSError as e:  # S3 answers a range of an empty object with 416
+                if "416" in str(e) or "InvalidRange" in str(e):
+                    return b""
+                raise
         return self.fs.cat_file(path)
+
+    def read_optional(self, path: str) -> bytes | None:
+        """The whole file, or None if it does not exist (one GET, no existence check)."""
+        try:
+            return self.read_bytes(path)
+        except FileNotFoundError:
+            return None
+
+    def read_many(self, sizes: dict[str, int]) -> dict[str, bytes]:
+        """{path: content} of files whose sizes are known ({path: size}, e.g. a manifest's):
+        all at once, ranged GETs, no HEAD (ranged_read.py)."""
+        return read_ranges(self.fs, sizes)
 
     def read_text(self, path: str) -> str:
         return self.read_bytes(path).decode("utf-8")
@@ -198,15 +260,18 @@ class Storage:
         if self.is_local:
             if os.path.lexists(path):
                 os.remove(path)
-        elif self.exists(path):
+            return
+        try:  # one DELETE; S3 answers it for a missing key too
             self.fs.rm_file(path)
-            self.fs.invalidate_cache()
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
 
     def _rm_remote(self, path: str, files) -> None:
         if files:  # one batched delete where the store has one
             self.fs.rm([posixpath.join(path, rel) for rel in files])
         self.fs.invalidate_cache()
-        if self.fs.exists(path):  # directory placeholders (memory://, "folder" objects)
+        if not self.object_store and self.fs.exists(path):  # directories (memory://)
             self.fs.rm(path, recursive=True)
             self.fs.invalidate_cache()
 
@@ -223,8 +288,14 @@ class Storage:
         1.2-1.5 s with two (raw write ~1.2 s); at 2 ranks on 2 cores no difference."""
         return dcp_io.writer(path, None if self.is_local else self.storage_options, **kwargs)
 
-    def dcp_reader(self, path: str):
+    def dcp_planner(self):
+        """The SavePlanner for dcp.save into this storage (dcp_io.save_planner)."""
+        return dcp_io.save_planner(None if self.is_local else self.storage_options)
+
+    def dcp_reader(self, path: str, sizes: dict | None = None, metadata: bytes | None = None):
         """A DCP StorageReader for directory `path` that never unpickles anything but DCP's
-        own metadata classes (safe_metadata.py)."""
-        return dcp_io.reader(path, None if self.is_local else self.storage_options)
+        own metadata classes (safe_metadata.py). sizes ({name: size}, the manifest's) and
+        metadata (`.metadata`'s bytes) spare a remote reader its HEADs and that GET."""
+        return dcp_io.reader(path, None if self.is_local else self.storage_options, sizes,
+                             metadata)
 
