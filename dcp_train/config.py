@@ -168,8 +168,9 @@ class CheckpointConfig:
         "dimensions from its config.json (dimension flags must agree), each rank loads its "
         "own shards; ignored when --auto_resume finds a checkpoint", default="")
     async_checkpoint: bool = _help("write checkpoints in the background (dcp.async_save "
-                                   "style): the loop only waits for a copy of the state",
-                                   default=False)
+                                   "style): the loop only waits for a copy of the state; with "
+                                   "--local_checkpoint_dir, the local saves (each is "
+                                   "replicated once committed locally)", default=False)
     verify_checkpoint: bool = _help("check every file's checksum against manifest.json on "
                                     "resume, while loading (false: sizes only)", default=True)
     preempt_timeout: float = _help("after SIGTERM/SIGUSR1, exit without a checkpoint if the "
@@ -370,9 +371,6 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
     if "://" not in durable and local_path(local, 0) == os.path.abspath(durable):
         raise ConfigError("--local_checkpoint_dir is --checkpoint_dir; give the local tier "
                           "its own node-local dir")
-    if ck.async_checkpoint:
-        raise ConfigError("--async_checkpoint and --local_checkpoint_dir: the durable copy is "
-                          "already made in the background; drop --async_checkpoint")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

@@ -279,7 +279,6 @@ def test_a_commit_retried_after_its_commit_point_finishes(s3, base):
     (["--checkpoint_interval_minutes", "-1"], "must be >= 0"),
     (["--local_checkpoint_dir", "l", "--local_checkpoint_interval", "-1"], "must be >= 0"),
     (["--local_checkpoint_dir", "l", "--keep_last_n_local_checkpoints", "0"], "-1 (keep all)"),
-    (["--local_checkpoint_dir", "l", "--async_checkpoint"], "drop --async_checkpoint"),
 ])
 def test_bad_tier_flags_are_one_line_errors(flags, words):
     with pytest.raises(ConfigError) as e:

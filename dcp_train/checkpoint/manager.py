@@ -25,8 +25,9 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
 7. log the `resume` record, with `requests`: what every rank sent to the store from step 1
    to 5, summed through the gather that takes the lease (store_requests.py).
 
-Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py), and to the durable
-one by background replication (replicate.py); resume takes the newer tier (tiers/policy.py).
+Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py; with
+--async_checkpoint through the save process), and to the durable one by background replication
+(replicate.py) once committed locally; resume takes the newer tier (tiers/policy.py).
 """
 
 from __future__ import annotations
@@ -94,16 +95,18 @@ class CheckpointManager:
         self.lease = WriterLease(self.dir.storage)
         self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh, save_process=SaveProcess)
-        for component in shared:  # an async save copies the state before it changes
-            if isinstance(component, OptimizerState):
-                component.optimizer.register_step_pre_hook(lambda *_: self.writer.staged())
         self.committed_step = None  # the step whose state is committed in our dir(s)
         self.local = None
         self.replicator = None
+        self.saves = self.writer  # where saves go: their records, the async save process
         if ck.local_checkpoint_dir:
             self.local = LocalTier(ck.local_checkpoint_dir, ck.keep_last_n_local_checkpoints,
-                                   info.rank, info.world_size)
+                                   info.rank, info.world_size, save_process=SaveProcess)
             self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log)
+            self.saves = self.local.protocol
+        for component in shared:  # an async save copies the state before it changes
+            if isinstance(component, OptimizerState):
+                component.optimizer.register_step_pre_hook(lambda *_: self.saves.staged())
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
         self.tier: TierChoice | None = None
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (compat.py)
@@ -128,7 +131,7 @@ class CheckpointManager:
         requests = store_requests.total(*D.agree(lambda: self._take_lease(mark),
                                                  every_rank=True))
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
-            self.writer.start_save_process(self.info.rank, self.info.world_size)
+            self.saves.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
         if found is None or not self._same_world(found):
             self.entry.fresh()
@@ -283,7 +286,7 @@ class CheckpointManager:
         replication on, and save when due (every --checkpoint_interval steps or
         --checkpoint_interval_minutes, the last step, a stop; the local tier's own
         intervals). reports: every rank's report() from the per-step gather."""
-        self.writer.poll()  # an async save that every rank has finished is logged now
+        self.saves.poll()  # an async save that every rank has finished is logged now
         self._log_records()
         if self.info.is_main:
             self._lease(self.lease.refresh)
@@ -307,12 +310,9 @@ class CheckpointManager:
         if self.local is None:
             self.writer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
                              asynchronous=self.ck.async_checkpoint)
-        else:
-            rec = self.local.save(self.progress.step, sd, durable,
-                                  self.replicator.durable_step)
-            if durable:
-                self.replicator.submit(self.progress.step, rec["path"], rec.pop("per_rank"))
-            self._log_records([{k: v for k, v in rec.items() if k != "per_rank"}])
+        else:  # replicated once committed locally (_log_records)
+            self.local.save(self.progress.step, sd, durable, self.replicator.durable_step,
+                            asynchronous=self.ck.async_checkpoint)
             self.clock.saved("local")
         if durable:
             self.clock.saved("durable")
@@ -324,10 +324,10 @@ class CheckpointManager:
         dir or world size), wait for a save or replication in flight, release the lease."""
         if self.committed_step != self.progress.step:
             self.save()
-        self.writer.close()
+        self.saves.close()
+        self._log_records()  # a last local save meant for the durable tier goes to replication
         if self.replicator is not None:
             self.replicator.finish()
-        self._log_records()
         if self.info.is_main:
             self._lease(self.lease.release)
 
@@ -340,8 +340,14 @@ class CheckpointManager:
             self.metrics.say(f"WARNING: {op.__name__} of {self.lease.path} failed: "
                              f"{describe(e)}")
 
-    def _log_records(self, records=None) -> None:
-        for record in self.writer.records() if records is None else records:
+    def _log_records(self) -> None:
+        """Log the `checkpoint` records of the saves committed since the last call; a local
+        save meant for the durable tier is handed to replication here, so replication always
+        follows the local commit (an async one too)."""
+        for record in self.saves.records():
+            per_rank = record.pop("per_rank", None)
+            if record.pop("replicate", False):
+                self.replicator.submit(record["step"], record["path"], per_rank)
             self.metrics.log("checkpoint", **record, rss_mb=resident_mb())
             tier = f"{record['tier']} " if "tier" in record else ""
             reqs = record.get("requests") or {}

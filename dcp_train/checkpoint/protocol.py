@@ -35,6 +35,7 @@ agreed on (distributed.agree), so all ranks stop with the same CheckpointError.
 The node-local tier (tiers/local.py) runs the same steps on its own directory through the same
 methods (`check_room`, `target_dir`, `write`, `commit`): only who commits differs (each node's
 lowest rank, over its node's files) and what it adds before the manifest (`tier.json`).
+With --async_checkpoint its saves run in the save process too (`child`).
 
 Requests on an object store, per save: one PUT per file (data files, `.metadata`,
 manifest.json, `latest`; a large file is a multipart upload), one LIST for retention, and for
@@ -80,40 +81,47 @@ class Checkpointer:
     rank's save process for asynchronous saves (async_save.save_process.SaveProcess, passed in
     by the manager: the save process runs this module, which therefore never imports it).
     `words(text)` rewrites the advice of an error message for this target's own flags (the
-    local tier's)."""
+    local tier's). `child`: a picklable callable that builds, in the save process, the saver
+    it runs (default None: this protocol over the same dir; the local tier passes its own)."""
 
     def __init__(self, directory: CheckpointDir, keep_last_n: int = -1, on_commit=None,
-                 save_process=None, words=None):
+                 save_process=None, words=None, child=None):
         self.dir, self.storage = directory, directory.storage
         self.keep_last_n = keep_last_n
         self.on_commit = on_commit
         self._start_saver = save_process
+        self.child = child
         self.words = words if words is not None else (lambda text: text)
         self._saver = None
         self._done: list[dict] = []
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state_dict: dict, rank: int, world_size: int,
-             asynchronous: bool = False) -> None:
+             asynchronous: bool = False, options: Optional[dict] = None) -> None:
         """Write, commit and point `latest` at step `step`. Collective. Synchronous: returns
         once committed. Asynchronous: returns at once; the tensors of `state_dict` must not
-        change before `staged()` returns (see save_process.py). The `checkpoint` record of
+        change before `staged()` returns (see save_process.py); options: keyword arguments
+        of the save process's write_and_commit (the local tier's). The `checkpoint` record of
         each committed save is handed out by `records()`."""
         self.wait()
         t0 = time.perf_counter()
         if not asynchronous:
-            record = self.write_and_commit(step, state_dict, rank, t0)
-            self._done.append({**record, "blocked_s": record["seconds"], "async": False})
+            self.finished(self.write_and_commit(step, state_dict, rank, t0))
             return
         self.start_save_process(rank, world_size)
-        self._saver.submit(step, state_dict, t0)
+        self._saver.submit(step, state_dict, t0, options or {})
+
+    def finished(self, record: dict) -> None:
+        """Hand out (`records()`) the record of a synchronous save: it blocked throughout."""
+        self._done.append({**record, "blocked_s": record["seconds"], "async": False})
 
     def start_save_process(self, rank: int, world_size: int) -> None:
         """Start this rank's save process for asynchronous saves, if not yet. Collective."""
         if self._saver is None:
             if self._start_saver is None:
                 raise ValueError("asynchronous saves need Checkpointer(..., save_process=...)")
-            self._saver = self._start_saver(self.dir, self.keep_last_n, rank, world_size)
+            self._saver = self._start_saver(self.dir, self.keep_last_n, rank, world_size,
+                                            build=self.child)
 
     def staged(self) -> None:
         """Block until the save in flight has its own copy of the state."""

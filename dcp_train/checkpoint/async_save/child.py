@@ -1,9 +1,12 @@
 """The save process itself (the child side of save_process.py), started with `spawn`.
 
-`serve` joins a gloo group of the save processes only, then runs the synchronous save protocol
-(protocol.Checkpointer.write_and_commit) on every staged state the training process sends
-through the pipe, and sends back the `checkpoint` record or the CheckpointError. It dies with
-its training process and ignores SIGINT, SIGTERM and SIGUSR1 (see save_process.py).
+`serve` joins a gloo group of the save processes only, builds its saver there (`build()`: by
+default `checkpointer`, the save protocol over the training's checkpoint dir; the local tier's
+is tiers/local.py's `in_save_process`), then runs the synchronous save
+(`saver.write_and_commit(step, state_dict, rank, t0, **options)`) on every staged state the
+training process sends through the pipe, and sends back the `checkpoint` record or the
+CheckpointError. It dies with its training process and ignores SIGINT, SIGTERM and SIGUSR1
+(see save_process.py).
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from dcp_train.run import faults
 from dcp_train.run.metrics import resident_mb
 
 
-def serve(root, storage_options, verify, keep_last_n, rank, world_size, host, port,
-          parent, conn) -> None:
+def checkpointer(root, storage_options, verify, keep_last_n) -> Checkpointer:
+    """The default saver of a save process: the save protocol over the checkpoint dir."""
+    return Checkpointer(CheckpointDir(root, storage_options, verify=verify), keep_last_n)
+
+
+def serve(build, rank, world_size, host, port, parent, conn) -> None:
     _die_with(parent)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
@@ -34,14 +41,13 @@ def serve(root, storage_options, verify, keep_last_n, rank, world_size, host, po
     store = dist.TCPStore(host, port, world_size + 1, is_master=False)
     dist.init_process_group("gloo", store=dist.PrefixStore("save", store), rank=rank,
                             world_size=world_size)
-    checkpointer = Checkpointer(CheckpointDir(root, storage_options, verify=verify),
-                                keep_last_n)
+    saver = build()  # collective over the save processes' group (the local tier's setup)
     decoder = Decoder()
     while (request := conn.recv()) is not None:
-        step, t0, staged = request
+        step, t0, staged, options = request
         try:
             staged = decoder.decode(staged)
-            record = checkpointer.write_and_commit(step, staged, rank, t0)
+            record = saver.write_and_commit(step, staged, rank, t0, **options)
             record["save_process_rss_mb"] = resident_mb()
         except CheckpointError as e:
             record = e

@@ -13,7 +13,8 @@ What the training process does for an asynchronous save of step s (Checkpointer.
 3. The staged state goes to this rank's save process through a pipe (state_pipe.py: each
    buffer crosses once, as a shared-memory handle; later saves send references).
 
-The save process runs the whole synchronous protocol of protocol.py on it: DCP planning and
+The save process runs the whole synchronous protocol of protocol.py on it (with a local tier,
+tiers/local.py's save of it, which is the same protocol on the node-local dir; `build`): DCP planning and
 serialization, checksums, writes and uploads, the space check, manifest, commit, `latest` and
 retention, over a gloo group of the save processes only (rank 0 of the training hosts its
 store). Python work in there competes for cores, not for the training interpreter's GIL.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from functools import partial
 from typing import Optional
 
 import torch
@@ -47,7 +49,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_train import distributed as D
-from dcp_train.checkpoint.async_save.child import serve
+from dcp_train.checkpoint.async_save.child import checkpointer, serve
 from dcp_train.checkpoint.async_save.state_pipe import Encoder, pack
 from dcp_train.errors import CheckpointError, one_line
 
@@ -55,8 +57,13 @@ from dcp_train.errors import CheckpointError, one_line
 class SaveProcess:
     """This rank's save process and its staging buffers (see the module docstring)."""
 
-    def __init__(self, directory, keep_last_n: int, rank: int, world_size: int):
+    def __init__(self, directory, keep_last_n: int, rank: int, world_size: int, build=None):
+        """build: a picklable callable that builds, in the save process, the saver it runs
+        (child.py); default: the save protocol over `directory`."""
         self.rank = rank
+        if build is None:
+            build = partial(checkpointer, directory.root, directory.storage.storage_options,
+                            directory.verify, keep_last_n)
         self._store = None
         if rank == 0:  # the save processes' rendezvous; lives as long as this object
             self._store = dist.TCPStore("0.0.0.0", 0, world_size + 1, is_master=True,
@@ -69,8 +76,7 @@ class SaveProcess:
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(
             target=serve, name=f"dcp_train-save-{rank}", daemon=True,
-            args=(directory.root, directory.storage.storage_options, directory.verify,
-                  keep_last_n, rank, world_size, host, port, os.getpid(), child))
+            args=(build, rank, world_size, host, port, os.getpid(), child))
         self._process.start()  # from the main thread: PR_SET_PDEATHSIG follows this thread
         child.close()
         self._pending: Optional[_Pending] = None
@@ -80,8 +86,9 @@ class SaveProcess:
     def busy(self) -> bool:
         return self._pending is not None
 
-    def submit(self, step: int, state_dict: dict, t0: float) -> None:
-        """Start saving `state_dict` as step `step` (t0: when the save was asked for)."""
+    def submit(self, step: int, state_dict: dict, t0: float, options: dict) -> None:
+        """Start saving `state_dict` as step `step` (t0: when the save was asked for;
+        options: keyword arguments of the saver's write_and_commit)."""
         pending = self._pending = _Pending(step, t0)
         staging = self._stager.stage(pack(state_dict))
 
@@ -90,7 +97,7 @@ class SaveProcess:
                 staged = future.result()
                 pending.staged_s = time.perf_counter() - t0
                 pending.copied.set()  # the live tensors may change from here on
-                self._conn.send((step, t0, self._encoder.encode(staged)))
+                self._conn.send((step, t0, self._encoder.encode(staged), options))
             except BaseException as e:  # reported by result()
                 pending.failure = e
             finally:

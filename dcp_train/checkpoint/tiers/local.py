@@ -21,7 +21,9 @@ full size at the same offsets: DCP reads them where `.metadata` says. Sharded te
 tier.json: {"nodes": node of every rank, "written": {rank: [files]}, "partial": {file:
 [[offset, length, crc32]]}, "replicate": bool (meant for the durable tier)}.
 
-Save: the durable tier's save protocol (protocol.py, the same Checkpointer methods) on each
+Save: in this process, or with --async_checkpoint in the rank's save process (async_save/,
+which builds its own LocalTier: in_save_process; the loop waits only for the staging copy).
+The durable tier's save protocol (protocol.py, the same Checkpointer methods) on each
 node's dir. Every rank, collective, failures agreed on: free space, a temp dir name from rank
 0, dcp.save into `<own node dir>/<temp>`, the copies above; then each node's lowest rank runs
 the protocol's commit over its node's files: checks the listing, writes tier.json and
@@ -43,6 +45,7 @@ import posixpath
 import socket
 import time
 import zlib
+from functools import partial
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -64,12 +67,17 @@ def node_rank() -> int:
 
 
 class LocalTier:
-    def __init__(self, template: str, keep_last_n: int, rank: int, world_size: int):
+    def __init__(self, template: str, keep_last_n: int, rank: int, world_size: int,
+                 save_process=None):
+        """save_process: as Checkpointer's, for asynchronous local saves (the save process
+        builds its own LocalTier: in_save_process)."""
         self.node, self.rank, self.world_size = node_rank(), rank, world_size
         self.root = local_path(template, self.node)
         self.dir = CheckpointDir(self.root)
         self.storage = self.dir.storage
-        self.protocol = Checkpointer(self.dir, keep_last_n, words=_local_words)
+        self.protocol = Checkpointer(
+            self.dir, keep_last_n, words=_local_words, save_process=save_process,
+            child=partial(in_save_process, template, keep_last_n, rank, world_size))
         self.nodes: list[int] = []
 
     def setup(self) -> None:
@@ -91,11 +99,25 @@ class LocalTier:
         return len(set(self.nodes)) > 1
 
     # ------------------------------------------------------------------------ saving
-    def save(self, step: int, state_dict: dict, replicate: bool, durable_step: int) -> dict:
+    def save(self, step: int, state_dict: dict, replicate: bool, durable_step: int,
+             asynchronous: bool = False) -> None:
+        """Collective: save step `step` on the local tier (write_and_commit), in this process
+        or (asynchronous) in the save process, through the protocol's Checkpointer.save (one
+        save at a time, staging as for any async save). Its `checkpoint` record comes out of
+        `self.protocol.records()` once committed."""
+        if asynchronous:
+            self.protocol.save(step, state_dict, self.rank, self.world_size, asynchronous=True,
+                               options={"replicate": replicate, "durable_step": durable_step})
+        else:
+            self.protocol.finished(self.write_and_commit(
+                step, state_dict, self.rank, time.perf_counter(), replicate, durable_step))
+
+    def write_and_commit(self, step: int, state_dict: dict, rank: int, t0: float,
+                         replicate: bool, durable_step: int) -> dict:
         """Collective: write and commit step `step` into every node's dir with the save
-        protocol (protocol.py). Returns its `checkpoint` record, with per_rank: every rank's
-        {file: [size, hex digest]}."""
-        t0 = time.perf_counter()
+        protocol (protocol.py; `rank` is self.rank, t0 when the save was asked for). Returns
+        its `checkpoint` record, with per_rank: every rank's {file: [size, hex digest]}, and
+        replicate: whether the durable tier is to get it."""
         faults.at_step(step)
         self.protocol.check_room(step, state_dict, what="local save of step")
         final = self.dir.step_path(step)
@@ -108,9 +130,9 @@ class LocalTier:
         D.agree(lambda: self._commit(step, target, final, per_rank, copies, replicate,
                                      durable_step) if self.leader else None, every_rank=True)
         size, seconds = sum(s for d in per_rank for s, _ in d.values()), time.perf_counter() - t0
-        return {"step": step, "path": final, "seconds": seconds, "blocked_s": seconds,
-                "async": False, "bytes": size, "mb_per_s": size / seconds / 1e6,
-                "tier": "local", "per_rank": per_rank}
+        return {"step": step, "path": final, "seconds": seconds, "bytes": size,
+                "mb_per_s": size / seconds / 1e6, "tier": "local", "per_rank": per_rank,
+                "replicate": replicate}
 
     def _copies(self, target: str, per_rank: list[dict]) -> tuple[bytes, dict]:
         """Collective: (.metadata's bytes, {(file, offset, length): bytes} of every entry
@@ -230,6 +252,14 @@ class LocalTier:
 
     def written_by_me(self, path: str) -> list[str]:
         return self.tier_info(path)["written"][str(self.rank)]
+
+
+def in_save_process(template: str, keep_last_n: int, rank: int, world_size: int) -> LocalTier:
+    """The save process's LocalTier (async_save/child.py builds it there, after joining the
+    save processes' group): the same dirs and node layout. Collective over that group."""
+    tier = LocalTier(template, keep_last_n, rank, world_size)
+    tier.setup()
+    return tier
 
 
 def _local_words(text: str) -> str:
