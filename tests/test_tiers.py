@@ -10,11 +10,14 @@ each, rendezvous on 127.0.0.1) are two "nodes" with local dirs base/<run>/n0 and
                DCP_TRAIN_FAULT=mid_replication:1:6: rank 1 is SIGKILLed after uploading its
                files of step 6, before the durable commit; the bucket's newest stays step 3
     local      -> --auto_resume resumes from the local tier (step >= 6), bit-exact
-    lost       the same state with node 1's local dir deleted -> resumes from the bucket
+    lost       the same state with node 1's local dir deleted -> resumes from the bucket,
+               and goes on with --async_checkpoint
     outage     the S3 endpoint down while steps are saved: local saves go on, WARNING lines,
                the bucket catches up once it is back; bit-exact
     minutes    --checkpoint_interval_minutes: saves at step boundaries all ranks agree on
     full       the local tier's disk full: one error line, nothing committed changes
+    async      --async_checkpoint: rank 1 SIGKILLed while its local save of step 6 is in
+               flight -> resumes from local step 5, bit-exact (`lost` finishes async too)
 
 Run: .venv/bin/python -m pytest tests/test_tiers.py -q
 """
@@ -115,10 +118,11 @@ def killed(s3, data, base) -> Path:
     return run
 
 
-def finish_and_compare(s3, ref, run: Path, prefix: str, data: Path, base: Path) -> dict:
+def finish_and_compare(s3, ref, run: Path, prefix: str, data: Path, base: Path,
+                       extra: tuple = ()) -> dict:
     """--auto_resume to the end; losses == and the durable step 8 torch.equal to ref's."""
     assert two_nodes([*node_args(run, f"s3://ckpt/{prefix}"), "--data_dir", str(data),
-                      "--auto_resume"], s3.env, run / "c") == [0, 0]
+                      "--auto_resume", *extra], s3.env, run / "c") == [0, 0]
     assert losses(run / "log") == losses(ref["log"])
     fs = s3fs_of(s3)
     assert read_latest(fs, f"ckpt/{prefix}") == step(MAX_STEPS)
@@ -163,9 +167,37 @@ def test_local_dir_lost_resumes_from_the_bucket(s3, ref, data, base):
     if not run.exists():
         pytest.skip("needs test_killed_before_the_bucket_has_it_resumes_from_local first")
     shutil.rmtree(run / "n1")  # node 1 replaced: its local disk is empty
-    record = finish_and_compare(s3, ref, run, "lost", data, base)
+    # with --async_checkpoint: an async two-tier run resumed from the durable tier, bit-exact
+    record = finish_and_compare(s3, ref, run, "lost", data, base, ("--async_checkpoint",))
     assert record["tier"] == "durable" and record["step"] == 3, record
     assert "not usable by rank 1 (node 1)" in record["tier_reason"]
+
+
+def test_async_local_save_killed_in_flight_resumes_from_local(s3, ref, data, base):
+    """--async_checkpoint with two tiers: local saves run in the save processes (the loop is
+    blocked only for staging), each replicated once committed locally. Rank 1's save process
+    (with rank 1) is SIGKILLed right after writing its shards of step 6: each node's newest
+    local commit stays step 5 (the bucket has at most step 3), and the resume, async again,
+    comes from the local tier's step 5, bit-exact against the synchronous reference. (An async
+    run resumed from the durable tier: test_local_dir_lost_resumes_from_the_bucket.)"""
+    run, fs = base / "async", s3fs_of(s3)
+    codes = two_nodes([*node_args(run, "s3://ckpt/async"), "--data_dir", str(data),
+                       "--async_checkpoint"],
+                      {**s3.env, "DCP_TRAIN_FAULT": "after_shards:1:6"}, run / "b")
+    assert codes[1] != 0, (run / "b.n1").read_text()[-3000:]
+    records = [r for r in metrics(run / "log") if r["kind"] == "checkpoint"]
+    assert [r["step"] for r in records][:4] == [1, 2, 3, 4], records
+    for r in records:
+        assert r["async"] is True and r["tier"] == "local", r
+        assert max(r["blocked_s"], r["staged_s"]) <= r["seconds"] and "per_rank" not in r, r
+    for node in (0, 1):
+        assert local_steps(run / f"n{node}")[-1] == 5
+        assert (run / f"n{node}" / "latest").read_text() == step(5) + "\n"
+    assert [p for p in (run / "n1").iterdir() if ".tmp-" in p.name], "step 6 was not in flight"
+    assert set(committed(fs, "ckpt/async")) <= {step(3)}
+    record = finish_and_compare(s3, ref, run, "async", data, base, ("--async_checkpoint",))
+    assert record["tier"] == "local" and record["step"] == 5, record
+    assert not [p for p in (run / "n1").iterdir() if ".tmp-" in p.name]  # retention's
 
 
 def test_outage_local_saves_go_on_and_replication_catches_up(s3, ref, data, base):
