@@ -4,6 +4,8 @@ without saves, measured side by side (paired runs, rotated order) in one invocat
     python -m bench.overlap            # models tiny and small, 1 and 2 ranks (~11 min here)
     python -m bench.overlap --quick    # tiny only, 1 rank (~1 min)
     python -m bench.overlap --cells small:1,small:2   # the 16M model only
+    python -m bench.overlap --cells small:1 --local --out bench/results_overlap_tiers
+                                      # two tiers: every save local first, then replicated
 
 For each (model, world size) it runs the trainer three ways: no saves, `--async_checkpoint`
 every K steps, synchronous saves every K steps (reference), `--train_runs` times. A segment is
@@ -12,6 +14,10 @@ wall clock and per CPU-second of the whole process tree (training and save proce
 seconds the loop was blocked per save (`blocked_s` of the checkpoint records: the call plus
 the optimizer step's wait for the staging copy), and how much the two steps after a save are
 slower than the median step of the run without saves.
+
+With --local, every run also has a local tier (--local_checkpoint_dir in the run's temp dir;
+the durable --checkpoint_dir is a local dir too): each save is a local save followed by its
+replication, synchronous or (--async_checkpoint) in the save process.
 
 Threads: each rank runs OMP_NUM_THREADS = cores / ranks - 1 when that leaves at least one
 thread (1 rank on 2 cores: one core trains, one is free, as on a GPU node whose CPUs mostly
@@ -72,6 +78,7 @@ def measure(model: str, ws: int, a, work: Path, log) -> dict:
             shutil.rmtree(d, ignore_errors=True)
             flags = common + runs[name] + ["--log_dir", str(d / "log"),
                                            "--checkpoint_dir", str(d / "ckpt")]
+            flags += ["--local_checkpoint_dir", str(d / "local")] if a.local else []
             marks[name].append(run_watched(torchrun(ws, ["-m", "dcp_train.main", *flags]), ws,
                                            a.child_timeout, skip_root=True, env=env, log=log))
             records[name].append(read_metrics(str(d / "log")))
@@ -113,7 +120,9 @@ def med(xs) -> float:
 
 def render(results: list[dict], meta: dict) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; `python -m bench.overlap "
-             f"{meta['args']}`; an async save every {meta['interval']} steps; "
+             f"{meta['args']}`; " + ("two tiers (--local_checkpoint_dir): every save local, "
+                                     "then replicated; " if meta.get("local") else "") +
+             f"an async save every {meta['interval']} steps; "
              f"{meta['train_runs']} runs x {meta['segments']} segments per cell; wall time "
              f"{meta['wall_s']:.0f} s; load average at start {meta['load'][0]}, at end "
              f"{meta['load'][1]}.", "",
@@ -143,6 +152,8 @@ def main(argv=None) -> None:
     p.add_argument("--interval", type=int, default=3, help="an async save every N steps")
     p.add_argument("--segments", type=int, default=3, help="measured segments per run")
     p.add_argument("--train_runs", type=int, default=2, help="runs of each kind per cell")
+    p.add_argument("--local", action="store_true",
+                   help="two tiers: every run also with --local_checkpoint_dir")
     p.add_argument("--child_timeout", type=float, default=900.0)
     p.add_argument("--out", default=str(REPO / "bench" / "results_overlap"))
     p.add_argument("--cells", default="tiny:1,tiny:2,small:1,small:2",
@@ -158,7 +169,8 @@ def main(argv=None) -> None:
         for model, ws in cells:
             print(f"[overlap] {model}, {ws} rank(s)", flush=True)
             results.append(measure(model, ws, a, Path(tmp), lambda m: print(m, flush=True)))
-    meta = run_meta(t0, load0, argv, interval=a.interval, segments=a.segments, train_runs=a.train_runs)
+    meta = run_meta(t0, load0, argv, interval=a.interval, segments=a.segments,
+                    train_runs=a.train_runs, local=a.local)
     write_results(a.out, meta, results, render(results, meta))
 
 
