@@ -1,4 +1,4 @@
-"""The parts of the GPU check (bench/gpu_check.py runs them: env, speed, exact, ckpt, pinned).
+"""The parts of the GPU check (bench/gpu_check.py runs them: env, speed, exact, pinned, ckpt).
 
 Each part is `part_x(a, s, work, out, budget)`: `a` the command line, `s` the settings (GPU or
 TINY in gpu_check.py), `work` its scratch dir, `out` the dict it fills with its figures and

@@ -13,9 +13,10 @@
 # folder on a machine with PyPI, for the GPU machine's Python (python3 -V there; 3.12 below):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d launch/gpu_wheels \
-#     torchdata==0.11.0
+#     torchdata==0.11.0 crc32c==2.9.post0
 # adding any of tiktoken regex requests urllib3 idna certifi charset-normalizer tqdm numpy
-# fsspec that the machine lacks (never torch itself, which torchdata would pull).
+# fsspec that the machine lacks (never torch itself, which torchdata would pull). crc32c is
+# the checksum of every checkpoint file (pyproject's dependencies); the H200 image lacks it.
 # Without CUDA (and without --device cpu) it stops at once: one line, exit code 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ case " $* " in
        echo "gpu_check: error: CUDA is not available to $_py; run on a GPU machine, or with" \
             "--device cpu --tiny for the CPU flow" >&2; exit 2; } ;;
 esac
-_need="import torch, torchdata, tiktoken, tqdm, numpy, fsspec"
+_need="import torch, torchdata, tiktoken, tqdm, numpy, fsspec, crc32c"
 if ! "$_py" -c "$_need" 2>/dev/null; then
   _wheels="${DCP_TRAIN_WHEELS:-launch/gpu_wheels}"
   echo "gpu_check: installing dcp_train's missing dependencies offline from $_wheels"

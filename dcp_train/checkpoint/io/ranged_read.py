@@ -26,13 +26,14 @@ def read_ranges(fs, sizes: dict[str, int]) -> dict[str, bytes]:
             starts.append(start)
             ends.append(min(size, start + READ_CHUNK))
     parts = fs.cat_ranges(paths, starts, ends, on_error="raise") if paths else []
-    out = {path: bytearray() for path in sizes}
+    chunks: dict[str, list[bytes]] = {path: [] for path in sizes}
     for path, part in zip(paths, parts):
-        out[path] += part
+        chunks[path].append(part)
+    out = {path: b"".join(c) for path, c in chunks.items()}  # a one-part file: not copied
     for path, size in sizes.items():
         if len(out[path]) != size:
             raise OSError(f"{path} has {len(out[path])} bytes, expected {size}")
-    return {path: bytes(data) for path, data in out.items()}
+    return out
 
 
 def open_sized(fs, path: str, size: int):
