@@ -177,6 +177,16 @@ class CheckpointConfig:
                                    "stop has not finished within this many seconds (0: no "
                                    "limit, only a second signal exits without one)",
                                    default=120.0)
+    stall_timeout: float = _help(
+        "seconds any rank waits for another rank, for its save process or for a store that "
+        "does not answer, in any phase, before the job exits 69 naming what stalled; also how "
+        "long a dead job's writer lease blocks a relaunch (300: 100x a 124M step on one GPU, "
+        "10x a 124M save to local disk; torchtitan's default collective timeout)",
+        default=300.0)
+    store_retry_budget: float = _help(
+        "seconds a store may refuse requests (5xx, SlowDown/429, connection errors) before a "
+        "save or resume gives up with exit 69; replication warns and retries at the next save "
+        "(600: S3/GCS outages and throttling bursts are usually minutes)", default=600.0)
 
 
 @dataclass
@@ -294,6 +304,8 @@ _RANGES = [
     ("peak_tflops", lambda v: v >= 0, ">= 0 (0: from the GPU's name)"),
     ("preempt_timeout", lambda v: v >= 0,
      "seconds >= 0 (0: no limit, only a second signal exits without a checkpoint)"),
+    ("stall_timeout", lambda v: v >= 1, "seconds >= 1"),
+    ("store_retry_budget", lambda v: v >= 0, "seconds >= 0 (0: no retries beyond the store client's own)"),
     ("block_size", lambda v: v >= 1, ">= 1"),
     ("vocab_size", lambda v: v >= 1, ">= 1"),
     ("n_layer", lambda v: v >= 1, ">= 1"),
