@@ -43,6 +43,7 @@ import io
 import os
 import pickle
 import posixpath
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 from dcp_train.torch_compat import require_dcp_internals
@@ -197,24 +198,23 @@ class _DigestingLocalFS(_Digests, _LocalFS):
 class _RemoteFS(_Digests, _FsspecFS):
     """torch's fsspec FileSystem that keeps the storage options across reset(), has no
     directories to make, and serves the files it prefetched whole (`verify`) from memory,
-    checksumming each once as it hands it out. sizes: {file name: size} known beforehand
-    (opening or prefetching one of those sends no HEAD)."""
+    checksummed as they arrived. sizes: {file name: size} known beforehand (opening or
+    prefetching one of those sends no HEAD)."""
 
     def __init__(self, fs, storage_options: dict, sizes: dict | None = None):
         super().__init__()
         self.fs = fs
         self.storage_options = storage_options
         self.sizes = dict(sizes or {})
-        self.whole: dict[str, bytes] = {}  # prefetched, until DCP opens them
+        self.whole: dict[str, Future] = {}  # prefetched: (bytes, digest), until DCP opens them
 
     @contextmanager
     def create_stream(self, path, mode):
         name = posixpath.basename(str(path))
         if "r" in mode and name in self.whole:
-            data = self.whole.pop(name)
-            if self.checksum is not None:
-                self.digests[name] = [len(data),
-                                      C.hexdigest(C.update(self.checksum, 0, data))]
+            data, digest = self.whole.pop(name).result()  # waits for this file's download
+            if digest is not None:
+                self.digests[name] = digest
             yield io.BytesIO(data)
             return
         if "r" in mode and name in self.sizes:
@@ -224,22 +224,28 @@ class _RemoteFS(_Digests, _FsspecFS):
         with super().create_stream(path, mode) as stream:
             yield stream
 
-    def prefetch(self, paths: list[str], nbytes: int = 0) -> None:
-        """Download `paths` (`nbytes` in all) whole, all at once: ranged GETs of the sizes
-        known (ranged_read.py), no HEAD; a file of unknown size by fsspec's cat (s3fs splits a
-        large object into concurrent ranged GETs, gcsfs when asked to); a bytes bar at a
-        terminal on rank 0 (run/progress.py)."""
-        known = {p: self.sizes[posixpath.basename(p)] for p in paths
-                 if posixpath.basename(p) in self.sizes}
-        rest = [p for p in paths if p not in known]
-        kwargs = {"concurrency": FETCH_CONCURRENCY} if {"gs", "gcs"} & set(
-            _protocols(self.fs)) else {}
-        data = {}
-        if paths:
-            with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
-                data = read_ranges(self.fs, known)
-                data.update(self.fs.cat(rest, **kwargs) if rest else {})
-        self.whole = {posixpath.basename(p): v for p, v in data.items()}
+    def prefetch(self, paths: list[str]) -> None:
+        """Download `paths` whole, in the order given (the order DCP opens them), one file
+        after the other on a background thread, so that DCP deserializes a file while the
+        next one downloads (create_stream waits for its file). A file of known size goes as
+        concurrent ranged GETs (ranged_read.py, no HEAD), one of unknown size by fsspec's
+        cat_file (gcsfs asked for concurrent ranges). Each file is checksummed on the
+        download thread as it arrives (crc32c releases the GIL)."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-fetch")
+        self.whole = {posixpath.basename(p): pool.submit(self._fetch, p) for p in paths}
+        pool.shutdown(wait=False)  # the thread ends after the last file
+
+    def _fetch(self, path: str) -> tuple[bytes, list | None]:
+        name = posixpath.basename(path)
+        if name in self.sizes:
+            data = read_ranges(self.fs, {path: self.sizes[name]})[path]
+        elif {"gs", "gcs"} & set(_protocols(self.fs)):
+            data = self.fs.cat_file(path, concurrency=FETCH_CONCURRENCY)
+        else:
+            data = self.fs.cat_file(path)
+        if self.checksum is None:
+            return data, None
+        return data, [len(data), C.hexdigest(C.update(self.checksum, 0, data))]
 
     def init_path(self, path, **kwargs):
         return super().init_path(path, **{**self.storage_options, **kwargs})
@@ -328,10 +334,14 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
 
     def read_data(self, plan, planner):
         self.fs.verify = self.mostly_read(plan)
-        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in self.fs.verify],
-                         sum(info.length for info in self.storage_data.values()
-                             if info.relative_path in self.fs.verify))
-        return super().read_data(plan, planner)
+        order = dict.fromkeys(self.storage_data[item.storage_index].relative_path
+                              for item in plan.items)  # the order DCP opens the files in
+        fetched = [name for name in order if name in self.fs.verify]
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in fetched])
+        nbytes = sum(info.length for info in self.storage_data.values()
+                     if info.relative_path in self.fs.verify)
+        with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
+            return super().read_data(plan, planner)
 
 
 FETCH_CONCURRENCY = 8  # concurrent ranged GETs of one file of unknown size (gcsfs)

@@ -25,7 +25,7 @@ Atomicity.
 
 Requests (object stores). Every method says what it sends; none looks before it leaps:
 `listing` is one LIST (a page per 1,000 names), `read_bytes` one GET (no HEAD first),
-`read_many` one ranged GET per ranged_read.READ_CHUNK of each file (sizes given, so no HEAD),
+`read_many` up to ranged_read.READ_PARTS ranged GETs of each file (sizes given, so no HEAD),
 `write_bytes`/`write_atomic` one PUT, `rm_file` one DELETE (no existence check), `rm_tree`
 a listing and batched deletes. `exists` and `size` are a HEAD (and a LIST when missing):
 tools use them; the protocol only to look for the manifest of a step dir it has not seen
