@@ -23,6 +23,31 @@ def storage(request, tmp_path) -> Storage:
     return Storage(f"{request.param}://ckpt/{name}", srv.storage_options)
 
 
+def test_ranged_reads_whole_files_and_spans(storage, monkeypatch):
+    """read_ranges splits a file into at most READ_PARTS ranged GETs; read_spans fetches
+    merged spans, and SpanFile serves exactly those bytes (an unfetched byte is an error)."""
+    from dcp_train.checkpoint.io import ranged_read as R
+    st = storage
+    data = bytes(range(256)) * 4096  # 1 MiB
+    path = st.join("f.bin")
+    st.write_bytes(path, data)
+    monkeypatch.setattr(R, "READ_CHUNK", 100_000)  # 1 MiB as 4 parts of 262,144 bytes
+    assert R.read_ranges(st.fs, {path: len(data)}) == {path: data}
+    monkeypatch.setattr(R, "SPAN_GAP", 10)
+    got = R.read_spans(st.fs, {path: [(500_000, 100), (100, 50), (140, 20), (165, 5)]})
+    assert got == {path: {100: data[100:170], 500_000: data[500_000:500_100]}}
+    f = R.SpanFile(got[path], len(data), "f.bin")
+    f.seek(500_050)
+    assert f.read(50) == data[500_050:500_100]
+    f.seek(120)
+    assert f.read(50) == data[120:170]
+    f.seek(-1, 2)
+    with pytest.raises(OSError, match="byte 1048575 was not fetched"):
+        f.read(1)
+    with pytest.raises(OSError, match="ended before byte"):
+        R.read_spans(st.fs, {path: [(len(data) - 10, 20)]})
+
+
 @pytest.fixture(scope="module")
 def process_group(tmp_path_factory):
     """world_size 1, gloo, as the trainer runs it (unless a group already exists)."""

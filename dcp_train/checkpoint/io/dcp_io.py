@@ -58,7 +58,8 @@ from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION  # noqa:
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
 
 from dcp_train.checkpoint.io import checksum as C  # noqa: E402
-from dcp_train.checkpoint.io.ranged_read import open_sized, read_ranges  # noqa: E402
+from dcp_train.checkpoint.io.ranged_read import (  # noqa: E402
+    SpanFile, open_sized, read_ranges, read_spans)
 from dcp_train.checkpoint.io.checked_streams import (  # noqa: E402
     Discard, ReadChecksum, WriteChecksum)
 from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
@@ -207,6 +208,7 @@ class _RemoteFS(_Digests, _FsspecFS):
         self.storage_options = storage_options
         self.sizes = dict(sizes or {})
         self.whole: dict[str, Future] = {}  # prefetched: (bytes, digest), until DCP opens them
+        self.parts: dict[str, tuple] = {}  # (Future of read_spans, path) of files read in part
 
     @contextmanager
     def create_stream(self, path, mode):
@@ -217,6 +219,10 @@ class _RemoteFS(_Digests, _FsspecFS):
                 self.digests[name] = digest
             yield io.BytesIO(data)
             return
+        if "r" in mode and name in self.parts:
+            batch, full = self.parts.pop(name)
+            yield SpanFile(batch.result()[full], self.sizes[name], name)
+            return
         if "r" in mode and name in self.sizes:
             with open_sized(self.fs, path, self.sizes[name]) as stream:
                 yield stream
@@ -224,14 +230,20 @@ class _RemoteFS(_Digests, _FsspecFS):
         with super().create_stream(path, mode) as stream:
             yield stream
 
-    def prefetch(self, paths: list[str]) -> None:
+    def prefetch(self, paths: list[str], spans: dict[str, list] | None = None) -> None:
         """Download `paths` whole, in the order given (the order DCP opens them), one file
         after the other on a background thread, so that DCP deserializes a file while the
         next one downloads (create_stream waits for its file). A file of known size goes as
         concurrent ranged GETs (ranged_read.py, no HEAD), one of unknown size by fsspec's
         cat_file (gcsfs asked for concurrent ranges). Each file is checksummed on the
-        download thread as it arrives (crc32c releases the GIL)."""
+        download thread as it arrives (crc32c releases the GIL). Before them, `spans`
+        ({path: [(offset, length)]}, files of known size DCP reads only parts of: entries
+        rank 0 alone saved, other ranks' files after a change of world size) are fetched in
+        one batch of concurrent ranged GETs (read_spans), not piece by piece as DCP reads."""
         pool = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-fetch")
+        if spans:
+            batch = pool.submit(read_spans, self.fs, spans)
+            self.parts = {posixpath.basename(p): (batch, p) for p in spans}
         self.whole = {posixpath.basename(p): pool.submit(self._fetch, p) for p in paths}
         pool.shutdown(wait=False)  # the thread ends after the last file
 
@@ -337,7 +349,13 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
         order = dict.fromkeys(self.storage_data[item.storage_index].relative_path
                               for item in plan.items)  # the order DCP opens the files in
         fetched = [name for name in order if name in self.fs.verify]
-        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in fetched])
+        spans: dict[str, list] = {}
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            if info.relative_path not in self.fs.verify and info.relative_path in self.fs.sizes:
+                spans.setdefault(self.fs.concat_path(self.path, info.relative_path), []).append(
+                    (info.offset, info.length))
+        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in fetched], spans)
         nbytes = sum(info.length for info in self.storage_data.values()
                      if info.relative_path in self.fs.verify)
         with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):

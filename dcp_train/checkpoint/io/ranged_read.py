@@ -15,10 +15,14 @@ files read in parts.
 
 from __future__ import annotations
 
+import bisect
+import io
+
 from fsspec.spec import AbstractBufferedFile
 
 READ_CHUNK = 32 << 20  # bytes per ranged GET, at least (a smaller file: one GET)
 READ_PARTS = 4  # ranged GETs per file, at most
+SPAN_GAP = 1 << 20  # spans of a file closer than this are fetched as one ranged GET
 
 
 def read_ranges(fs, sizes: dict[str, int]) -> dict[str, bytes]:
@@ -50,3 +54,66 @@ def open_sized(fs, path: str, size: int):
     if isinstance(f, AbstractBufferedFile) and getattr(f, "_details", 0) is None:
         f.details = {"name": path, "size": size, "type": "file"}
     return f
+
+
+def read_spans(fs, spans: dict[str, list[tuple[int, int]]]) -> dict[str, dict[int, bytes]]:
+    """The byte ranges `spans` ({path: [(offset, length), ...]}) of files, all at once: spans
+    of a file that overlap or lie within SPAN_GAP of each other are merged, and each merged
+    span is one ranged GET (fsspec's cat_ranges runs them concurrently). Returns {path:
+    {offset: bytes}} of the merged spans; OSError if a file ends early."""
+    paths, starts, ends = [], [], []
+    for path, wanted in spans.items():
+        for offset, length in sorted(wanted):
+            if paths and paths[-1] == path and offset <= ends[-1] + SPAN_GAP:
+                ends[-1] = max(ends[-1], offset + length)
+            else:
+                paths.append(path)
+                starts.append(offset)
+                ends.append(offset + length)
+    parts = fs.cat_ranges(paths, starts, ends, on_error="raise") if paths else []
+    out: dict[str, dict[int, bytes]] = {path: {} for path in spans}
+    for path, start, end, part in zip(paths, starts, ends, parts):
+        if len(part) != end - start:
+            raise OSError(f"{path} ended before byte {end}: {len(part)} of {end - start} "
+                          f"bytes from byte {start}")
+        out[path][start] = part
+    return out
+
+
+class SpanFile(io.RawIOBase):
+    """A read-only, seekable file of `size` bytes of which only some ranges are held
+    ({offset: bytes}, read_spans); reading a byte outside them raises OSError (DCP reads only
+    the ranges its plan names, which is what was fetched)."""
+
+    def __init__(self, spans: dict[int, bytes], size: int, name: str = ""):
+        super().__init__()
+        self._spans, self._starts = spans, sorted(spans)
+        self._size, self._pos, self.name = size, 0, name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._pos >= self._size or not view.nbytes:
+            return 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        data = self._spans[self._starts[i]] if i >= 0 else b""
+        offset = self._pos - (self._starts[i] if i >= 0 else 0)
+        if offset >= len(data):
+            raise OSError(f"{self.name}: byte {self._pos} was not fetched")
+        n = min(view.nbytes, len(data) - offset)
+        view[:n] = memoryview(data)[offset:offset + n]
+        self._pos += n
+        return n
