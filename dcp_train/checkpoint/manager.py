@@ -50,7 +50,7 @@ from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
 from dcp_train.checkpoint.tiers.replicate import ReplicationReport, Replicator
 from dcp_train.config import Config
 from dcp_train.errors import CheckpointError, ConfigError, describe
-from dcp_train.run import failure
+from dcp_train.run import failure, stall
 from dcp_train.run.metrics import resident_mb
 
 
@@ -92,7 +92,7 @@ class CheckpointManager:
         self.entry = entry
         self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
                                  verify=ck.verify_checkpoint)
-        self.lease = WriterLease(self.dir.storage)
+        self.lease = WriterLease(self.dir.storage, ck.stall_timeout, say=metrics.say)
         self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh, save_process=SaveProcess)
         self.committed_step = None  # the step whose state is committed in our dir(s)
@@ -139,6 +139,7 @@ class CheckpointManager:
             if self.ck.auto_resume:
                 self.metrics.say(f"no checkpoint in {self.dir.root}: starting fresh at step 0")
             return
+        stall.committed(found.step)  # named if a rank stalls (run/stall.py)
         if found.path == self.dir.step_path(found.step) or self._from_local:
             self.committed_step = found.step
         self._log_resume(found, time.perf_counter() - t0, requests)
@@ -345,6 +346,7 @@ class CheckpointManager:
         save meant for the durable tier is handed to replication here, so replication always
         follows the local commit (an async one too)."""
         for record in self.saves.records():
+            stall.committed(record["step"])
             per_rank = record.pop("per_rank", None)
             if record.pop("replicate", False):
                 self.replicator.submit(record["step"], record["path"], per_rank)
