@@ -11,7 +11,8 @@ checkpoint every 2 steps.
        process of rank 1", step 4 never committed
     d. a job SIGKILLed, its lease seen as another host's (as by a pod relaunched on another
        node): the relaunch waits the lease out within its --stall_timeout, says so once, and
-       finishes bit-exact
+       finishes bit-exact; a holder on another host that keeps renewing is refused after
+       the wait (no torchrun)
 
 The SIGSTOP comes from the fault hook `DCP_TRAIN_FAULT=POINT:RANK:STEP:stop` (run/faults.py):
 the process sends it to itself at a known point; the test sees the stopped process in /proc.
@@ -23,11 +24,14 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
+from dcp_train.checkpoint.io.storage import Storage
 from helpers import (REPO, TINY, assert_same_run, child_env, descendants, kill_job, metrics,
                      run_train, torchrun_cmd, wait_for)
 
@@ -184,3 +188,38 @@ def test_dead_jobs_lease_waited_out_within_the_stall_timeout(base, data, referen
     assert took <= stall + 60
     assert json.loads(lease.read_text() if lease.exists() else "{}").get("host") != "another-node"
     assert_same_run(out, reference, tmp_path, N)
+
+
+def test_a_live_lease_of_another_host_is_refused_after_the_wait(tmp_path):
+    """The other side of test d: a holder on another host that keeps renewing (a real thread
+    renewing a real lease file) is alive: the newcomer waits, sees the renewal and refuses."""
+    storage = Storage(str(tmp_path))
+    holder = WriterLease(storage, timeout_s=2.0)
+    holder.mine["host"] = "another-node"
+    holder.acquire()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(0.3):
+            holder.refresh()  # every timeout/4 = 0.5 s
+    thread = threading.Thread(target=renew)
+    thread.start()
+    said = []
+    try:
+        newcomer = WriterLease(storage, timeout_s=2.0, say=said.append)
+        wait = newcomer.expiry_wait()
+        assert 0 < wait <= 2.0 + 0.5
+        time.sleep(wait)
+        with pytest.raises(LeaseError, match="is in use by run"):
+            newcomer.check()
+    finally:
+        stop.set()
+        thread.join()
+    assert len(said) == 1 and "waiting" in said[0], said
+    # the holder is dead now: its lease expires within its timeout and is taken over
+    newcomer = WriterLease(storage, timeout_s=2.0)
+    wait = newcomer.expiry_wait()
+    assert 0 < wait <= 2.0 + 0.5
+    time.sleep(wait)
+    newcomer.acquire()
+    assert json.loads((tmp_path / "writer.lease").read_text())["host"] != "another-node"

@@ -122,6 +122,7 @@ class CheckpointManager:
         failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
+        time.sleep(D.agree(self._lease_wait))  # a dead job's lease on another host: waited out
         found = D.agree(self._choose)
         if self.local is not None:
             found = self._choose_tier(found)
@@ -232,6 +233,14 @@ class CheckpointManager:
             self.lease.check()
         except LeaseError as e:
             raise CheckpointError(str(e)) from e
+
+    def _lease_wait(self) -> float:
+        """Rank 0: seconds to wait for a lease that is about to expire (lease.py); an error
+        reading it is the probe's to report, in _choose."""
+        try:
+            return self.lease.expiry_wait()
+        except Exception:
+            return 0.0
 
     def _take_lease(self, mark) -> dict:
         """Every rank: rank 0 takes the lease; each returns its store requests since `mark`

@@ -9,10 +9,11 @@ and refreshes its heartbeat while training. A new run may take the lease over wh
 - its heartbeat is older than its timeout (a holder on another host that died). The timeout is
   the holder's --stall_timeout (`timeout_s`, written into the lease; it renews the heartbeat
   every timeout/4 seconds at step boundaries and commits). A lease of another host younger
-  than that is waited out (`check`), at most WAIT_SHARE of this run's own --stall_timeout, and
-  said once: a relaunch after a dead job (a pod restarted on another node) is blocked no
-  longer than the stall timeout and is not refused. If the heartbeat moves meanwhile, the
-  holder is alive.
+  than that, expiring within this run's own --stall_timeout, is waited out (`expiry_wait`:
+  every rank sleeps that long, outside any collective, then `check` reads it again) and said
+  once: a relaunch after a dead job (a pod restarted on another node) is blocked no longer
+  than the stall timeout and is not refused. If the heartbeat moved meanwhile, the holder is
+  alive and `check` refuses.
 
 Otherwise the run stops with an error naming the holder and how to override (delete the file).
 The lease file is replaced atomically, but neither local files nor fsspec object stores give us
@@ -35,7 +36,6 @@ import uuid
 from dcp_train.checkpoint.io.storage import Storage
 
 LEASE = "writer.lease"
-WAIT_SHARE = 0.8  # of --stall_timeout: the other ranks wait for rank 0 in a collective meanwhile
 
 
 class LeaseError(RuntimeError):
@@ -74,8 +74,6 @@ class WriterLease:
         """LeaseError if another run that is alive holds the lease (reads only)."""
         self._checked_at = time.monotonic()
         holder = self._read()
-        if holder is not None and self._alive(holder) and self._outlived(holder):
-            return
         if holder is not None and self._alive(holder):
             raise LeaseError(
                 f"checkpoint dir {self.storage.root} is in use by run {holder.get('run_id')} "
@@ -100,24 +98,22 @@ class WriterLease:
             return _pid_alive(int(holder.get("pid", -1)))
         return time.time() - float(holder.get("heartbeat", 0)) < float(holder.get("timeout_s", 0))
 
-    def _outlived(self, holder: dict) -> bool:
-        """For a live-looking lease of another host: wait until its heartbeat is older than
-        its timeout, if that comes within WAIT_SHARE of our timeout; True if it expired
-        without a new heartbeat (the holder is dead), False if it did not (or cannot soon)."""
-        if holder.get("host") == self.mine["host"]:
-            return False  # its pid is alive: alive
+    def expiry_wait(self) -> float:
+        """Seconds to wait before `check`: for a lease of another host that looks alive and
+        expires within this run's timeout, the time until it expires (said once through
+        `say`); else 0 (none, stale, ours, or a live one that `check` refuses)."""
+        holder = self._read()
+        if holder is None or not self._alive(holder) or holder.get("host") == self.mine["host"]:
+            return 0.0
         beat = float(holder.get("heartbeat", 0))
         left = beat + float(holder.get("timeout_s", 0)) - time.time()
-        if left > WAIT_SHARE * self.timeout_s:
-            return False
+        if left > self.timeout_s:
+            return 0.0
         self.say(f"checkpoint dir {self.storage.root}: the writer lease of run "
                  f"{holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}) "
                  f"was renewed {time.time() - beat:.0f}s ago; waiting {left:.0f}s for it to "
                  "expire (a live run renews it; a dead one's expires)")
-        time.sleep(max(0.0, left) + 0.5)
-        again = self._read()
-        self._checked_at = time.monotonic()
-        return again is None or float(again.get("heartbeat", 0)) == beat
+        return max(0.0, left) + 0.5
 
     def _read(self) -> dict | None:
         try:
