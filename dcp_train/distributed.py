@@ -54,13 +54,16 @@ def setup(device: str = "auto", timeout_s: float = 300) -> DistInfo:
     timeout_s (--stall_timeout) bounds every collective: on gloo (CPU, and the CPU group of
     `agree` on CUDA) a collective whose peer does not answer raises after timeout_s
     (`timed_out`; tests/test_stalls.py checks it with a SIGSTOPped rank). On CUDA the same
-    timeout goes to nccl's watchdog; unless already set, TORCH_NCCL_ASYNC_ERROR_HANDLING=3 (the
-    watchdog aborts the communicator and ends the process on a timed-out collective instead of
-    leaving it hung) and TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=timeout_s (the monitor that ends a
-    process whose watchdog itself hangs; torch's default is 480 s) are set for it. The CPU
-    group's per-step gather usually times out first and names the stalled rank (run/stall.py);
-    where the watchdog wins, the rank ends by SIGABRT and its peers name it as a dead rank.
-    Not testable on this CPU-only machine."""
+    timeout goes to nccl's watchdog; unless already set, TORCH_NCCL_ASYNC_ERROR_HANDLING=3 (nccl's
+    watchdog ends the process on a timed-out collective instead of leaving it hung; torch's
+    own default in recent releases, set so that an older default or launcher does not
+    differ) and TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=timeout_s (the monitor that ends a
+    process whose watchdog itself hangs; torch's default is 480 s) are set for it. Where the
+    wait for a stopped peer is a gloo collective (`agree`'s per-step gather, a save's), the
+    stalled rank is named (run/stall.py); where it is a GPU sync behind an nccl collective
+    (a loss's `.item()`), only nccl's watchdog sees it, and it ends the waiting process with
+    nccl's own message after timeout_s: the job still ends, without our line naming the rank.
+    Not tested: no machine here has two GPUs."""
     if "RANK" not in os.environ:  # a plain `python -m dcp_train.main`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

@@ -145,7 +145,7 @@ class SaveProcess:
         pending, self._pending = self._pending, None
         while not pending.sent.wait(0.5):
             self._check_alive(pending.step)
-        while not self._conn.poll(0.5):
+        while pending.failure is None and not self._conn.poll(0.5):
             if not self._process.is_alive():
                 break  # its end of the pipe is closed: recv raises EOFError at once
             self._check_alive(pending.step)

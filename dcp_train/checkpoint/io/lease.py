@@ -21,7 +21,8 @@ a compare-and-swap here, so two runs started at the same instant could both win:
 guards against mistakes (a second job on the same directory), not against a deliberate race.
 
 Requests on an object store: `check` one GET (a missing lease is a 404, no HEAD first),
-`acquire` one PUT (and a GET unless `check` ran within timeout/4 seconds), `refresh` one PUT
+`acquire` one PUT (and a GET unless `check` ran within timeout/4 seconds; `expiry_wait`'s
+GET serves the `check` after it unless it waited), `refresh` one PUT
 at most every timeout/4 seconds, `release` a GET and a DELETE.
 """
 
@@ -61,6 +62,7 @@ class WriterLease:
         self.mine = {"run_id": run_id(), "host": socket.gethostname(), "pid": os.getpid()}
         self._last_refresh = 0.0
         self._checked_at = None  # time.monotonic() of the last check()
+        self._peeked = []  # [the lease expiry_wait read], for the check right after it
 
     def acquire(self) -> None:
         """Take the lease: LeaseError if another live run holds it. Reads it again unless
@@ -73,7 +75,7 @@ class WriterLease:
     def check(self) -> None:
         """LeaseError if another run that is alive holds the lease (reads only)."""
         self._checked_at = time.monotonic()
-        holder = self._read()
+        holder = self._peeked.pop() if self._peeked else self._read()
         if holder is not None and self._alive(holder):
             raise LeaseError(
                 f"checkpoint dir {self.storage.root} is in use by run {holder.get('run_id')} "
@@ -104,6 +106,7 @@ class WriterLease:
         `say`); else 0 (none, stale, ours, or a live one that `check` refuses)."""
         holder = self._read()
         if holder is None or not self._alive(holder) or holder.get("host") == self.mine["host"]:
+            self._peeked[:] = [holder]  # check() needs no second GET
             return 0.0
         beat = float(holder.get("heartbeat", 0))
         left = beat + float(holder.get("timeout_s", 0)) - time.time()
