@@ -9,7 +9,8 @@ It owns the policy (when to save, sync or async, retention, which checkpoint to 
 and the writer lease; the components (state.py) own what is saved and how it comes back.
 
 resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
-1. probe the storage, refuse a dir another live run writes (the lease, read only);
+1. probe the storage, refuse a dir another live run writes (the lease, read only; a dead
+   job's lease on another host that expires within --stall_timeout is waited out first);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
    newest valid one (layout.py); without either a dir that holds committed
    checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
