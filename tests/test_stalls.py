@@ -4,7 +4,8 @@ longer than the stall timeout. Real torchrun, 2 ranks on CPU/gloo, the TINY mode
 checkpoint every 2 steps.
 
     a. rank 1 stops at the start of step 5 (after step 4 is committed): exit 69 naming rank 1
-       within 30 s + margin; --auto_resume is bit-exact with the uninterrupted run
+       within 30 s + margin; --auto_resume is bit-exact with the uninterrupted run; the same
+       for rank 0 (--stall_timeout 10), named by rank 1
     b. rank 1 stops inside the save of step 4 (its shards written, nothing committed): the same,
        step 4 never committed, `latest` still step 2
     c. rank 1's async save process stops inside the save of step 4: exit 69 naming "the save
@@ -113,13 +114,13 @@ def committed_steps(ckpt: Path) -> list[int]:
                   if (p / "manifest.json").exists())
 
 
-def assert_stall_ended(result: dict, who: str) -> str:
+def assert_stall_ended(result: dict, who: str, stall: int = STALL) -> str:
     line = the_line(result)
-    assert who in line and f"did not answer for {STALL} s" in line, line
+    assert who in line and f"did not answer for {stall} s" in line, line
     assert result["rc"] != 0
     codes = rank_exit_codes(result["stderr"] + result["stdout"])
     assert 69 in codes.values(), codes
-    assert result["ended_s"] <= STALL + MARGIN, result["ended_s"]
+    assert result["ended_s"] <= stall + MARGIN, result["ended_s"]
     assert not os.path.exists(f"/proc/{result['pid']}") or not stopped(result["pid"])
     return line
 
@@ -134,6 +135,17 @@ def test_rank_stopped_while_training(base, data, reference, tmp_path):
     run_train(2, job_args(out, data, "--auto_resume"))
     assert [r["step"] for r in metrics(out / "log") if r["kind"] == "resume"] == [4]
     assert_same_run(out, reference, tmp_path, N)
+
+
+def test_rank_0_stopped_is_named_by_rank_1(base, data):
+    """The rank that stalled is rank 0 (the lease holder, rank 0 of every decision): rank 1
+    names it, without waiting for rank 0 to speak first."""
+    out = base / "a0"
+    result = run_until_stall(out, job_args(out, data, "--stall_timeout", "10"),
+                             "mid_step:0:5:stop")
+    line = assert_stall_ended(result, "rank 0 ", stall=10)
+    assert "during step 5" in line and "the last committed checkpoint is step 4" in line, line
+    assert result["ended_s"] <= 10 + 10, result["ended_s"]  # no 5 s wait for rank 0's words
 
 
 def test_rank_stopped_during_a_save(base, data, reference, tmp_path):

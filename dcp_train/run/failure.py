@@ -83,17 +83,19 @@ def write_error_file(message: str, code: int) -> None:
         pass  # the report then says <N/A>; the line on stderr stands
 
 
-def leave(message: str, code: int, origin: int | None = None, before_exit=None) -> None:
+def leave(message: str, code: int, origin: int | None = None, before_exit=None,
+          silent=()) -> None:
     """End this rank for a failure whose root cause is rank `origin` (default: the lowest
     rank reporting the same `message`, unless a peer has already left through here: then
     that peer's line is the job's and this rank leaves quietly with its code): the origin
     prints `message`, records it, runs `before_exit()` (stall.py: kill a stalled process)
-    and exits; the others leave quietly (module docstring). Never returns."""
+    and exits; the others leave quietly (module docstring). `silent`: ranks known not to
+    answer (stall.py), not waited for. Never returns."""
     _catch_stop()
     rank = this_rank()
     if origin is None:
         quiet_if_peer_left()
-        origin = _first_alike(message, rank)
+        origin = _first_alike(message, rank, silent)
     if origin == rank:
         _say_and_exit(message, code, before_exit)
     _after_agent(origin, lambda: _quiet_exit(origin, code))
@@ -310,7 +312,7 @@ def _key(kind: str, rank: int) -> str:
     return f"dcp_train/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{kind}/{rank}"
 
 
-def _first_alike(message: str, rank: int) -> int:
+def _first_alike(message: str, rank: int, silent=()) -> int:
     """For a failure raised outside `agree`: the lowest rank that reports the same message
     (this one if none does within ALIKE_WAIT_S). Each such rank posts its message in the
     rendezvous store; rank 0 never waits. A failure only this rank has costs it the wait,
@@ -320,11 +322,12 @@ def _first_alike(message: str, rank: int) -> int:
         return rank
     try:
         store.set(_key("error", rank), message)
-        if rank == 0:
+        lower = [r for r in range(rank) if r not in silent]
+        if not lower:
             return rank
         deadline = time.monotonic() + ALIKE_WAIT_S
         while time.monotonic() < deadline:
-            for r in range(rank):
+            for r in lower:
                 key = _key("error", r)
                 if store.check([key]) and store.get(key).decode() == message:
                     return r

@@ -129,7 +129,7 @@ def leave_if_stalled(exc: BaseException) -> None:
     world_size = len(failure.peers()) or int(os.environ.get("WORLD_SIZE", "1"))
     stalled = stopped_ranks(world_size)
     message = stall_line(stalled)
-    failure.leave(message, EXIT_PEER_LOST,
+    failure.leave(message, EXIT_PEER_LOST, silent=stalled or (),
                   before_exit=lambda: [_kill(*_pid_host(r)) for r in stalled or []])
 
 
