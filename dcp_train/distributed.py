@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dcp_train.compiled import compile_blocks, configure_device
-from dcp_train.errors import one_line
+from dcp_train.errors import chain, one_line
 
 
 @dataclass
@@ -47,9 +47,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
+def setup(device: str = "auto", timeout_s: float = 300) -> DistInfo:
     """Initialise the process group and a 1-D device mesh over all ranks. ConfigError (before
-    anything starts) for --device cuda without CUDA."""
+    anything starts) for --device cuda without CUDA.
+
+    timeout_s (--stall_timeout) bounds every collective: on gloo (CPU, and the CPU group of
+    `agree` on CUDA) a collective whose peer does not answer raises after timeout_s
+    (`timed_out`; tests/test_stalls.py checks it with a SIGSTOPped rank). On CUDA the same
+    timeout goes to nccl's watchdog; unless already set, TORCH_NCCL_ASYNC_ERROR_HANDLING=3 (nccl's
+    watchdog ends the process on a timed-out collective instead of leaving it hung; torch's
+    own default in recent releases, set so that an older default or launcher does not
+    differ) and TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=timeout_s (the monitor that ends a
+    process whose watchdog itself hangs; torch's default is 480 s) are set for it. Where the
+    wait for a stopped peer is a gloo collective (`agree`'s per-step gather, a save's), the
+    stalled rank is named (run/stall.py); where it is a GPU sync behind an nccl collective
+    (a loss's `.item()`), only nccl's watchdog sees it, and it ends the waiting process with
+    nccl's own message after timeout_s: the job still ends, without our line naming the rank.
+    Not tested: no machine here has two GPUs."""
     if "RANK" not in os.environ:  # a plain `python -m dcp_train.main`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -64,11 +78,14 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
                               f"{torch.__version__}, torch.cuda.is_available() is False); use "
                               "--device cpu or --device auto")
         torch.cuda.set_device(local_rank)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(max(1, round(timeout_s))))
         dev, backend = torch.device("cuda", local_rank), "cpu:gloo,cuda:nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
                             device_id=dev if dev.type == "cuda" else None)
+    _TIMEOUT[0] = timedelta(seconds=timeout_s)
     mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
     return DistInfo(rank, world_size, local_rank, dev, mesh)
 
@@ -136,6 +153,8 @@ def agree(fn, *, every_rank: bool = False):
         try:
             outcome = (True, fn())
         except Exception as e:
+            if timed_out(e):  # a peer that did not answer there will not answer here
+                raise
             outcome = (False, _portable(e))
     group = _cpu_group()
     if every_rank:
@@ -164,11 +183,21 @@ def _portable(e: Exception) -> Exception:
         return RuntimeError(one_line(e))
 
 
+_TIMEOUT_TEXT = ("Timed out waiting", "Application timeout caused pair closure")
+
+
+def timed_out(exc: BaseException) -> bool:
+    """A collective (or one wrapped in a CheckpointError/DCP exception) gave up because a peer
+    did not answer within the process group's timeout: gloo's words for it."""
+    return any(t in str(e) for e in chain(exc) for t in _TIMEOUT_TEXT)
+
+
 def barrier() -> None:
     dist.barrier(group=_cpu_group())
 
 
 _CPU_GROUP = None
+_TIMEOUT = [None]  # setup's timeout, for the CPU group
 
 
 def _cpu_group():
@@ -176,5 +205,5 @@ def _cpu_group():
     global _CPU_GROUP
     if _CPU_GROUP is None:
         _CPU_GROUP = (dist.group.WORLD if dist.get_backend() == "gloo"
-                      else dist.new_group(backend="gloo"))
+                      else dist.new_group(backend="gloo", timeout=_TIMEOUT[0]))
     return _CPU_GROUP

@@ -39,23 +39,27 @@ def main(argv: list[str] | None = None) -> None:
     from dcp_train.errors import CheckpointError
     from dcp_train.data import DataError
     from dcp_train.data.tokenizer import TokenizerError
+    from dcp_train.run import stall
     from dcp_train.train.loop import train
 
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     try:
-        info = D.setup(cfg.hardware.device)
+        info = D.setup(cfg.hardware.device, timeout_s=cfg.checkpoint.stall_timeout)
         failure.record_peers()
+        stall.start(cfg.checkpoint.stall_timeout)  # this rank's heartbeat (run/stall.py)
     except ConfigError as e:  # --device cuda without CUDA
         failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
     try:
         code = train(cfg, info)
+        D.teardown()  # its barrier is a wait on the other ranks too
     except user_errors as e:  # raised through distributed.agree: origin_rank says whose
+        stall.leave_if_stalled(e)  # e.g. a save whose collective timed out
         failure.leave(str(e), EXIT_BAD_INPUT, origin=getattr(e, "origin_rank", None))
     except Exception as e:
         exit_if_orphaned()  # a collective failed because the other ranks left with the agent
+        stall.leave_if_stalled(e)  # a rank or a save process stopped answering: named
         failure.leave_if_peer_lost(e)  # a peer died: named in words, not gloo's
         raise
-    D.teardown()
     # Leave without Python's interpreter shutdown: gloo's background threads may still be
     # releasing their last work items, and a thread that needs the GIL during finalization
     # aborts the whole process ("terminate called without an active exception").

@@ -9,7 +9,8 @@ It owns the policy (when to save, sync or async, retention, which checkpoint to 
 and the writer lease; the components (state.py) own what is saved and how it comes back.
 
 resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
-1. probe the storage, refuse a dir another live run writes (the lease, read only);
+1. probe the storage, refuse a dir another live run writes (the lease, read only; a dead
+   job's lease on another host that expires within --stall_timeout is waited out first);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
    newest valid one (layout.py); without either a dir that holds committed
    checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
@@ -50,7 +51,7 @@ from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
 from dcp_train.checkpoint.tiers.replicate import ReplicationReport, Replicator
 from dcp_train.config import Config
 from dcp_train.errors import CheckpointError, ConfigError, describe
-from dcp_train.run import failure
+from dcp_train.run import failure, stall
 from dcp_train.run.metrics import resident_mb
 
 
@@ -92,7 +93,7 @@ class CheckpointManager:
         self.entry = entry
         self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
                                  verify=ck.verify_checkpoint)
-        self.lease = WriterLease(self.dir.storage)
+        self.lease = WriterLease(self.dir.storage, ck.stall_timeout, say=metrics.say)
         self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh, save_process=SaveProcess)
         self.committed_step = None  # the step whose state is committed in our dir(s)
@@ -122,6 +123,7 @@ class CheckpointManager:
         failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
+        time.sleep(D.agree(self._lease_wait))  # a dead job's lease on another host: waited out
         found = D.agree(self._choose)
         if self.local is not None:
             found = self._choose_tier(found)
@@ -139,6 +141,7 @@ class CheckpointManager:
             if self.ck.auto_resume:
                 self.metrics.say(f"no checkpoint in {self.dir.root}: starting fresh at step 0")
             return
+        stall.committed(found.step)  # named if a rank stalls (run/stall.py)
         if found.path == self.dir.step_path(found.step) or self._from_local:
             self.committed_step = found.step
         self._log_resume(found, time.perf_counter() - t0, requests)
@@ -231,6 +234,14 @@ class CheckpointManager:
             self.lease.check()
         except LeaseError as e:
             raise CheckpointError(str(e)) from e
+
+    def _lease_wait(self) -> float:
+        """Rank 0: seconds to wait for a lease that is about to expire (lease.py); an error
+        reading it is the probe's to report, in _choose."""
+        try:
+            return self.lease.expiry_wait()
+        except Exception:
+            return 0.0
 
     def _take_lease(self, mark) -> dict:
         """Every rank: rank 0 takes the lease; each returns its store requests since `mark`
@@ -345,6 +356,7 @@ class CheckpointManager:
         save meant for the durable tier is handed to replication here, so replication always
         follows the local commit (an async one too)."""
         for record in self.saves.records():
+            stall.committed(record["step"])
             per_rank = record.pop("per_rank", None)
             if record.pop("replicate", False):
                 self.replicator.submit(record["step"], record["path"], per_rank)

@@ -16,6 +16,8 @@ Contract (docs/errors.md):
   file ("stopped because rank R failed"). torch elastic takes the failure with the earliest
   timestamp as the root cause, and on a tie the one it noticed first: the origin is noticed
   first, so it is named as the root cause on every machine speed.
+- A rank or a save process that stopped answering (SIGSTOP, a hang) is named by run/stall.py
+  through `leave` (heartbeats, --stall_timeout).
 - A rank whose peer died (a gloo transport error: "Connection closed by peer ...") names the
   peer: "rank 1 died (signal 9) during the save of step 10". If that peer left through this
   module (its failure is registered in the rendezvous store) the survivor is quiet instead and
@@ -57,6 +59,15 @@ def set_activity(text: str) -> None:
     _activity[0] = text
 
 
+def activity() -> str:
+    return _activity[0]
+
+
+def peers() -> list[tuple[str, int]]:
+    """(host, pid) of every rank (after record_peers), else []."""
+    return list(_peers)
+
+
 def write_error_file(message: str, code: int) -> None:
     """This rank's torch elastic error file (nothing when not under torchrun): torch's
     ErrorHandler format without a traceback, so torchrun's report shows `message`."""
@@ -72,22 +83,40 @@ def write_error_file(message: str, code: int) -> None:
         pass  # the report then says <N/A>; the line on stderr stands
 
 
-def leave(message: str, code: int, origin: int | None = None) -> None:
+def leave(message: str, code: int, origin: int | None = None, before_exit=None,
+          silent=()) -> None:
     """End this rank for a failure whose root cause is rank `origin` (default: the lowest
-    rank reporting the same `message`): the origin prints `message` and records it; the
-    others leave quietly (module docstring). Never returns."""
+    rank reporting the same `message`, unless a peer has already left through here: then
+    that peer's line is the job's and this rank leaves quietly with its code): the origin
+    prints `message`, records it, runs `before_exit()` (stall.py: kill a stalled process)
+    and exits; the others leave quietly (module docstring). `silent`: ranks known not to
+    answer (stall.py), not waited for. Never returns."""
     _catch_stop()
     rank = this_rank()
-    origin = _first_alike(message, rank) if origin is None else origin
+    if origin is None:
+        quiet_if_peer_left()
+        origin = _first_alike(message, rank, silent)
     if origin == rank:
-        _say_and_exit(message, code)
+        _say_and_exit(message, code, before_exit)
     _after_agent(origin, lambda: _quiet_exit(origin, code))
 
 
-def _say_and_exit(message: str, code: int) -> None:
+def quiet_if_peer_left() -> None:
+    """If a peer has left through leave() (registered in the store), leave quietly with its
+    code (never returns); else return."""
+    failed = _registered_failures()
+    if failed:
+        _catch_stop()
+        origin, code = min(failed.items())
+        _after_agent(origin, lambda: _quiet_exit(origin, code))
+
+
+def _say_and_exit(message: str, code: int, before_exit=None) -> None:
     error_line(message)
     write_error_file(message, code)
     _register(this_rank(), code)
+    if before_exit is not None:
+        before_exit()
     _wait_for_local_ranks()
     _exit(code)
 
@@ -216,10 +245,7 @@ def leave_if_peer_lost(exc: BaseException) -> None:
         return
     _catch_stop()
     rank = this_rank()
-    failed = _registered_failures()
-    if failed:  # a peer left through leave(): its line is the job's line
-        origin, code = min(failed.items())
-        _after_agent(origin, lambda: _quiet_exit(origin, code))
+    quiet_if_peer_left()  # a peer left through leave(): its line is the job's line
     dead = _dead_peers(rank)
     what = (", ".join(f"rank {r} died ({how})" for r, how in dead) if dead else
             "a peer rank stopped answering (on another host, or it is already gone)")
@@ -260,6 +286,15 @@ def _how_it_ended(pid: int) -> str | None:
     return f"signal {status & 0x7F}" if status & 0x7F else f"exit {status >> 8}"
 
 
+def rendezvous_store():
+    """The rendezvous store of the process group, or None (stall.py's heartbeats)."""
+    return _store()
+
+
+def store_key(kind: str, rank: int) -> str:
+    return _key(kind, rank)
+
+
 def _store():
     """The rendezvous store of the process group, or None (none initialised: torch is then
     not imported here at all, so a flag error leaves at once)."""
@@ -277,7 +312,7 @@ def _key(kind: str, rank: int) -> str:
     return f"dcp_train/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{kind}/{rank}"
 
 
-def _first_alike(message: str, rank: int) -> int:
+def _first_alike(message: str, rank: int, silent=()) -> int:
     """For a failure raised outside `agree`: the lowest rank that reports the same message
     (this one if none does within ALIKE_WAIT_S). Each such rank posts its message in the
     rendezvous store; rank 0 never waits. A failure only this rank has costs it the wait,
@@ -287,11 +322,12 @@ def _first_alike(message: str, rank: int) -> int:
         return rank
     try:
         store.set(_key("error", rank), message)
-        if rank == 0:
+        lower = [r for r in range(rank) if r not in silent]
+        if not lower:
             return rank
         deadline = time.monotonic() + ALIKE_WAIT_S
         while time.monotonic() < deadline:
-            for r in range(rank):
+            for r in lower:
                 key = _key("error", r)
                 if store.check([key]) and store.get(key).decode() == message:
                     return r

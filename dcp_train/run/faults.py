@@ -1,8 +1,10 @@
 """Test-only fault injection: SIGKILL a chosen rank at a named point of the save protocol.
 
-Off unless the environment variable DCP_TRAIN_FAULT is set, as `POINT[:RANK[:STEP[:pause]]]`
-(RANK and STEP default to any). With `pause` the process stops at the point instead (sleeps
-until something kills it): for tests that deliver the SIGKILL from outside at a known point. The process kills itself with SIGKILL, exactly like an OOM
+Off unless the environment variable DCP_TRAIN_FAULT is set, as
+`POINT[:RANK[:STEP[:pause|stop]]]` (RANK and STEP default to any). With `pause` the process
+stops at the point instead (sleeps until something kills it): for tests that deliver the
+SIGKILL from outside at a known point. With `stop` it sends itself SIGSTOP there, every thread
+frozen as on a hung node (tests/test_stalls.py). The process kills itself with SIGKILL, exactly like an OOM
 killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
 
     mid_shard            this rank has written part of one of its DCP files (dcp_io.py)
@@ -14,6 +16,7 @@ killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
     during_retention     rank 0: retention has deleted its first directory
     mid_removal          rank 0: a dir being deleted has lost its manifest.json, not yet its
                          other files (retention, or a step dir written over)
+    mid_step             this rank starts training step STEP (train/loop.py)
     mid_replication      this rank has uploaded its files of a local checkpoint to the durable
                          tier, which has no manifest.json for it yet (replicate.py)
 
@@ -33,6 +36,7 @@ import torch.distributed as dist
 POINTS = ("mid_shard", "after_shards", "before_commit", "after_commit", "mid_latest",
           "during_retention", "mid_removal")
 TIER_POINTS = ("mid_replication",)  # with --local_checkpoint_dir only (tests/test_tiers.py)
+TRAIN_POINTS = ("mid_step",)
 
 
 _current_step: int | None = None
@@ -66,9 +70,9 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
     if rank is None and dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
     name, want_rank, want_step, action = (spec.split(":") + ["", "", ""])[:4]
-    if name not in POINTS + TIER_POINTS:
+    if name not in POINTS + TIER_POINTS + TRAIN_POINTS:
         raise ValueError(f"DCP_TRAIN_FAULT names unknown point {name!r}; one of "
-                         f"{POINTS + TIER_POINTS}")
+                         f"{POINTS + TIER_POINTS + TRAIN_POINTS}")
     if name != point:
         return
     if want_rank and rank is not None and int(want_rank) != rank:
@@ -77,6 +81,9 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
         return
     if action == "pause":
         time.sleep(3600)
+        return
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     if _kill_parent:
         os.kill(os.getppid(), signal.SIGKILL)

@@ -30,6 +30,7 @@ from dcp_train.errors import EXIT_PREEMPTED, ConfigError
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer, lr_of, saved_schedule, schedule_for_launch
 from dcp_train.run import failure
+from dcp_train.run.faults import fault_point
 from dcp_train.run.metrics import Metrics, launch_record
 from dcp_train.run.preempt import Preemption
 from dcp_train.train import deterministic
@@ -92,7 +93,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     for step in range(progress.step + 1, final_step + 1):
         last = step == final_step
         t0 = time.perf_counter()
-        failure.set_activity(f"step {step}")
+        begin_step(info, step)
         lr = lr_of(step, progress.lr_schedule)
         loss, norm, sample_ids = one_step(optimizer, batches, step, lr)
         # one small gather per step: the step's sample ids, whether a rank got a signal, and
@@ -120,6 +121,13 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     ckpt.close()  # waits for a save still in flight: the last step is always committed
     metrics.close()
     return EXIT_PREEMPTED if stopping else 0
+
+
+def begin_step(info: D.DistInfo, step: int) -> None:
+    """What this rank is doing, named if a peer dies or stalls (run/failure.py, stall.py);
+    the `mid_step` fault point (tests only, run/faults.py)."""
+    failure.set_activity(f"step {step}")
+    fault_point("mid_step", info.rank, step)
 
 
 def step_function(cfg: Config, model, info: D.DistInfo, accum: int):

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -23,7 +24,7 @@ from dcp_train.checkpoint.async_save.state_pipe import Decoder
 from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.errors import CheckpointError, one_line
-from dcp_train.run import faults
+from dcp_train.run import faults, stall
 from dcp_train.run.metrics import resident_mb
 
 
@@ -32,15 +33,22 @@ def checkpointer(root, storage_options, verify, keep_last_n) -> Checkpointer:
     return Checkpointer(CheckpointDir(root, storage_options, verify=verify), keep_last_n)
 
 
-def serve(build, rank, world_size, host, port, parent, conn) -> None:
+def serve(build, rank, world_size, host, port, parent, conn, beat=None,
+          stall_timeout=None) -> None:
+    """beat: a shared double this process sets to time.monotonic() every few seconds while it
+    lives (a stopped process stops beating: save_process.py); stall_timeout: its group's
+    timeout is twice that (None: torch's default)."""
     _die_with(parent)
+    if beat is not None:
+        _beat(beat, stall.beat_interval(stall_timeout or 30.0))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     faults.kill_parent_too()
 
     store = dist.TCPStore(host, port, world_size + 1, is_master=False)
+    timeout = {} if stall_timeout is None else {"timeout": timedelta(seconds=2 * stall_timeout)}
     dist.init_process_group("gloo", store=dist.PrefixStore("save", store), rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, **timeout)
     saver = build()  # collective over the save processes' group (the local tier's setup)
     decoder = Decoder()
     while (request := conn.recv()) is not None:
@@ -56,6 +64,15 @@ def serve(build, rank, world_size, host, port, parent, conn) -> None:
         del staged
         conn.send(record)
     dist.destroy_process_group()
+
+
+def _beat(beat, interval: float) -> None:
+    def run() -> None:
+        while True:
+            beat.value = time.monotonic()
+            time.sleep(interval)
+
+    threading.Thread(target=run, daemon=True, name="dcp_train-save-beat").start()
 
 
 def _die_with(parent: int) -> None:

@@ -33,11 +33,19 @@ Contracts:
 - A fault point (faults.py) reached in a save process kills its training process too: a rank
   dies, as it would with the save in-process.
 - A save process that died is a CheckpointError on every rank (agreed at the next poll).
+- A save process that stopped answering (SIGSTOP, a hang) is found within --stall_timeout: it
+  beats into shared memory every few seconds from a thread of its own (child.py); every wait
+  for it here (each step's `done`, `result` at the next save and at the end) raises
+  run/stall.SaveProcessStalled once no beat came for --stall_timeout (plus STARTUP_S before
+  its first beat: spawning it imports torch). Its rank then kills it and the job ends with
+  one line naming it (exit 69; stall.py). Its group with the other save processes has twice
+  that timeout, so their owners do not give up on them first.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from functools import partial
@@ -52,6 +60,9 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.async_save.child import checkpointer, serve
 from dcp_train.checkpoint.async_save.state_pipe import Encoder, pack
 from dcp_train.errors import CheckpointError, one_line
+from dcp_train.run import stall
+
+STARTUP_S = 60.0  # allowed on top of --stall_timeout before a save process's first beat
 
 
 class SaveProcess:
@@ -74,9 +85,13 @@ class SaveProcess:
         self._stager = reusable_stager(cuda)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
+        self._timeout = stall.timeout()  # None outside a training job: no bound
+        self._beat = ctx.Value("d", 0.0, lock=False)  # the child's time.monotonic() per beat
+        self._started = time.monotonic()
         self._process = ctx.Process(
             target=serve, name=f"dcp_train-save-{rank}", daemon=True,
-            args=(build, rank, world_size, host, port, os.getpid(), child))
+            args=(build, rank, world_size, host, port, os.getpid(), child, self._beat,
+                  self._timeout))
         self._process.start()  # from the main thread: PR_SET_PDEATHSIG follows this thread
         child.close()
         self._pending: Optional[_Pending] = None
@@ -119,13 +134,21 @@ class SaveProcess:
     def done(self) -> bool:
         """The save in flight has finished (committed or failed) on this rank."""
         pending = self._pending
-        return pending is not None and pending.sent.is_set() and (
+        finished = pending is not None and pending.sent.is_set() and (
             pending.failure is not None or self._conn.poll() or not self._process.is_alive())
+        if pending is not None and not finished:
+            self._check_alive(pending.step)
+        return finished
 
     def result(self) -> dict:
         """Wait for the save in flight; its `checkpoint` record, or its CheckpointError."""
         pending, self._pending = self._pending, None
-        pending.sent.wait()
+        while not pending.sent.wait(0.5):
+            self._check_alive(pending.step)
+        while pending.failure is None and not self._conn.poll(0.5):
+            if not self._process.is_alive():
+                break  # its end of the pipe is closed: recv raises EOFError at once
+            self._check_alive(pending.step)
         if pending.failure is not None:
             raise CheckpointError(f"staging step {pending.step} for saving failed: "
                                   f"{one_line(pending.failure)}")
@@ -142,6 +165,19 @@ class SaveProcess:
         outcome.update(blocked_s=pending.blocked_s, staged_s=pending.staged_s)
         outcome["async"] = True
         return outcome
+
+    def _check_alive(self, step: int) -> None:
+        """SaveProcessStalled if the save process gave no beat for --stall_timeout."""
+        if self._timeout is None:
+            return
+        beat = self._beat.value
+        silent = time.monotonic() - (beat if beat else self._started + STARTUP_S)
+        if silent > self._timeout:
+            raise stall.SaveProcessStalled(
+                f"the save process of rank {self.rank} (pid {self._process.pid}) did not "
+                f"answer for {self._timeout:g} s during the save of step {step} (stopped or "
+                f"hung); step {step} was not committed, {stall.after_text()}",
+                pid=self._process.pid, host=socket.gethostname())
 
     def close(self) -> None:
         """Stop the save process (after `result()` of the save in flight)."""

@@ -6,7 +6,14 @@ and refreshes its heartbeat while training. A new run may take the lease over wh
 - the lease belongs to the same run (`run_id`: DCP_TRAIN_RUN_ID, else SLURM_JOB_ID, else
   torchrun's TORCHELASTIC_RUN_ID, i.e. its --rdzv_id): an elastic restart or a SLURM requeue;
 - the holder is on this host and its pid is gone (a crash or SIGKILL): at once;
-- its heartbeat is older than its timeout (a holder on another host that died).
+- its heartbeat is older than its timeout (a holder on another host that died). The timeout is
+  the holder's --stall_timeout (`timeout_s`, written into the lease; it renews the heartbeat
+  every timeout/4 seconds at step boundaries and commits). A lease of another host younger
+  than that, expiring within this run's own --stall_timeout, is waited out (`expiry_wait`:
+  every rank sleeps that long, outside any collective, then `check` reads it again) and said
+  once: a relaunch after a dead job (a pod restarted on another node) is blocked no longer
+  than the stall timeout and is not refused. If the heartbeat moved meanwhile, the holder is
+  alive and `check` refuses.
 
 Otherwise the run stops with an error naming the holder and how to override (delete the file).
 The lease file is replaced atomically, but neither local files nor fsspec object stores give us
@@ -14,7 +21,8 @@ a compare-and-swap here, so two runs started at the same instant could both win:
 guards against mistakes (a second job on the same directory), not against a deliberate race.
 
 Requests on an object store: `check` one GET (a missing lease is a 404, no HEAD first),
-`acquire` one PUT (and a GET unless `check` ran within timeout/4 seconds), `refresh` one PUT
+`acquire` one PUT (and a GET unless `check` ran within timeout/4 seconds; `expiry_wait`'s
+GET serves the `check` after it unless it waited), `refresh` one PUT
 at most every timeout/4 seconds, `release` a GET and a DELETE.
 """
 
@@ -45,13 +53,16 @@ def run_id() -> str:
 
 
 class WriterLease:
-    def __init__(self, storage: Storage, timeout_s: float = 300.0):
+    def __init__(self, storage: Storage, timeout_s: float = 300.0, say=None):
+        """timeout_s: --stall_timeout; say(text): where the line about waiting goes."""
         self.storage = storage
+        self.say = say if say is not None else (lambda text: None)
         self.path = storage.join(LEASE)
         self.timeout_s = timeout_s
         self.mine = {"run_id": run_id(), "host": socket.gethostname(), "pid": os.getpid()}
         self._last_refresh = 0.0
         self._checked_at = None  # time.monotonic() of the last check()
+        self._peeked = []  # [the lease expiry_wait read], for the check right after it
 
     def acquire(self) -> None:
         """Take the lease: LeaseError if another live run holds it. Reads it again unless
@@ -64,7 +75,7 @@ class WriterLease:
     def check(self) -> None:
         """LeaseError if another run that is alive holds the lease (reads only)."""
         self._checked_at = time.monotonic()
-        holder = self._read()
+        holder = self._peeked.pop() if self._peeked else self._read()
         if holder is not None and self._alive(holder):
             raise LeaseError(
                 f"checkpoint dir {self.storage.root} is in use by run {holder.get('run_id')} "
@@ -88,6 +99,24 @@ class WriterLease:
         if holder.get("host") == self.mine["host"]:
             return _pid_alive(int(holder.get("pid", -1)))
         return time.time() - float(holder.get("heartbeat", 0)) < float(holder.get("timeout_s", 0))
+
+    def expiry_wait(self) -> float:
+        """Seconds to wait before `check`: for a lease of another host that looks alive and
+        expires within this run's timeout, the time until it expires (said once through
+        `say`); else 0 (none, stale, ours, or a live one that `check` refuses)."""
+        holder = self._read()
+        if holder is None or not self._alive(holder) or holder.get("host") == self.mine["host"]:
+            self._peeked[:] = [holder]  # check() needs no second GET
+            return 0.0
+        beat = float(holder.get("heartbeat", 0))
+        left = beat + float(holder.get("timeout_s", 0)) - time.time()
+        if left > self.timeout_s:
+            return 0.0
+        self.say(f"checkpoint dir {self.storage.root}: the writer lease of run "
+                 f"{holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}) "
+                 f"was renewed {time.time() - beat:.0f}s ago; waiting {left:.0f}s for it to "
+                 "expire (a live run renews it; a dead one's expires)")
+        return max(0.0, left) + 0.5
 
     def _read(self) -> dict | None:
         try:
