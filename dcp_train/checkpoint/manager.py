@@ -40,10 +40,11 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
 from dcp_train.checkpoint.compat import change_lines, check_resume, end_note
-from dcp_train.checkpoint.io import store_requests
+from dcp_train.checkpoint.io import store_options, store_requests
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.ride_out import Patience, StoreTrouble, guarded, ride_out, trouble
 from dcp_train.checkpoint.state import OptimizerState
 from dcp_train.checkpoint.tiers.local import LocalTier
 from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
@@ -90,11 +91,15 @@ class CheckpointManager:
         self.progress = progress
         self.shared = shared
         self.entry = entry
-        self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
-                                 verify=ck.verify_checkpoint)
+        self.dir = CheckpointDir(ck.checkpoint_dir, store_options.merged(
+            ck.checkpoint_dir, cfg.storage_options_dict, ck.stall_timeout),
+            verify=ck.verify_checkpoint)
         self.lease = WriterLease(self.dir.storage)
+        self.lease_due = False  # the durable tier was down at the start: replication takes it
+        self.patience = Patience(ck.store_retry_budget, ck.stall_timeout)  # ride_out.py
         self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh, save_process=SaveProcess)
+        self.writer.patience = self.patience
         self.committed_step = None  # the step whose state is committed in our dir(s)
         self.local = None
         self.replicator = None
@@ -102,7 +107,8 @@ class CheckpointManager:
         if ck.local_checkpoint_dir:
             self.local = LocalTier(ck.local_checkpoint_dir, ck.keep_last_n_local_checkpoints,
                                    info.rank, info.world_size, save_process=SaveProcess)
-            self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log)
+            self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log,
+                                         ck.store_retry_budget, self._lease_for_replication)
             self.saves = self.local.protocol
         for component in shared:  # an async save copies the state before it changes
             if isinstance(component, OptimizerState):
@@ -122,14 +128,16 @@ class CheckpointManager:
         failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
-        found = D.agree(self._choose)
+        found = self._discover()
         if self.local is not None:
             found = self._choose_tier(found)
         if found is not None:
             self._check(found)
             found = self._load(found)
-        requests = store_requests.total(*D.agree(lambda: self._take_lease(mark),
-                                                 every_rank=True))
+        requests = store_requests.total(*(
+            [store_requests.since(mark)] * self.info.world_size if self.lease_due else
+            self._ride(lambda: D.agree(guarded(lambda: self._take_lease(mark)),
+                                       every_rank=True), "the resume (writer lease)")))
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.saves.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
@@ -147,6 +155,32 @@ class CheckpointManager:
             if per_rank is not None:  # meant for the durable tier, not there yet
                 self.replicator.submit(found.step, found.path, per_rank,
                                        found.checksum)
+
+    def _ride(self, attempt, what: str):
+        """attempt() (collective), ridden out on the durable tier (ride_out.py)."""
+        return ride_out(attempt, self.patience, self.dir.root, what)
+
+    def _discover(self) -> Found | None:
+        """Every rank: the durable tier's checkpoint (_choose), riding out an outage; with a
+        local tier and --auto_resume one try: if the store is down, the local tier's
+        (_choose_tier), and replication takes the lease once it answers (lease_due)."""
+        attempt = lambda: D.agree(guarded(self._choose))  # noqa: E731
+        if self.local is None or not self.ck.auto_resume:
+            return self._ride(attempt, "the resume (discovery)")
+        try:
+            return attempt()
+        except StoreTrouble as e:
+            self.metrics.say(f"WARNING: the durable tier {self.dir.root} does not answer at "
+                             f"the start ({e}); resuming from the local tier if it holds a "
+                             "checkpoint, replicating once the store answers")
+            self.lease_due = True
+            return None
+
+    def _lease_for_replication(self) -> None:
+        """Rank 0, replication's first phase: the durable tier's lease, if it was down."""
+        if self.lease_due:
+            self._acquire_lease()
+            self.lease_due = False
 
     @reading
     def _choose(self) -> Found | None:
@@ -172,16 +206,18 @@ class CheckpointManager:
         while True:
             entry = self.entry if self._same_world(found) else None
             local = self._from_local
-            problem = restore.load(found, {} if local else self.dir.storage.storage_options,
-                                   self.shared, entry, self.dir.verify, self.info.rank,
-                                   self.info.world_size,
-                                   mine=self.local.written_by_me(found.path) if local else None)
+            problem = self._ride(lambda: restore.load(
+                found, {} if local else self.dir.storage.storage_options, self.shared, entry,
+                self.dir.verify, self.info.rank, self.info.world_size,
+                mine=self.local.written_by_me(found.path) if local else None),
+                f"the resume (loading step {found.step})")
             if problem is None:
                 return found
             if local:  # a damaged local checkpoint: the durable tier's newest instead
                 self.tier = TierChoice("durable",
                                        f"local step {found.step} is damaged ({problem})")
-                found = D.agree(lambda: self.dir.find_latest(defer=True))
+                found = self._ride(lambda: D.agree(guarded(
+                    lambda: self.dir.find_latest(defer=True))), "the resume (discovery)")
                 if found is None:
                     raise CheckpointError(f"{self.tier.reason} and {self.dir.root} holds no "
                                           "checkpoint; move the local dir away to start fresh")
@@ -190,7 +226,8 @@ class CheckpointManager:
             if not found.discovered:
                 raise CheckpointError(unusable(self.ck.checkpoint_path, problem))
             rejected[posixpath.basename(found.path)] = problem
-            found = D.agree(lambda: self.dir.fall_back(found, rejected))
+            found = self._ride(lambda: D.agree(guarded(
+                lambda: self.dir.fall_back(found, rejected))), "the resume (discovery)")
             self._check(found)
 
     @property
@@ -210,6 +247,10 @@ class CheckpointManager:
             return durable
         self.replicator.durable_step = durable.step if durable is not None else -1
         local, why = choose(usable, self.local.nodes, self.replicator.durable_step)
+        if not local and self.lease_due:  # nothing local: the durable tier it must be
+            self.lease_due = False
+            return self._choose_tier(self._ride(lambda: D.agree(guarded(self._choose)),
+                                                "the resume (discovery)"))
         if not local:
             self.tier = TierChoice("durable", why) if durable is not None else None
             return durable
@@ -288,7 +329,7 @@ class CheckpointManager:
         intervals). reports: every rank's report() from the per-step gather."""
         self.saves.poll()  # an async save that every rank has finished is logged now
         self._log_records()
-        if self.info.is_main:
+        if self.info.is_main and not self.lease_due:
             self._lease(self.lease.refresh)
         if reports is None and (self.local is not None or self.clock.enabled):
             reports = D.agree(self.report, every_rank=True)
@@ -312,7 +353,8 @@ class CheckpointManager:
                              asynchronous=self.ck.async_checkpoint)
         else:  # replicated once committed locally (_log_records)
             self.local.save(self.progress.step, sd, durable, self.replicator.durable_step,
-                            asynchronous=self.ck.async_checkpoint)
+                            asynchronous=self.ck.async_checkpoint,
+                            pending=sorted(self.replicator.steps()))
             self.clock.saved("local")
         if durable:
             self.clock.saved("durable")
@@ -328,14 +370,14 @@ class CheckpointManager:
         self._log_records()  # a last local save meant for the durable tier goes to replication
         if self.replicator is not None:
             self.replicator.finish()
-        if self.info.is_main:
+        if self.info.is_main and not self.lease_due:
             self._lease(self.lease.release)
 
     def _lease(self, op) -> None:
         try:
             op()
-        except Exception as e:  # with a local tier, an unreachable bucket stops nothing
-            if self.local is None:
+        except Exception as e:  # a store outage (or any failure, with a local tier) is a
+            if self.local is None and trouble(e) is None:  # warning: the next try may do
                 raise
             self.metrics.say(f"WARNING: {op.__name__} of {self.lease.path} failed: "
                              f"{describe(e)}")
