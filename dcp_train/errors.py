@@ -202,10 +202,9 @@ _ADVICE = {
     "permission": "permission denied; check the directory's permissions, or the credentials "
                   "and the bucket policy",
     "unreachable": "storage endpoint unreachable; check the endpoint URL, the network and the "
-                   "server (AWS_MAX_ATTEMPTS=2 AWS_RETRY_MODE=standard fail fast)",
+                   "server (--store_retry_budget 0 fails at once)",
     "throttled": "throttled by the store (SlowDown/503/429); retry later, write less often "
-                 "(--checkpoint_interval), or allow more retries (storage option "
-                 "config_kwargs={\"retries\": {\"max_attempts\": 10, \"mode\": \"adaptive\"}})",
+                 "(--checkpoint_interval), or ride out longer bursts (--store_retry_budget)",
 }
 
 

@@ -37,8 +37,9 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
 
 
 class _Fault:
-    def __init__(self, mode: str, seconds: float | None, when: str | None, after: bool):
-        self.mode, self.seconds, self.after = mode, seconds, after
+    def __init__(self, mode: str, seconds: float | None, when: str | None, after: bool,
+                 nth: int = 1):
+        self.mode, self.seconds, self.after, self.nth = mode, seconds, after, nth
         self.when = re.compile(when) if when else None
         self.start = None if when else time.monotonic()
 
@@ -77,14 +78,15 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ control
     def fault(self, mode: str, seconds: float | None = None, when: str | None = None,
-              after: bool = False) -> None:
+              after: bool = False, nth: int = 1) -> None:
         """mode: 'refuse' (503 SlowDown), 'reset' (RST, no answer) or 'hang' (no answer, the
         connection held until healed); seconds: how long (None: until heal()); when: a regex
         on "METHOD path?query" that starts it (None: now); after: start right after the
-        matching request was answered (that one is forwarded)."""
+        matching request was answered (that one is forwarded); nth: at the nth matching
+        request (the earlier ones are forwarded)."""
         assert mode in ("refuse", "reset", "hang"), mode
         with self._lock:
-            self._faults.append(_Fault(mode, seconds, when, after))
+            self._faults.append(_Fault(mode, seconds, when, after, nth))
 
     def heal(self) -> None:
         with self._lock:
@@ -109,6 +111,9 @@ class FaultProxy:
         with self._lock:
             for f in self._faults:
                 if f.start is None and f.when.search(line):
+                    f.nth -= 1
+                    if f.nth > 0:
+                        continue
                     if f.after:
                         later.append(f)
                     else:

@@ -11,8 +11,8 @@ and the writer lease; the components (state.py) own what is saved and how it com
 resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
 1. probe the storage, refuse a dir another live run writes (the lease, read only);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
-   newest valid one (layout.py); without either a dir that holds committed
-   checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
+   newest valid one (layout.py); without either a dir that holds committed checkpoints is
+   refused (a fresh start would overwrite that run), an empty one starts fresh;
 3. check that this run can continue it: a format this code reads, and the same data, seed,
    sequence length, batch geometry and model (compat.py); what may change (LR, intervals,
    ...) is reported as WARNING lines and in the `resume` record;
@@ -25,6 +25,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
 7. log the `resume` record, with `requests`: what every rank sent to the store from step 1
    to 5, summed through the gather that takes the lease (store_requests.py).
 
+Steps 1, 2, 4 and 5 and every save ride out a store outage within --store_retry_budget
+(ride_out.py); two tiers: a durable tier down at the start is skipped for the local one.
 Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py; with
 --async_checkpoint through the save process), and to the durable one by background replication
 (replicate.py) once committed locally; resume takes the newer tier (tiers/policy.py).
@@ -96,7 +98,9 @@ class CheckpointManager:
             verify=ck.verify_checkpoint)
         self.lease = WriterLease(self.dir.storage)
         self.lease_due = False  # the durable tier was down at the start: replication takes it
-        self.patience = Patience(ck.store_retry_budget, ck.stall_timeout)  # ride_out.py
+        self.patience = Patience(ck.store_retry_budget, ck.stall_timeout)
+        # attempt() (collective, failures agreed) ridden out on the durable tier (ride_out.py)
+        self._ride = lambda attempt, what: ride_out(attempt, self.patience, self.dir.root, what)
         self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh, save_process=SaveProcess)
         self.writer.patience = self.patience
@@ -134,10 +138,7 @@ class CheckpointManager:
         if found is not None:
             self._check(found)
             found = self._load(found)
-        requests = store_requests.total(*(
-            [store_requests.since(mark)] * self.info.world_size if self.lease_due else
-            self._ride(lambda: D.agree(guarded(lambda: self._take_lease(mark)),
-                                       every_rank=True), "the resume (writer lease)")))
+        requests = store_requests.total(*self._take_lease(mark))
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.saves.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
@@ -155,10 +156,6 @@ class CheckpointManager:
             if per_rank is not None:  # meant for the durable tier, not there yet
                 self.replicator.submit(found.step, found.path, per_rank,
                                        found.checksum)
-
-    def _ride(self, attempt, what: str):
-        """attempt() (collective), ridden out on the durable tier (ride_out.py)."""
-        return ride_out(attempt, self.patience, self.dir.root, what)
 
     def _discover(self) -> Found | None:
         """Every rank: the durable tier's checkpoint (_choose), riding out an outage; with a
@@ -273,11 +270,14 @@ class CheckpointManager:
         except LeaseError as e:
             raise CheckpointError(str(e)) from e
 
-    def _take_lease(self, mark) -> dict:
-        """Every rank: rank 0 takes the lease; each returns its store requests since `mark`
-        (the gather this makes is how the resume's requests are summed)."""
-        self._acquire_lease()
-        return store_requests.since(mark)
+    def _take_lease(self, mark) -> list[dict]:
+        """Every rank: rank 0 takes the lease (not while lease_due); every rank's store
+        requests since `mark` (the gather this makes is how the resume's are summed)."""
+        if self.lease_due:
+            return [store_requests.since(mark)]
+        take = lambda: self._acquire_lease() or store_requests.since(mark)  # noqa: E731
+        return self._ride(lambda: D.agree(guarded(take), every_rank=True),
+                          "the resume (writer lease)")
 
     def _acquire_lease(self) -> None:
         """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""

@@ -17,12 +17,12 @@ down or silent) is run again here, after an exponential backoff with jitter, unt
   StoreUnavailable "<store> did not answer for N s during <what>".
 
 `guarded(fn)` turns a transient store failure raised by fn (errors.classify: 'unreachable' or
-'throttled', or an answer cut short, anywhere in its chain) into StoreTrouble, which survives distributed.agree
-(pickled with whether it was silence); other errors pass through unchanged, and are never
-retried. Collective (the default): every rank calls ride_out at the same point around an
-attempt whose failures are agreed (distributed.agree), and rank 0's clock decides for all
-whether to retry or give up, so no rank retries or waits alone. collective=False: a phase of
-one process (rank 0's lease writes, a replication thread's phase).
+'throttled', or an answer cut short, anywhere in its chain) into StoreTrouble, which survives
+distributed.agree (pickled with whether it was silence); other errors pass through unchanged,
+and are never retried. Collective (the default): every rank calls ride_out at the same point
+around an attempt whose failures are agreed (distributed.agree), and rank 0's clock decides
+for all whether to retry or give up, so no rank retries or waits alone. collective=False: a
+phase of one process only (rank 0's clock is then its own).
 
 Re-running a phase must be safe, which the save protocol makes it: a write puts the same bytes
 under the same names, the manifest PUT stays the commit point, `latest` and retention are
@@ -44,6 +44,11 @@ _SILENT_NAMES = {"ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError"
                  "FSTimeoutError", "TimeoutError", "timeout", "ReadTimeout", "ConnectTimeout"}
 _SHORT_READS = {"IncompleteRead", "ClientPayloadError", "ResponseStreamingError",
                 "ContentLengthError", "ResponseParserError"}  # an answer cut short: a refusal
+# What is left of them once pickled without their cause (DCP gathers every rank's failure
+# through all_gather_object; s3fs's OSError(EBUSY) for SlowDown keeps its words only)
+_REFUSED_TEXT = ("reduce your request rate", "SlowDown", "Could not connect to the endpoint",
+                 "Connection was closed before we received a valid response")
+_SILENT_TEXT = ("Read timeout on endpoint", "Connect timeout on endpoint")
 
 
 class Patience(NamedTuple):
@@ -67,11 +72,14 @@ def trouble(exc: BaseException) -> StoreTrouble | None:
     if isinstance(exc, StoreTrouble):
         return exc
     kind, _ = classify(exc)
-    if kind not in ("unreachable", "throttled") and not any(
-            type(e).__name__ in _SHORT_READS for e in chain(exc)):
-        return None
+    found = chain(exc)
+    words = " ".join(str(e) for e in found)
     silent = any(isinstance(e, socket.timeout) or type(e).__name__ in _SILENT_NAMES
-                 for e in chain(exc))
+                 for e in found) or any(t in words for t in _SILENT_TEXT)
+    if kind not in ("unreachable", "throttled") and not silent and not any(
+            type(e).__name__ in _SHORT_READS for e in found) and not any(
+            t in words for t in _REFUSED_TEXT):
+        return None
     text = str(exc) if isinstance(exc, CheckpointError) else describe(exc)
     return StoreTrouble(text, silent)
 

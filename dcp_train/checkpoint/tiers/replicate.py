@@ -18,7 +18,7 @@ replication adds no collective to a step. A failed phase (bucket unreachable, ..
 WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. Each request
 has timeouts (io/store_options.py), so a store that does not answer fails a phase too. A phase
 still failing --store_retry_budget seconds after its first failure (rank 0's clock) is given
-up with a WARNING: the step stays on the local tier, and the next save's job tries again. A newer job
+up with a WARNING: the step stays on the local tier, the next save's job tries again. A newer job
 supersedes a waiting one, or a failed one before its commit phase (catching up means copying
 the newest checkpoint, not every one missed; a commit is cheap and may have passed its
 commit point already, so it is retried). At the end of the run `finish()` waits for the job in flight, with three
