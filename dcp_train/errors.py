@@ -202,7 +202,7 @@ _ADVICE = {
     "permission": "permission denied; check the directory's permissions, or the credentials "
                   "and the bucket policy",
     "unreachable": "storage endpoint unreachable; check the endpoint URL, the network and the "
-                   "server (--store_retry_budget 0 fails at once)",
+                   "server",
     "throttled": "throttled by the store (SlowDown/503/429); retry later, write less often "
                  "(--checkpoint_interval), or ride out longer bursts (--store_retry_budget)",
 }

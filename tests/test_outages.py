@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 
 from fault_proxy import FaultProxy
-from helpers import (TINY, assert_same_tensors, download_step, losses, read_latest, run_train,
-                     s3fs_of, start_train, wait_for)
+from helpers import (REPO, TINY, assert_same_tensors, child_env, download_step, kill_job,
+                     losses, read_latest, run_train, s3fs_of, start_train, torchrun_cmd,
+                     wait_for)
 
 from dcp_train.checkpoint.layout import step_name as step
 
@@ -158,14 +159,18 @@ def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, 
     tiers = ["--local_checkpoint_dir", str(run_dir / "local"), "--local_checkpoint_interval",
              "1", "--checkpoint_interval", "3", "--keep_last_n_local_checkpoints", "1",
              "--stall_timeout", "30", "--data_dir", str(data)]
-    log = run_dir / "log"
+    log, out_path = run_dir / "log", run_dir / "resume.out"
     run([*tiers, "--stop_at_step", "3"], env, log, url)
     assert read_latest(fs, "ckpt/tiers") == step(3)
     proxy.fault("refuse", None)  # down when the job starts
-    job = start_train(2, [*ARGS, *tiers, "--log_dir", str(log), "--checkpoint_dir", url,
-                          "--auto_resume", "--eval_interval", "1", "--val_steps", "100"],
-                      env=env)
-    held, seen = [], []
+    with open(out_path, "w") as out:
+        job = subprocess.Popen(torchrun_cmd(2, [*ARGS, *tiers, "--log_dir", str(log),
+                                                "--checkpoint_dir", url, "--auto_resume",
+                                                "--eval_interval", "1", "--val_steps", "200"]),
+                               cwd=REPO, env=child_env(env), stdout=out,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    text = lambda: out_path.read_text()  # noqa: E731
+    held = []
 
     def watch():  # the local tier's committed checkpoints, all along
         while job.poll() is None:
@@ -173,30 +178,32 @@ def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, 
             time.sleep(0.05)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    try:
-        wait_for(lambda: max(local_steps(run_dir / "local"), default=0) >= 5
-                 or job.poll() is not None, timeout=200)
+    try:  # refusing until a replication failed loudly, then silent until one more did
+        wait_for(lambda: "WARNING: replicating step" in text() or job.poll() is not None,
+                 timeout=200)
         proxy.heal()
-        proxy.fault("hang", None)  # silent while steps 5.. are saved locally
-        wait_for(lambda: max(local_steps(run_dir / "local"), default=0) >= 7
+        proxy.fault("hang", None)
+        wait_for(lambda: text().count("WARNING: replicating step") >= 2
                  or job.poll() is not None, timeout=200)
+        silent_until = max(local_steps(run_dir / "local"), default=0)
         proxy.heal()
-        out, _ = job.communicate(timeout=300)
+        job.wait(timeout=300)
     finally:
         proxy.heal()
-        if job.poll() is None:
-            job.kill()
+        kill_job(job)
     watcher.join()
+    out = text()
     assert job.returncode == 0, out[-4000:]
-    assert "does not answer at the start" in out and "resumed from the local tier" in out, \
-        out[-4000:]
-    assert "WARNING: replicating step" in out, out[-4000:]
+    assert "does not answer at the start" in out, out[-4000:]
+    assert "resumed from the local tier: local step 3 is on every node; the durable tier did " \
+        "not answer" in out, out[-4000:]
     # keep 1 + the 2 steps replication still has to copy, + the step being committed until
     # its retention has run
     assert max(held) <= 1 + 2 + 1, held
     assert read_latest(fs, "ckpt/tiers") == step(MAX_STEPS)
     assert losses(log) == losses(ref)
-    print(f"\ntwo tiers: local checkpoints held at most {max(held)} (keep 1)")
+    print(f"\ntwo tiers: local checkpoints held at most {max(held)} (keep 1); the bucket "
+          f"refused, then was silent until local step {silent_until}")
 
 
 def test_store_options_defaults_and_the_users_win():

@@ -58,9 +58,8 @@ from dcp_train.run.metrics import resident_mb
 
 
 class StepReport(NamedTuple):
-    """What each rank tells every other after a step, in the training loop's one small gather
-    (`D.agree(lambda: ckpt.report(ids, stop), every_rank=True)`, then `ckpt.step(...,
-    reports=...)`): nothing else crosses between ranks per step."""
+    """What each rank tells every other after a step, in the loop's one small gather
+    (`D.agree(ckpt.report, every_rank=True)`, then `ckpt.step(..., reports=...)`)."""
 
     sample_ids: list  # the step's sample ids on this rank (the `train` record's batch_digest)
     stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
@@ -167,9 +166,8 @@ class CheckpointManager:
         try:
             return attempt()
         except StoreTrouble as e:
-            self.metrics.say(f"WARNING: the durable tier {self.dir.root} does not answer at "
-                             f"the start ({e}); resuming from the local tier if it holds a "
-                             "checkpoint, replicating once the store answers")
+            self.metrics.say(f"WARNING: the durable tier {self.dir.root} does not answer at the "
+                             f"start ({e}); resuming from the local tier, replicating later")
             self.lease_due = True
             return None
 
@@ -251,7 +249,9 @@ class CheckpointManager:
         if not local:
             self.tier = TierChoice("durable", why) if durable is not None else None
             return durable
-        self.tier = TierChoice("local", why)
+        down = "the durable tier did not answer"  # at the start (lease_due)
+        self.tier = TierChoice("local", why.replace("the durable tier has none", down)
+                               if self.lease_due else why)
         return self.local.found(common_step(usable))
 
     def _check(self, found: Found) -> None:

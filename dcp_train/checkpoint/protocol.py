@@ -43,6 +43,13 @@ each dir retention removes a DELETE of its manifest, a LIST and a batched DELETE
 rank's requests are counted (store_requests.py) and summed through the gather of step 2: the
 `requests` of the `checkpoint` record.
 
+Store outages (ride_out.py): on a store, a save is three collective phases (the dir, the
+writes, the commit with `latest` and retention), each run again after a transient store failure
+(a refusal or a timeout, agreed by every rank) until it succeeds, or until --store_retry_budget
+(refusals) or --stall_timeout (silence) has passed: then StoreUnavailable (exit 69), the last
+committed checkpoint intact. Running a phase again is safe: the same bytes under the same names,
+the same manifest, `latest` and retention idempotent.
+
 Asynchronous saves run steps 1-5 in a save process per rank (async_save/): the training
 process only copies the state into reused shared-memory buffers, overlapped with the next
 step, and the next optimizer step waits for that copy if it is not done. At most one save is in
