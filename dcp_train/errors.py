@@ -57,6 +57,7 @@ EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resume with --auto_resume
 EXIT_ORPHANED = 128 + signal.SIGHUP  # as if hung up: the controlling agent is gone
 EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a rank died or stopped answering; relaunch --auto_resume
+EXIT_STORE_UNAVAILABLE = 69  # a store did not answer within the retry budget (StoreUnavailable)
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,12 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or loaded; the message is for the user (exit 2)."""
+
+
+class StoreUnavailable(CheckpointError):
+    """A store refused requests for longer than --store_retry_budget, or did not answer at all
+    for --stall_timeout, in a phase of a save or a resume (checkpoint/ride_out.py); the message
+    names the store, the phase and the step. Exit EXIT_STORE_UNAVAILABLE (69)."""
 
 
 def scrub_line(message: str) -> str:
@@ -195,10 +202,9 @@ _ADVICE = {
     "permission": "permission denied; check the directory's permissions, or the credentials "
                   "and the bucket policy",
     "unreachable": "storage endpoint unreachable; check the endpoint URL, the network and the "
-                   "server (AWS_MAX_ATTEMPTS=2 AWS_RETRY_MODE=standard fail fast)",
+                   "server",
     "throttled": "throttled by the store (SlowDown/503/429); retry later, write less often "
-                 "(--checkpoint_interval), or allow more retries (storage option "
-                 "config_kwargs={\"retries\": {\"max_attempts\": 10, \"mode\": \"adaptive\"}})",
+                 "(--checkpoint_interval), or ride out longer bursts (--store_retry_budget)",
 }
 
 

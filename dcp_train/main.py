@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     except UnsupportedTorch as e:
         failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
     from dcp_train import distributed as D
-    from dcp_train.errors import CheckpointError
+    from dcp_train.errors import EXIT_STORE_UNAVAILABLE, CheckpointError, StoreUnavailable
     from dcp_train.data import DataError
     from dcp_train.data.tokenizer import TokenizerError
     from dcp_train.run import stall
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = train(cfg, info)
         D.teardown()  # its barrier is a wait on the other ranks too
+    except StoreUnavailable as e:  # agreed like the others; relaunch once the store answers
+        failure.leave(str(e), EXIT_STORE_UNAVAILABLE, origin=getattr(e, "origin_rank", None))
     except user_errors as e:  # raised through distributed.agree: origin_rank says whose
         stall.leave_if_stalled(e)  # e.g. a save whose collective timed out
         failure.leave(str(e), EXIT_BAD_INPUT, origin=getattr(e, "origin_rank", None))

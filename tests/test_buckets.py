@@ -11,7 +11,8 @@ TINY model, 8 steps, a checkpoint every 2 steps, dropout 0.1 (so the RNG state m
     gcs      gs://ckpt/run      stop at 4 then --auto_resume, --keep_last_n_checkpoints 2
     kill     s3://ckpt/kill     SIGKILL while step 6 is a temp dir being uploaded, then
                                 --auto_resume (--keep_last_n_checkpoints 2)
-    outage   s3://ckpt/outage   server.stop() while step 6 is being saved, restart, --auto_resume
+    outage   s3://ckpt/outage   server.stop() while step 6 is being saved (--store_retry_budget 0:
+                                no ride-out), restart, --auto_resume
     startup  unreachable endpoint / missing bucket / missing data URL: one error line, no step
 
 Run: .venv/bin/python -m pytest tests/test_buckets.py -q
@@ -198,7 +199,7 @@ def test_s3_outage_during_save_fails_cleanly_then_resumes(s3, ref, base, data):
     out, err = open(base / "outage.out", "w+"), open(base / "outage.err", "w+")
     proc = subprocess.Popen(
         torchrun_cmd(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(log),
-                         "--checkpoint_dir", url]),
+                         "--checkpoint_dir", url, "--store_retry_budget", "0"]),  # no ride-out
         cwd=REPO, env=child_env(s3.env), stdout=out, stderr=err, text=True,
         start_new_session=True)
     before = {}
@@ -239,22 +240,24 @@ def test_s3_outage_during_save_fails_cleanly_then_resumes(s3, ref, base, data):
 # --------------------------------------------------- 5. unreachable endpoint, missing bucket
 def test_startup_with_unreachable_endpoint_or_missing_bucket(s3, base, data):
     dead = {**s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    cases = {  # name: env, --checkpoint_dir, --data_dir, what the error line says
-        "unreachable": (dead, "s3://ckpt/run", str(data), ["s3://ckpt/run", "connect"]),
+    cases = {  # name: env, --checkpoint_dir, --data_dir, what the error line says, exit code
+        # an endpoint that refuses connections is an outage (test_outages.py): with no retry
+        # budget it ends the run at once, exit 69
+        "unreachable": (dead, "s3://ckpt/run", str(data), ["s3://ckpt/run", "connect"], 69),
         "nobucket": (s3.env, "s3://no-such-bucket/run", str(data),
-                     ["s3://no-such-bucket", "no such bucket"]),
+                     ["s3://no-such-bucket", "no such bucket"], 2),
         "nodata": (s3.env, "s3://ckpt/nodata", "s3://no-such-bucket/shards",
-                   ["data dir s3://no-such-bucket/shards does not exist"]),
+                   ["data dir s3://no-such-bucket/shards does not exist"], 2),
     }
-    for name, (env, url, data_dir, expected) in cases.items():  # plain processes, world of one
+    for name, (env, url, data_dir, expected, code) in cases.items():  # world of one
         args = [*ARGS, "--data_dir", data_dir, "--log_dir", str(base / name),
-                "--checkpoint_dir", url, "--auto_resume"]
+                "--checkpoint_dir", url, "--auto_resume", "--store_retry_budget", "0"]
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "dcp_train.main", *args], cwd=REPO,
                               env=child_env({**env, "DCP_TRAIN_CACHE_DIR": str(base)}),
                               capture_output=True, text=True, timeout=120)
         seconds = time.monotonic() - t0
-        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.returncode == code, proc.stderr[-3000:]
         line = assert_one_error(proc.stderr, *expected)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]  # nothing else
         assert "step" not in proc.stdout and not losses(base / name), proc.stdout  # no training

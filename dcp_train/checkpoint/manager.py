@@ -12,8 +12,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
 1. probe the storage, refuse a dir another live run writes (the lease, read only; a dead
    job's lease on another host that expires within --stall_timeout is waited out first);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
-   newest valid one (layout.py); without either a dir that holds committed
-   checkpoints is refused (a fresh start would overwrite that run), an empty one starts fresh;
+   newest valid one (layout.py); without either a dir that holds committed checkpoints is
+   refused (a fresh start would overwrite that run), an empty one starts fresh;
 3. check that this run can continue it: a format this code reads, and the same data, seed,
    sequence length, batch geometry and model (compat.py); what may change (LR, intervals,
    ...) is reported as WARNING lines and in the `resume` record;
@@ -26,6 +26,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
 7. log the `resume` record, with `requests`: what every rank sent to the store from step 1
    to 5, summed through the gather that takes the lease (store_requests.py).
 
+Steps 1, 2, 4 and 5 and every save ride out a store outage within --store_retry_budget
+(ride_out.py); two tiers: a durable tier down at the start is skipped for the local one.
 Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py; with
 --async_checkpoint through the save process), and to the durable one by background replication
 (replicate.py) once committed locally; resume takes the newer tier (tiers/policy.py).
@@ -41,10 +43,11 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
 from dcp_train.checkpoint.compat import change_lines, check_resume, end_note
-from dcp_train.checkpoint.io import store_requests
+from dcp_train.checkpoint.io import store_options, store_requests
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.protocol import Checkpointer
+from dcp_train.checkpoint.ride_out import Patience, StoreTrouble, guarded, ride_out, trouble
 from dcp_train.checkpoint.state import OptimizerState
 from dcp_train.checkpoint.tiers.local import LocalTier
 from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
@@ -56,9 +59,8 @@ from dcp_train.run.metrics import resident_mb
 
 
 class StepReport(NamedTuple):
-    """What each rank tells every other after a step, in the training loop's one small gather
-    (`D.agree(lambda: ckpt.report(ids, stop), every_rank=True)`, then `ckpt.step(...,
-    reports=...)`): nothing else crosses between ranks per step."""
+    """What each rank tells every other after a step, in the loop's one small gather
+    (`D.agree(ckpt.report, every_rank=True)`, then `ckpt.step(..., reports=...)`)."""
 
     sample_ids: list  # the step's sample ids on this rank (the `train` record's batch_digest)
     stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
@@ -91,11 +93,17 @@ class CheckpointManager:
         self.progress = progress
         self.shared = shared
         self.entry = entry
-        self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
-                                 verify=ck.verify_checkpoint)
+        self.dir = CheckpointDir(ck.checkpoint_dir, store_options.merged(
+            ck.checkpoint_dir, cfg.storage_options_dict, ck.stall_timeout),
+            verify=ck.verify_checkpoint)
         self.lease = WriterLease(self.dir.storage, ck.stall_timeout, say=metrics.say)
+        self.lease_due = False  # the durable tier was down at the start: replication takes it
+        self.patience = Patience(ck.store_retry_budget, ck.stall_timeout)
+        # attempt() (collective, failures agreed) ridden out on the durable tier (ride_out.py)
+        self._ride = lambda attempt, what: ride_out(attempt, self.patience, self.dir.root, what)
         self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
                                    on_commit=self.lease.refresh, save_process=SaveProcess)
+        self.writer.patience = self.patience
         self.committed_step = None  # the step whose state is committed in our dir(s)
         self.local = None
         self.replicator = None
@@ -103,7 +111,8 @@ class CheckpointManager:
         if ck.local_checkpoint_dir:
             self.local = LocalTier(ck.local_checkpoint_dir, ck.keep_last_n_local_checkpoints,
                                    info.rank, info.world_size, save_process=SaveProcess)
-            self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log)
+            self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log,
+                                         ck.store_retry_budget, self._lease_for_replication)
             self.saves = self.local.protocol
         for component in shared:  # an async save copies the state before it changes
             if isinstance(component, OptimizerState):
@@ -123,15 +132,14 @@ class CheckpointManager:
         failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
-        time.sleep(D.agree(self._lease_wait))  # a dead job's lease on another host: waited out
-        found = D.agree(self._choose)
+        time.sleep(D.agree(self.lease.expiry_wait))  # a dead job's lease on another host
+        found = self._discover()
         if self.local is not None:
             found = self._choose_tier(found)
         if found is not None:
             self._check(found)
             found = self._load(found)
-        requests = store_requests.total(*D.agree(lambda: self._take_lease(mark),
-                                                 every_rank=True))
+        requests = store_requests.total(*self._take_lease(mark))
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.saves.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
@@ -151,12 +159,33 @@ class CheckpointManager:
                 self.replicator.submit(found.step, found.path, per_rank,
                                        found.checksum)
 
+    def _discover(self) -> Found | None:
+        """Every rank: the durable tier's checkpoint (_choose), riding out an outage; with a
+        local tier and --auto_resume one try: if the store is down, the local tier's
+        (_choose_tier), and replication takes the lease once it answers (lease_due)."""
+        attempt = lambda: D.agree(guarded(self._choose))  # noqa: E731
+        if self.local is None or not self.ck.auto_resume:
+            return self._ride(attempt, "the resume (discovery)")
+        try:
+            return attempt()
+        except StoreTrouble as e:
+            self.metrics.say(f"WARNING: the durable tier {self.dir.root} does not answer at the "
+                             f"start ({e}); resuming from the local tier, replicating later")
+            self.lease_due = True
+            return None
+
+    def _lease_for_replication(self) -> None:
+        """Rank 0, replication's first phase: the durable tier's lease, if it was down."""
+        if self.lease_due:
+            self._acquire_lease()
+            self.lease_due = False
+
     @reading
     def _choose(self) -> Found | None:
         """Rank 0: the checkpoint to resume from (its shard checksums are checked while
         loading), or None."""
         self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
-        self._check_lease()  # another live run writes here: refuse before reading its dirs
+        self.lease.check()  # another live run writes here: refuse before reading its dirs
         if self.ck.resume:
             return self.dir.open(self.ck.checkpoint_path, defer=True)
         if self.ck.auto_resume:
@@ -175,16 +204,18 @@ class CheckpointManager:
         while True:
             entry = self.entry if self._same_world(found) else None
             local = self._from_local
-            problem = restore.load(found, {} if local else self.dir.storage.storage_options,
-                                   self.shared, entry, self.dir.verify, self.info.rank,
-                                   self.info.world_size,
-                                   mine=self.local.written_by_me(found.path) if local else None)
+            problem = self._ride(lambda: restore.load(
+                found, {} if local else self.dir.storage.storage_options, self.shared, entry,
+                self.dir.verify, self.info.rank, self.info.world_size,
+                mine=self.local.written_by_me(found.path) if local else None),
+                f"the resume (loading step {found.step})")
             if problem is None:
                 return found
             if local:  # a damaged local checkpoint: the durable tier's newest instead
                 self.tier = TierChoice("durable",
                                        f"local step {found.step} is damaged ({problem})")
-                found = D.agree(lambda: self.dir.find_latest(defer=True))
+                found = self._ride(lambda: D.agree(guarded(
+                    lambda: self.dir.find_latest(defer=True))), "the resume (discovery)")
                 if found is None:
                     raise CheckpointError(f"{self.tier.reason} and {self.dir.root} holds no "
                                           "checkpoint; move the local dir away to start fresh")
@@ -193,7 +224,8 @@ class CheckpointManager:
             if not found.discovered:
                 raise CheckpointError(unusable(self.ck.checkpoint_path, problem))
             rejected[posixpath.basename(found.path)] = problem
-            found = D.agree(lambda: self.dir.fall_back(found, rejected))
+            found = self._ride(lambda: D.agree(guarded(
+                lambda: self.dir.fall_back(found, rejected))), "the resume (discovery)")
             self._check(found)
 
     @property
@@ -213,10 +245,16 @@ class CheckpointManager:
             return durable
         self.replicator.durable_step = durable.step if durable is not None else -1
         local, why = choose(usable, self.local.nodes, self.replicator.durable_step)
+        if not local and self.lease_due:  # nothing local: the durable tier it must be
+            self.lease_due = False
+            return self._choose_tier(self._ride(lambda: D.agree(guarded(self._choose)),
+                                                "the resume (discovery)"))
         if not local:
             self.tier = TierChoice("durable", why) if durable is not None else None
             return durable
-        self.tier = TierChoice("local", why)
+        down = "the durable tier did not answer"  # at the start (lease_due)
+        self.tier = TierChoice("local", why.replace("the durable tier has none", down)
+                               if self.lease_due else why)
         return self.local.found(common_step(usable))
 
     def _check(self, found: Found) -> None:
@@ -229,25 +267,14 @@ class CheckpointManager:
     def _same_world(self, found: Found) -> bool:
         return found.meta["world_size"] == self.info.world_size
 
-    def _check_lease(self) -> None:
-        try:
-            self.lease.check()
-        except LeaseError as e:
-            raise CheckpointError(str(e)) from e
-
-    def _lease_wait(self) -> float:
-        """Rank 0: seconds to wait for a lease that is about to expire (lease.py); an error
-        reading it is the probe's to report, in _choose."""
-        try:
-            return self.lease.expiry_wait()
-        except Exception:
-            return 0.0
-
-    def _take_lease(self, mark) -> dict:
-        """Every rank: rank 0 takes the lease; each returns its store requests since `mark`
-        (the gather this makes is how the resume's requests are summed)."""
-        self._acquire_lease()
-        return store_requests.since(mark)
+    def _take_lease(self, mark) -> list[dict]:
+        """Every rank: rank 0 takes the lease (not while lease_due); every rank's store
+        requests since `mark` (the gather this makes is how the resume's are summed)."""
+        if self.lease_due:
+            return [store_requests.since(mark)]
+        take = lambda: self._acquire_lease() or store_requests.since(mark)  # noqa: E731
+        return self._ride(lambda: D.agree(guarded(take), every_rank=True),
+                          "the resume (writer lease)")
 
     def _acquire_lease(self) -> None:
         """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""
@@ -255,8 +282,8 @@ class CheckpointManager:
             return
         try:
             self.lease.acquire()
-        except LeaseError as e:
-            raise CheckpointError(str(e)) from e
+        except LeaseError:
+            raise
         except Exception as e:  # read-only or unwritable dir, missing permissions
             raise CheckpointError(f"cannot write to checkpoint dir {self.dir.root}: "
                                   f"{describe(e)}") from e
@@ -299,7 +326,7 @@ class CheckpointManager:
         intervals). reports: every rank's report() from the per-step gather."""
         self.saves.poll()  # an async save that every rank has finished is logged now
         self._log_records()
-        if self.info.is_main:
+        if self.info.is_main and not self.lease_due:
             self._lease(self.lease.refresh)
         if reports is None and (self.local is not None or self.clock.enabled):
             reports = D.agree(self.report, every_rank=True)
@@ -323,7 +350,8 @@ class CheckpointManager:
                              asynchronous=self.ck.async_checkpoint)
         else:  # replicated once committed locally (_log_records)
             self.local.save(self.progress.step, sd, durable, self.replicator.durable_step,
-                            asynchronous=self.ck.async_checkpoint)
+                            asynchronous=self.ck.async_checkpoint,
+                            pending=sorted(self.replicator.steps()))
             self.clock.saved("local")
         if durable:
             self.clock.saved("durable")
@@ -339,14 +367,14 @@ class CheckpointManager:
         self._log_records()  # a last local save meant for the durable tier goes to replication
         if self.replicator is not None:
             self.replicator.finish()
-        if self.info.is_main:
+        if self.info.is_main and not self.lease_due:
             self._lease(self.lease.release)
 
     def _lease(self, op) -> None:
         try:
             op()
-        except Exception as e:  # with a local tier, an unreachable bucket stops nothing
-            if self.local is None:
+        except Exception as e:  # a store outage (or any failure, with a local tier) is a
+            if self.local is None and trouble(e) is None:  # warning: the next try may do
                 raise
             self.metrics.say(f"WARNING: {op.__name__} of {self.lease.path} failed: "
                              f"{describe(e)}")

@@ -43,6 +43,13 @@ each dir retention removes a DELETE of its manifest, a LIST and a batched DELETE
 rank's requests are counted (store_requests.py) and summed through the gather of step 2: the
 `requests` of the `checkpoint` record.
 
+Store outages (ride_out.py): on a store, a save is three collective phases (the dir, the
+writes, the commit with `latest` and retention), each run again after a transient store failure
+(a refusal or a timeout, agreed by every rank) until it succeeds, or until --store_retry_budget
+(refusals) or --stall_timeout (silence) has passed: then StoreUnavailable (exit 69), the last
+committed checkpoint intact. Running a phase again is safe: the same bytes under the same names,
+the same manifest, `latest` and retention idempotent.
+
 Asynchronous saves run steps 1-5 in a save process per rank (async_save/): the training
 process only copies the state into reused shared-memory buffers, overlapped with the next
 step, and the next optimizer step waits for that copy if it is not done. At most one save is in
@@ -68,6 +75,7 @@ from dcp_train.checkpoint.io import store_requests
 from dcp_train.checkpoint.io.atomic import fsync_dir
 from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.checkpoint.layout import LATEST, CheckpointDir, step_name
+from dcp_train.checkpoint.ride_out import Patience, guarded, ride_out
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.run import faults
 from dcp_train.run.faults import fault_point
@@ -82,7 +90,9 @@ class Checkpointer:
     by the manager: the save process runs this module, which therefore never imports it).
     `words(text)` rewrites the advice of an error message for this target's own flags (the
     local tier's). `child`: a picklable callable that builds, in the save process, the saver
-    it runs (default None: this protocol over the same dir; the local tier passes its own)."""
+    it runs (default None: this protocol over the same dir; the local tier passes its own).
+    `patience`: how long a save's phases ride out a store outage (ride_out.py; the manager
+    sets it from --store_retry_budget and --stall_timeout; default: no retry)."""
 
     def __init__(self, directory: CheckpointDir, keep_last_n: int = -1, on_commit=None,
                  save_process=None, words=None, child=None):
@@ -94,6 +104,7 @@ class Checkpointer:
         self.words = words if words is not None else (lambda text: text)
         self._saver = None
         self._done: list[dict] = []
+        self.patience = Patience()
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state_dict: dict, rank: int, world_size: int,
@@ -109,7 +120,8 @@ class Checkpointer:
             self.finished(self.write_and_commit(step, state_dict, rank, t0))
             return
         self.start_save_process(rank, world_size)
-        self._saver.submit(step, state_dict, t0, options or {})
+        self._saver.submit(step, state_dict, t0,
+                           options if options is not None else {"patience": self.patience})
 
     def finished(self, record: dict) -> None:
         """Hand out (`records()`) the record of a synchronous save: it blocked throughout."""
@@ -151,10 +163,16 @@ class Checkpointer:
             self._saver.close()
             self._saver = None
 
-    def write_and_commit(self, step: int, state_dict: dict, rank: int, t0: float) -> dict:
+    def write_and_commit(self, step: int, state_dict: dict, rank: int, t0: float,
+                         patience: Optional[Patience] = None) -> dict:
         """Steps 1-5 of the module docstring over the default group; the `checkpoint` record
-        (t0: when the save was asked for, time.perf_counter)."""
+        (t0: when the save was asked for, time.perf_counter). Each of its three collective
+        phases (the dir, the writes, the commit with `latest` and retention) is run again
+        after a transient store failure within `patience` (default self.patience; ride_out.py):
+        the writes put the same bytes under the same names, the commit rewrites the same
+        manifest, `latest` and retention are idempotent."""
         faults.at_step(step)
+        patience = patience if patience is not None else self.patience
         final = self.dir.step_path(step)
         self.check_room(step, state_dict)
 
@@ -165,12 +183,16 @@ class Checkpointer:
                 raise CheckpointError(f"committing step {step} to {final} failed: "
                                       f"{describe(e, self.dir.root)}") from e
 
+        def phase(name, fn, every_rank=False):
+            return ride_out(lambda: D.agree(guarded(fn), every_rank=every_rank), patience,
+                            self.dir.root, f"the save of step {step} ({name})")
+
         mark = store_requests.snapshot()
-        target = D.agree(lambda: self.target_dir(final))
-        gathered = D.agree(lambda: (self.write(step, state_dict, rank, target),
-                                    store_requests.since(mark)), every_rank=True)
+        target = phase("its dir", lambda: self.target_dir(final))
+        gathered = phase("write", lambda: (self.write(step, state_dict, rank, target),
+                                           store_requests.since(mark)), every_rank=True)
         per_rank_files = [files for files, _ in gathered]
-        size = D.agree(commit)
+        size = phase("commit", commit)
         seconds = time.perf_counter() - t0
         requests = store_requests.total(store_requests.since(mark),
                                         *[counts for _, counts in gathered[1:]])

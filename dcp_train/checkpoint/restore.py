@@ -25,6 +25,7 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import METADATA, Found
+from dcp_train.checkpoint.ride_out import guarded, trouble
 from dcp_train.errors import CheckpointError, describe
 
 
@@ -35,7 +36,8 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
     (see the module docstring; of the files no rank checked while loading, this rank checks a
     share, or those of them that `mine` names: the local tier's ranks check what they wrote,
     tiers/local.py). Returns None, or what is damaged (then the components hold whatever was read).
-    Any other failure is one CheckpointError on every rank."""
+    Any other failure is one CheckpointError on every rank; a store outage (a transient store
+    error, ride_out.py) is one StoreTrouble on every rank, never taken for damage."""
     storage = Storage(found.path, storage_options)
     reader = storage.dcp_reader(found.path, found.sizes, found.metadata)
     if verify:
@@ -45,6 +47,8 @@ def load(found: Found, storage_options: dict, shared: list, entry, verify: bool,
         try:
             load_into(reader, shared, entry)
         except (Exception, CheckpointException) as e:  # on every rank: a collective load
+            if trouble(e) is not None:  # a store outage, not damage: the caller rides it out
+                raise trouble(e) from e
             return f"loading {found.path} failed: {describe(e)}", reader.digests
         return None, reader.digests
 
@@ -72,8 +76,8 @@ def _check_rest(storage: Storage, found: Found, digests: list[dict], rank: int,
                 if [size, value] != [found.files[n]["size"], M.digest(found.files[n])[1]]]
     rest = {n: v for n, v in found.files.items() if n not in seen and n != METADATA}
     names = share(rest, world_size)[rank] if mine is None else [n for n in mine if n in rest]
-    gathered = D.agree(lambda: M.corrupt(storage, found.path, {n: rest[n] for n in names}),
-                       every_rank=True)
+    gathered = D.agree(guarded(lambda: M.corrupt(storage, found.path,
+                                                 {n: rest[n] for n in names})), every_rank=True)
     return problems + sorted(p for ps in gathered for p in ps)
 
 

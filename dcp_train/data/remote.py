@@ -19,6 +19,7 @@ import os
 import posixpath
 import shutil
 
+from dcp_train.checkpoint.io import store_options
 from dcp_train.checkpoint.io.atomic import write_atomic
 from ..errors import one_line
 from .shards import DataError
@@ -48,7 +49,7 @@ def fetch_shards(url: str, storage_options: dict) -> str:
 
     local = cache_dir(url)
     try:
-        fs, root = url_to_fs(url, **storage_options)
+        fs, root = url_to_fs(url, **store_options.merged(url, storage_options))
         root = root.rstrip("/")
         remote = {posixpath.basename(info["name"].rstrip("/")): info
                   for info in fs.ls(root, detail=True)}

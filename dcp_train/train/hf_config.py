@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import posixpath
 
+from dcp_train.checkpoint.io import store_options
 from dcp_train.errors import ConfigError, one_line
 
 CONFIG_FILE = "config.json"
@@ -41,7 +42,7 @@ def read_hf_config(url: str, storage_options: dict) -> dict:
 
     path = posixpath.join(url.rstrip("/"), CONFIG_FILE)
     try:
-        fs, root = url_to_fs(path, **storage_options)
+        fs, root = url_to_fs(path, **store_options.merged(path, storage_options))
         with fs.open(root, "rb") as f:
             return json.loads(f.read())
     except FileNotFoundError:

@@ -36,6 +36,7 @@ from contextlib import ExitStack
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
+from dcp_train.checkpoint.io import store_options
 from dcp_train.data.remote import cache_dir, download, is_remote
 from dcp_train.errors import ConfigError, one_line
 from dcp_train.train.hf_config import CONFIG_FILE
@@ -55,7 +56,7 @@ def local_init_dir(url: str, storage_options: dict) -> str:
     from fsspec.core import url_to_fs
 
     try:
-        fs, root = url_to_fs(url, **storage_options)
+        fs, root = url_to_fs(url, **store_options.merged(url, storage_options))
         root = root.rstrip("/")
         listing = {posixpath.basename(i["name"].rstrip("/")): i
                    for i in fs.ls(root, detail=True)}

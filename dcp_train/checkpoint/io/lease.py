@@ -35,12 +35,13 @@ import time
 import uuid
 
 from dcp_train.checkpoint.io.storage import Storage
+from dcp_train.errors import CheckpointError
 
 LEASE = "writer.lease"
 
 
-class LeaseError(RuntimeError):
-    pass
+class LeaseError(CheckpointError):
+    """Another live run holds the lease: the line says which and what to do."""
 
 
 def run_id() -> str:
@@ -103,8 +104,12 @@ class WriterLease:
     def expiry_wait(self) -> float:
         """Seconds to wait before `check`: for a lease of another host that looks alive and
         expires within this run's timeout, the time until it expires (said once through
-        `say`); else 0 (none, stale, ours, or a live one that `check` refuses)."""
-        holder = self._read()
+        `say`); else 0 (none, stale, ours, a live one that `check` refuses, or a lease that
+        could not be read: the probe reports that)."""
+        try:
+            holder = self._read()
+        except Exception:  # a store outage: the probe and discovery ride it out or report it
+            return 0.0
         if holder is None or not self._alive(holder) or holder.get("host") == self.mine["host"]:
             self._peeked[:] = [holder]  # check() needs no second GET
             return 0.0

@@ -41,6 +41,8 @@ Errors when the endpoint is down (measured with s3fs 2026.9.0, gcsfs 2026.10.1):
   config_kwargs={"retries": {"max_attempts": 2}, "connect_timeout": 5}, make it < 1 s.
 - gcsfs raises aiohttp.ClientConnectorError (an OSError) after ~32 s: six attempts
   with exponential backoff, fixed by gcsfs (not configurable per filesystem).
+Every Storage adds store_options.py's timeouts and retries under the options it is given (the
+user's win), so no request waits for ever; longer outages: checkpoint/ride_out.py.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from fsspec.asyn import sync
 
-from dcp_train.checkpoint.io import dcp_io, store_requests
+from dcp_train.checkpoint.io import dcp_io, store_options, store_requests
 from dcp_train.checkpoint.io.atomic import fsync_dir, write_atomic
 from dcp_train.checkpoint.io.ranged_read import read_ranges
 
@@ -63,8 +65,10 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs"}  # no directories, no rename: stores 
 
 class Storage:
     def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
-        self.storage_options = dict(storage_options or {})
+        # timeouts and retries of every request (store_options.py); the user's options win
+        self.storage_options = store_options.merged(os.fspath(url), storage_options)
         self.fs, root = url_to_fs(os.fspath(url), **self.storage_options)
+        store_options.configure(self.fs)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(
             self.fs.protocol)

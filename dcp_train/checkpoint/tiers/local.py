@@ -100,20 +100,23 @@ class LocalTier:
 
     # ------------------------------------------------------------------------ saving
     def save(self, step: int, state_dict: dict, replicate: bool, durable_step: int,
-             asynchronous: bool = False) -> None:
+             asynchronous: bool = False, pending: list | None = None) -> None:
         """Collective: save step `step` on the local tier (write_and_commit), in this process
         or (asynchronous) in the save process, through the protocol's Checkpointer.save (one
         save at a time, staging as for any async save). Its `checkpoint` record comes out of
-        `self.protocol.records()` once committed."""
+        `self.protocol.records()` once committed. pending: the steps replication still has
+        to copy (Replicator.steps()), which retention keeps (_keep_for_durable)."""
         if asynchronous:
             self.protocol.save(step, state_dict, self.rank, self.world_size, asynchronous=True,
-                               options={"replicate": replicate, "durable_step": durable_step})
+                               options={"replicate": replicate, "durable_step": durable_step,
+                                        "pending": pending})
         else:
             self.protocol.finished(self.write_and_commit(
-                step, state_dict, self.rank, time.perf_counter(), replicate, durable_step))
+                step, state_dict, self.rank, time.perf_counter(), replicate, durable_step,
+                pending))
 
     def write_and_commit(self, step: int, state_dict: dict, rank: int, t0: float,
-                         replicate: bool, durable_step: int) -> dict:
+                         replicate: bool, durable_step: int, pending: list | None = None) -> dict:
         """Collective: write and commit step `step` into every node's dir with the save
         protocol (protocol.py; `rank` is self.rank, t0 when the save was asked for). Returns
         its `checkpoint` record, with per_rank: every rank's {file: [size, hex digest]}, and
@@ -128,7 +131,8 @@ class LocalTier:
                            every_rank=True)
         copies = self._copies(target, per_rank) if self.multi_node else (None, {})
         D.agree(lambda: self._commit(step, target, final, per_rank, copies, replicate,
-                                     durable_step) if self.leader else None, every_rank=True)
+                                     durable_step, pending) if self.leader else None,
+                every_rank=True)
         size, seconds = sum(s for d in per_rank for s, _ in d.values()), time.perf_counter() - t0
         return {"step": step, "path": final, "seconds": seconds, "bytes": size,
                 "mb_per_s": size / seconds / 1e6, "tier": "local", "per_rank": per_rank,
@@ -156,7 +160,8 @@ class LocalTier:
             return out
         return data, {k: v for d in D.agree(read, every_rank=True) for k, v in d.items()}
 
-    def _commit(self, step, target, final, per_rank, copies, replicate, durable_step) -> None:
+    def _commit(self, step, target, final, per_rank, copies, replicate, durable_step,
+                pending=None) -> None:
         """This node's lowest rank: the copies this node lacks, then the protocol's commit
         over this node's files, with tier.json and a retention that keeps what the durable
         tier still needs."""
@@ -169,7 +174,7 @@ class LocalTier:
         self.protocol.commit(target, final, step, per_rank, rank=self.rank,
                              expected={n: files[n][0] for n in listed},
                              extra={TIER: json.dumps(info).encode()},
-                             protect=self._keep_for_durable(durable_step))
+                             protect=self._keep_for_durable(durable_step, pending))
 
     def _write_copies(self, target, files, own, copies) -> dict:
         """Write `.metadata` and the shared entries' ranges this node lacks (sparse files of
@@ -190,10 +195,16 @@ class LocalTier:
             partial.setdefault(file, []).append([offset, length, f"{zlib.crc32(blob):08x}"])
         return partial
 
-    def _keep_for_durable(self, durable_step: int):
+    def _keep_for_durable(self, durable_step: int, pending: list | None = None):
         """Retention's protect rule: never remove a dir meant for the durable tier that is
-        newer than its newest checkpoint (`durable_step`): it may be the only copy."""
-        return lambda s, name: s > durable_step and self._meant(name)
+        newer than its newest checkpoint (`durable_step`) and that replication still has to
+        copy (`pending`, Replicator.steps(): the job in flight and one waiting; None: every
+        such dir). So the local tier holds at most keep + 2 checkpoints however long the
+        bucket is down: a step replication skipped (a newer one superseded it) or gave up
+        (past --store_retry_budget) is no longer pending, and goes at the next save, with
+        the WARNING replication printed; the newest is always kept, and replicated later."""
+        return lambda s, name: (s > durable_step and (pending is None or s in pending)
+                                and self._meant(name))
 
     def _meant(self, name: str) -> bool:
         try:

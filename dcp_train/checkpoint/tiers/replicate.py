@@ -15,7 +15,10 @@ then the durable retention. One job runs in three phases, each on a background t
 Ranks agree on phase changes at step boundaries, through the one small gather train/loop.py
 already does per step (`report()` goes into it, `advance()` reads every rank's report), so
 replication adds no collective to a step. A failed phase (bucket unreachable, ...) is a
-WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. A newer job
+WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. Each request
+has timeouts (io/store_options.py), so a store that does not answer fails a phase too. A phase
+still failing --store_retry_budget seconds after its first failure (rank 0's clock) is given
+up with a WARNING: the step stays on the local tier, the next save's job tries again. A newer job
 supersedes a waiting one, or a failed one before its commit phase (catching up means copying
 the newest checkpoint, not every one missed; a commit is cheap and may have passed its
 commit point already, so it is retried). At the end of the run `finish()` waits for the job in flight, with three
@@ -51,6 +54,7 @@ class ReplicationReport(NamedTuple):
     state: str  # 'running', 'done', 'failed' (waiting to retry) or this rank's error
     answer: Any  # rank 0's result of a finished phase (prepare: the dir; commit: the bytes)
     retry_due: bool  # by this rank's clock (rank 0's decides)
+    over_budget: bool = False  # failing for longer than the retry budget (rank 0's decides)
 
 
 @dataclass
@@ -64,12 +68,17 @@ class Job:
     attempts: int = 0  # of the current phase
     error: str | None = None  # the failure of its last attempt, agreed by every rank
     t0: float = 0.0
+    failing_since: float | None = None  # time.monotonic() of the current phase's 1st failure
 
 
 class Replicator:
-    def __init__(self, durable, rank: int, say, log):
-        """durable: the durable tier's Checkpointer; say/log: metrics.say/metrics.log."""
+    def __init__(self, durable, rank: int, say, log, budget_s: float = float("inf"),
+                 before_prepare=None):
+        """durable: the durable tier's Checkpointer; say/log: metrics.say/metrics.log;
+        budget_s: --store_retry_budget; before_prepare(): run by rank 0 at the start of each
+        prepare phase (the manager's: take the durable tier's writer lease if not yet)."""
         self.durable, self.storage, self.rank = durable, durable.storage, rank
+        self.budget_s, self.before_prepare = budget_s, before_prepare
         self.say, self.log = say, log
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-replicate")
         self.job: Job | None = None
@@ -107,8 +116,10 @@ class Replicator:
             state = describe(self.future.exception(), self.storage.root)
         else:
             state, answer = "done", self.future.result()
+        now = time.monotonic()
         return ReplicationReport(job.step, job.phase, job.attempts, state, answer,
-                                 time.monotonic() >= self.retry_at)
+                                 now >= self.retry_at, job.failing_since is not None
+                                 and now - job.failing_since > self.budget_s)
 
     def advance(self, reports: list[ReplicationReport | None]) -> None:
         """Every rank, with every rank's report: move the job on, the same way everywhere."""
@@ -128,8 +139,19 @@ class Replicator:
             self._start(self.waiting)
         elif job.error is None:
             self._failed(job, errors[0])
-        elif reports[0].retry_due:  # rank 0's clock decides
+        elif reports[0].over_budget:  # rank 0's clock decides
+            self._give_up(job)
+        elif reports[0].retry_due:
             self._run(job)
+
+    def _give_up(self, job: Job) -> None:
+        self.say(f"WARNING: replicating step {job.step} to {self.storage.root} given up after "
+                 f"{time.monotonic() - job.failing_since:.0f}s of failures ({job.phase}: "
+                 f"{job.error}), past --store_retry_budget {self.budget_s:g}s; training goes on, "
+                 "the next save is replicated again; the step is on the local tier")
+        self.job, waiting, self.waiting = None, self.waiting, None
+        if waiting is not None:
+            self._start(waiting)
 
     def _failed(self, job: Job, error: str) -> None:
         delay = min(60.0, 2.0 * 2 ** (job.attempts - 1))
@@ -138,6 +160,8 @@ class Replicator:
                  f"retrying in {delay:.0f}s; the step is safe on the local tier")
         job.error, self.future = error, None
         self.retry_at = time.monotonic() + delay
+        if job.failing_since is None:
+            job.failing_since = time.monotonic()
 
     def _next_phase(self, job: Job, answer) -> None:
         if job.phase == "prepare":
@@ -147,7 +171,7 @@ class Replicator:
         else:
             self._done(job, answer)
             return
-        job.attempts = 0
+        job.attempts, job.failing_since = 0, None
         self._run(job)
 
     def _done(self, job: Job, size: int) -> None:
@@ -179,6 +203,8 @@ class Replicator:
 
     # ------------------------------------------------------------------ the phases
     def _prepare(self, job: Job) -> str:
+        if self.before_prepare is not None:
+            self.before_prepare()
         return self.durable.target_dir(self.durable.dir.step_path(job.step))
 
     def _upload(self, job: Job) -> str:
