@@ -40,6 +40,7 @@ from dcp_train import distributed as D
 from dcp_train.errors import CheckpointError, StoreUnavailable, chain, classify, describe
 
 MAX_DELAY_S = 30.0  # the longest backoff between two attempts
+_JITTER = random.Random()  # its own generator: the global one is checkpointed state (rng.py)
 _SILENT_NAMES = {"ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError",
                  "FSTimeoutError", "TimeoutError", "timeout", "ReadTimeout", "ConnectTimeout"}
 _SHORT_READS = {"IncompleteRead", "ClientPayloadError", "ResponseStreamingError",
@@ -125,7 +126,7 @@ class _Clock:
                     f"{self.what}, past --store_retry_budget {budget:g} s: {e}; the last "
                     "committed checkpoint is intact, relaunch with --auto_resume once the "
                     "store answers")
-        delay = min(MAX_DELAY_S, 2.0 ** (self.tries - 1)) * random.uniform(0.5, 1.0)
+        delay = min(MAX_DELAY_S, 2.0 ** (self.tries - 1)) * _JITTER.uniform(0.5, 1.0)
         delay = max(0.1, min(delay, left))
         print(f"WARNING: {self.store} failed during {self.what} (attempt {self.tries}): {e}; "
               f"retrying in {delay:.1f}s ({left:.0f}s of --store_retry_budget left)",
