@@ -12,7 +12,7 @@ repetition runs, in a rotated order:
   ours    Checkpointer.save of the same state into --url (the trainer's protocol)
   get     each rank downloads the files it uploaded in `put`, with one `fs.get` call
   resume  the trainer's resume path on what `ours` saved: CheckpointDir.find_latest(defer=True)
-          on rank 0, then restore.load with verification (every CRC-32 checked)
+          on rank 0, then restore.load with verification (every CRC-32C checked)
 A time is wall clock from a barrier before to a barrier after (the slowest rank).
 """
 

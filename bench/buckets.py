@@ -6,7 +6,7 @@ same files, measured side by side (bench/bucket_worker.py) against the test serv
     python -m bench.buckets --cells s3:gpt2-124m:1:one_get   # one cell (STORE:MODEL:RANKS[:one_get])
     python -m bench.buckets --quick    # tiny on S3 and GCS, 1 rank, 1 repetition
 
-Goals (issue 14): save / put >= 0.9 and resume / get >= 0.8, on both. Writes
+Goals (issues 14 and 24): save / put >= 0.9 and resume / get >= 0.8, on both. Writes
 bench/results_buckets.md and .json.
 """
 
@@ -47,7 +47,7 @@ def render(results: list, meta: dict) -> str:
              f"{meta['args']}`; wall time {meta['wall_s']:.0f} s; load average at start "
              f"{meta['load'][0]}, at end {meta['load'][1]}.", "",
              "| store, model, ranks | checkpoint | save / put (goal >= 0.9) | resume / get (goal "
-             ">= 0.8) | save | put | resume (with CRC-32 check) | get |", "|" + "---|" * 8]
+             ">= 0.8) | save | put | resume (with CRC-32C check) | get |", "|" + "---|" * 8]
     for r in results:
         cell = (f"| {r['url']}, {r['model']}, {r['world_size']}"
                 f"{''.join(f', {k}={v}' for k, v in r.get('options', {}).items())} | ")
