@@ -218,3 +218,22 @@ def test_store_options_defaults_and_the_users_win():
     assert store_options.merged("gs://b/run", None, 300) == {"requests_timeout": 18.75}
     assert store_options.merged("/tmp/run", {"a": 1}) == {"a": 1}
     assert store_options.merged("memory://run", None) == {}
+
+
+def test_server_errors_are_ridden_out_other_errors_are_not():
+    """A 500/502/504 (as s3fs and botocore raise them) is a transient store failure; a missing
+    object or a denied request is not."""
+    import errno
+
+    from botocore.exceptions import ClientError
+
+    from dcp_train.checkpoint.ride_out import trouble
+    internal = ClientError({"Error": {"Code": "InternalError", "Message": "We encountered an "
+                                      "internal error. Please try again."}}, "PutObject")
+    for e in (OSError(errno.EREMOTEIO, "Internal Server Error"), internal,
+              OSError(errno.EIO, "502 Bad Gateway")):
+        assert trouble(e) is not None and not trouble(e).silent, e
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                         "GetObject")
+    for e in (FileNotFoundError(errno.ENOENT, "no such key"), denied):
+        assert trouble(e) is None, e

@@ -48,7 +48,11 @@ _SHORT_READS = {"IncompleteRead", "ClientPayloadError", "ResponseStreamingError"
 # What is left of them once pickled without their cause (DCP gathers every rank's failure
 # through all_gather_object; s3fs's OSError(EBUSY) for SlowDown keeps its words only)
 _REFUSED_TEXT = ("reduce your request rate", "SlowDown", "Could not connect to the endpoint",
-                 "Connection was closed before we received a valid response")
+                 "Connection was closed before we received a valid response",
+                 # a server error (500, 502, 504), retryable by S3's and GCS's documentation;
+                 # s3fs raises OSError(EREMOTEIO, "Internal Server Error") for a 500
+                 "Internal Server Error", "InternalError", "We encountered an internal error",
+                 "Bad Gateway", "Gateway Timeout", "Backend Error", "backendError")
 _SILENT_TEXT = ("Read timeout on endpoint", "Connect timeout on endpoint")
 
 
