@@ -45,11 +45,10 @@ def _is_shard(name: str) -> bool:
 
 def fetch_shards(url: str, storage_options: dict) -> str:
     """Download the shards under `url` into cache_dir(url) (if not there yet); return that dir."""
-    from fsspec.core import url_to_fs
 
     local = cache_dir(url)
     try:
-        fs, root = url_to_fs(url, **store_options.merged(url, storage_options))
+        fs, root = store_options.url_to_fs(url, storage_options)
         root = root.rstrip("/")
         remote = {posixpath.basename(info["name"].rstrip("/")): info
                   for info in fs.ls(root, detail=True)}

@@ -38,11 +38,10 @@ REQUIRED = {
 
 def read_hf_config(url: str, storage_options: dict) -> dict:
     """config.json of the directory `url` (local path or fsspec URL) as a dict."""
-    from fsspec.core import url_to_fs
 
     path = posixpath.join(url.rstrip("/"), CONFIG_FILE)
     try:
-        fs, root = url_to_fs(path, **store_options.merged(path, storage_options))
+        fs, root = store_options.url_to_fs(path, storage_options)
         with fs.open(root, "rb") as f:
             return json.loads(f.read())
     except FileNotFoundError:

@@ -53,10 +53,9 @@ def local_init_dir(url: str, storage_options: dict) -> str:
     files (downloaded once, atomically; call on one rank per node)."""
     if not is_remote(url):
         return url.removeprefix("file://")
-    from fsspec.core import url_to_fs
 
     try:
-        fs, root = url_to_fs(url, **store_options.merged(url, storage_options))
+        fs, root = store_options.url_to_fs(url, storage_options)
         root = root.rstrip("/")
         listing = {posixpath.basename(i["name"].rstrip("/")): i
                    for i in fs.ls(root, detail=True)}

@@ -26,9 +26,9 @@ SPAN_GAP = 1 << 20  # spans of a file closer than this are fetched as one ranged
 
 
 def read_ranges(fs, sizes: dict[str, int]) -> dict[str, bytes]:
-    """{path: content} of the files of `sizes` ({path: size}); OSError if one has another
-    size. Requests: min(READ_PARTS, ceil(size / READ_CHUNK)) ranged GETs of each file (none
-    for an empty file)."""
+    """{path: content} of the files of `sizes` ({path: size}); OSError if one is shorter.
+    Requests: min(READ_PARTS, ceil(size / READ_CHUNK)) ranged GETs of each file (none for
+    an empty file)."""
     paths, starts, ends = [], [], []
     for path, size in sizes.items():
         part = max(READ_CHUNK, -(-size // READ_PARTS))
@@ -36,15 +36,21 @@ def read_ranges(fs, sizes: dict[str, int]) -> dict[str, bytes]:
             paths.append(path)
             starts.append(start)
             ends.append(min(size, start + part))
-    parts = fs.cat_ranges(paths, starts, ends, on_error="raise") if paths else []
     chunks: dict[str, list[bytes]] = {path: [] for path in sizes}
-    for path, part in zip(paths, parts):
+    for path, part in zip(paths, _cat(fs, paths, starts, ends)):
         chunks[path].append(part)
-    out = {path: b"".join(c) for path, c in chunks.items()}  # a one-part file: not copied
-    for path, size in sizes.items():
-        if len(out[path]) != size:
-            raise OSError(f"{path} has {len(out[path])} bytes, expected {size}")
-    return out
+    return {path: b"".join(c) for path, c in chunks.items()}  # a one-part file: not copied
+
+
+def _cat(fs, paths: list, starts: list, ends: list) -> list[bytes]:
+    """The ranges [start, end) of `paths`, all at once (fsspec's cat_ranges runs them
+    concurrently); OSError for a range the file ends before."""
+    parts = fs.cat_ranges(paths, starts, ends, on_error="raise") if paths else []
+    for path, start, end, part in zip(paths, starts, ends, parts):
+        if len(part) != end - start:
+            raise OSError(f"{path} ended before byte {end}: {len(part)} of {end - start} "
+                          f"bytes from byte {start}")
+    return parts
 
 
 def open_sized(fs, path: str, size: int):
@@ -70,12 +76,8 @@ def read_spans(fs, spans: dict[str, list[tuple[int, int]]]) -> dict[str, dict[in
                 paths.append(path)
                 starts.append(offset)
                 ends.append(offset + length)
-    parts = fs.cat_ranges(paths, starts, ends, on_error="raise") if paths else []
     out: dict[str, dict[int, bytes]] = {path: {} for path in spans}
-    for path, start, end, part in zip(paths, starts, ends, parts):
-        if len(part) != end - start:
-            raise OSError(f"{path} ended before byte {end}: {len(part)} of {end - start} "
-                          f"bytes from byte {start}")
+    for path, start, part in zip(paths, starts, _cat(fs, paths, starts, ends)):
         out[path][start] = part
     return out
 

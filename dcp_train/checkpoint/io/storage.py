@@ -51,7 +51,6 @@ import os
 import posixpath
 import shutil
 
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from fsspec.asyn import sync
@@ -67,8 +66,7 @@ class Storage:
     def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
         # timeouts and retries of every request (store_options.py); the user's options win
         self.storage_options = store_options.merged(os.fspath(url), storage_options)
-        self.fs, root = url_to_fs(os.fspath(url), **self.storage_options)
-        store_options.configure(self.fs)
+        self.fs, root = store_options.url_to_fs(os.fspath(url), self.storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(
             self.fs.protocol)

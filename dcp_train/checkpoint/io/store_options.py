@@ -81,3 +81,14 @@ def configure(fs) -> None:
     """What cannot be passed as an option: s3fs's own retries (module docstring)."""
     if type(fs).__module__.startswith("s3fs"):
         fs.retries = S3FS_RETRIES
+
+
+def url_to_fs(url: str, options: dict | None, stall_timeout: float = DEFAULT_STALL_S):
+    """fsspec's url_to_fs with this module's timeouts and retries under `options` (merged)
+    and s3fs's retries set (configure): how every store of this project is opened (the
+    checkpoint dir through Storage, --data_dir and --init_from URLs)."""
+    from fsspec.core import url_to_fs as fsspec_url_to_fs
+
+    fs, root = fsspec_url_to_fs(url, **merged(url, options, stall_timeout))
+    configure(fs)
+    return fs, root
