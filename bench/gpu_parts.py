@@ -46,7 +46,7 @@ from bench.common import (MODELS, describe_model, model_config, model_flags, rea
                           run_child, torchrun)
 from dcp_train.tools.export import load_full_state
 from dcp_train.train.flops import model_flops_per_token, peak_flops
-from dcp_train.run.metrics import read_metrics
+from dcp_train.job.metrics import read_metrics
 from dcp_train.model import GPT
 
 EXACT_STEPS, EXACT_STOP = 8, 5

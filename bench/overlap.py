@@ -43,7 +43,7 @@ from bench.common import (REPO, model_flags, ratios, run_meta, torchrun,  # noqa
                           write_results)
 from bench.procwatch import run_watched  # noqa: E402
 from bench.run import save_times, seg_rates, segments  # noqa: E402
-from dcp_train.run.metrics import read_metrics  # noqa: E402
+from dcp_train.job.metrics import read_metrics  # noqa: E402
 
 SHAPES = {  # per model: micro-batch, tokens per step (a step of ~0.1 s and ~1 s here)
     "tiny": dict(batch=4, total=512),

@@ -42,7 +42,7 @@ from bench.common import (MODELS, REPO, ChildFailed, describe_model, drop_page_c
                           model_flags, ratios, read_json, run_child, stats, torchrun)
 from bench import checksums  # noqa: E402
 from bench.procwatch import run_watched  # noqa: E402
-from dcp_train.run.metrics import read_metrics  # noqa: E402
+from dcp_train.job.metrics import read_metrics  # noqa: E402
 
 GB = 1e9
 

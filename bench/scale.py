@@ -19,7 +19,7 @@ layout.py, io/manifest.py, io/storage.py), run on the moto S3 server of tests/se
     retention     step 2 saved, then keep 1: rank 0 removes step 1 (manifest first, a listing,
                   batched deletes)
 
-Counted in this process (store_requests.py, what goes on the wire): requests in all and rank
+Counted in this process (store/requests.py, what goes on the wire): requests in all and rank
 0's own, LIST requests (= listing pages), rank 0's seconds. Nothing here is a test.
 """
 
@@ -41,7 +41,7 @@ from bench.common import run_meta, write_results
 from bench.run import _load_servers
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
-from dcp_train.checkpoint.io import store_requests as R
+from dcp_train.store import requests as R
 from dcp_train.checkpoint.layout import CheckpointDir, step_name
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.state import json_tensor

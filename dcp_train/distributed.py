@@ -60,7 +60,7 @@ def setup(device: str = "auto", timeout_s: float = 300) -> DistInfo:
     differ) and TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=timeout_s (the monitor that ends a
     process whose watchdog itself hangs; torch's default is 480 s) are set for it. Where the
     wait for a stopped peer is a gloo collective (`agree`'s per-step gather, a save's), the
-    stalled rank is named (run/stall.py); where it is a GPU sync behind an nccl collective
+    stalled rank is named (job/stall.py); where it is a GPU sync behind an nccl collective
     (a loss's `.item()`), only nccl's watchdog sees it, and it ends the waiting process with
     nccl's own message after timeout_s: the job still ends, without our line naming the rank.
     Not tested: no machine here has two GPUs."""

@@ -81,7 +81,7 @@ def scrub_line(message: str) -> str:
 
 def error_line(message: str) -> None:
     """The one-line error the user sees for bad input: one write(2) call, so the lines of
-    several ranks sharing a pipe never interleave. Which rank calls it: run/failure.py."""
+    several ranks sharing a pipe never interleave. Which rank calls it: job/failure.py."""
     sys.stdout.flush()
     os.write(2, f"dcp_train: error: {scrub_line(message)}\n".encode())
 

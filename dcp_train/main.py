@@ -2,7 +2,7 @@
 
 Bad input (flags, data, checkpoints, storage, tokenizer) ends the run with one line on stderr,
 `dcp_train: error: <what was wrong; what to do>`, and exit code 2, printed by the one rank
-that holds the root cause and carried into torchrun's report (run/failure.py,
+that holds the root cause and carried into torchrun's report (job/failure.py,
 docs/errors.md). Nothing is written to the checkpoint directory before the resume decision
 and the flag checks have passed.
 """
@@ -15,8 +15,8 @@ import sys
 from dcp_train import redact
 from dcp_train.cli import parse_config
 from dcp_train.errors import EXIT_BAD_INPUT, ConfigError
-from dcp_train.run import failure
-from dcp_train.run.orphan import exit_if_orphaned, watch_parent
+from dcp_train.job import failure
+from dcp_train.job.orphan import exit_if_orphaned, watch_parent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     from dcp_train.errors import EXIT_STORE_UNAVAILABLE, CheckpointError, StoreUnavailable
     from dcp_train.data import DataError
     from dcp_train.data.tokenizer import TokenizerError
-    from dcp_train.run import stall
+    from dcp_train.job import stall
     from dcp_train.train.loop import train
 
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     try:
         info = D.setup(cfg.hardware.device, timeout_s=cfg.checkpoint.stall_timeout)
         failure.record_peers()
-        stall.start(cfg.checkpoint.stall_timeout)  # this rank's heartbeat (run/stall.py)
+        stall.start(cfg.checkpoint.stall_timeout)  # this rank's heartbeat (job/stall.py)
     except ConfigError as e:  # --device cuda without CUDA
         failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
     try:

@@ -15,7 +15,7 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.state import Progress
 from dcp_train.cli import parse_config
 from dcp_train.model import GPT
-from dcp_train.run.metrics import Metrics
+from dcp_train.job.metrics import Metrics
 from dcp_train.train.loop import init_from_hf
 
 

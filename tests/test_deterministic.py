@@ -35,7 +35,7 @@ import torch
 
 from dcp_train.cli import parse_config
 from dcp_train.errors import ConfigError
-from dcp_train.checkpoint.compat import check_deterministic
+from dcp_train.checkpoint.resume_rules import check_deterministic
 from dcp_train.train.deterministic import micro_batches_per_step
 from helpers import (REPO, TINY, assert_same_tensors, child_env, load_checkpoint, metrics,
                            run_train, write_shards)

@@ -22,7 +22,7 @@ from helpers import REPO, TINY, child_env, run_train
 
 from dcp_train.cli import parse_config
 from dcp_train.errors import ConfigError
-from dcp_train.run.preempt import SIGNALS, Preemption
+from dcp_train.job.preempt import SIGNALS, Preemption
 
 ARGS = [*TINY, "--batch_size", "4", "--total_batch_size", "512", "--checkpoint_interval", "2"]
 STEP2 = "step_00000002"

@@ -46,7 +46,7 @@ from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import CheckpointDir, step_name
 from dcp_train.checkpoint.restore import share as _share
 from dcp_train.errors import CheckpointError
-from dcp_train.run.faults import POINTS
+from dcp_train.job.faults import POINTS
 
 N = 6
 FAULT_STEP = 4

@@ -33,11 +33,12 @@ LAYERS = [
     ("save protocol", ["dcp_train.checkpoint.protocol"]),
     ("checkpoint view, load, resume rules", ["dcp_train.checkpoint.layout",
                                              "dcp_train.checkpoint.restore",
-                                             "dcp_train.checkpoint.compat"]),
-    ("checkpoint state", ["dcp_train.checkpoint"]),  # state.py, rng.py
+                                             "dcp_train.checkpoint.resume_rules"]),
+    ("checkpoint state", ["dcp_train.checkpoint"]),  # state.py, rng.py, ride_out.py
+    ("checkpoint format and DCP adapters", ["dcp_train.checkpoint.io"]),
     ("data", ["dcp_train.data"]),
-    ("storage and files", ["dcp_train.checkpoint.io"]),
-    ("run", ["dcp_train.run"]),
+    ("store", ["dcp_train.store"]),
+    ("job services", ["dcp_train.job"]),
     ("model", ["dcp_train.model", "dcp_train.optim"]),
     ("distribution", ["dcp_train.distributed", "dcp_train.compiled", "dcp_train.torch_compat"]),
     ("config, errors", ["dcp_train.config", "dcp_train.errors", "dcp_train.redact",

@@ -208,7 +208,7 @@ def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, 
 
 def test_store_options_defaults_and_the_users_win():
     """The defaults every request gets, and --storage_options over them key by key."""
-    from dcp_train.checkpoint.io import store_options
+    from dcp_train.store import options as store_options
     s3 = store_options.merged("s3://b/run", {"endpoint_url": "http://x",
                                              "config_kwargs": {"read_timeout": 99}}, 300)
     assert s3 == {"endpoint_url": "http://x", "config_kwargs": {

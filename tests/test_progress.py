@@ -1,4 +1,4 @@
-"""Progress bars (dcp_train/run/progress.py): shown at an interactive terminal, never in a log.
+"""Progress bars (dcp_train/job/progress.py): shown at an interactive terminal, never in a log.
 
 A real pseudo-terminal (pty) stands for the user's terminal; a pipe for a log file, a batch
 system or `| tee`. Checked:
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import termios
 
-from dcp_train.run.progress import bar, received_bytes
+from dcp_train.job.progress import bar, received_bytes
 from helpers import REPO, TINY, child_env, torchrun_cmd, write_shards
 
 EXAMPLE = {"ctx": "The dog runs to the door and", "label": 0,

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import write_shards
 
-from dcp_train.checkpoint.compat import change_lines, compare_run, end_note, mismatch_message
+from dcp_train.checkpoint.resume_rules import change_lines, compare_run, end_note, mismatch_message
 from dcp_train.cli import parse_config
 from dcp_train.config import as_record, redacted_config
 from dcp_train.data import find_shards

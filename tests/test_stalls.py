@@ -15,7 +15,7 @@ checkpoint every 2 steps.
        finishes bit-exact; a holder on another host that keeps renewing is refused after
        the wait (no torchrun)
 
-The SIGSTOP comes from the fault hook `DCP_TRAIN_FAULT=POINT:RANK:STEP:stop` (run/faults.py):
+The SIGSTOP comes from the fault hook `DCP_TRAIN_FAULT=POINT:RANK:STEP:stop` (job/faults.py):
 the process sends it to itself at a known point; the test sees the stopped process in /proc.
 """
 

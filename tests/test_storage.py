@@ -26,7 +26,7 @@ def storage(request, tmp_path) -> Storage:
 def test_ranged_reads_whole_files_and_spans(storage, monkeypatch):
     """read_ranges splits a file into at most READ_PARTS ranged GETs; read_spans fetches
     merged spans, and SpanFile serves exactly those bytes (an unfetched byte is an error)."""
-    from dcp_train.checkpoint.io import ranged_read as R
+    from dcp_train.store import ranged_read as R
     st = storage
     data = bytes(range(256)) * 4096  # 1 MiB
     path = st.join("f.bin")

@@ -21,7 +21,7 @@ import torch
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.config import ModelConfig
 from dcp_train.model import GPT
-from dcp_train.run.metrics import Metrics
+from dcp_train.job.metrics import Metrics
 from dcp_train.tools import ckpt, sample
 from dcp_train.tools.export import export_tensors, hf_config, load_model_weights, write_export
 from helpers import REPO, TINY, child_env, load_checkpoint, metrics, run_train, write_shards

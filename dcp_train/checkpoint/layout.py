@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
-from dcp_train.checkpoint.io.atomic import TEMP_RE
+from dcp_train.store.atomic import TEMP_RE
 from dcp_train.checkpoint.io.manifest import MANIFEST, STEP_RE
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.state import read_meta

@@ -15,7 +15,7 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
    newest valid one (layout.py); without either a dir that holds committed checkpoints is
    refused (a fresh start would overwrite that run), an empty one starts fresh;
 3. check that this run can continue it: a format this code reads, and the same data, seed,
-   sequence length, batch geometry and model (compat.py); what may change (LR, intervals,
+   sequence length, batch geometry and model (resume_rules.py); what may change (LR, intervals,
    ...) is reported as WARNING lines and in the `resume` record;
 4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
    checkpoint fall back to the next one, and is an error for one the user named;
@@ -24,7 +24,7 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
 6. this rank's entry is restored at the same world size; otherwise, and at a fresh start, its
    parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
 7. log the `resume` record, with `requests`: what every rank sent to the store from step 1
-   to 5, summed through the gather that takes the lease (store_requests.py).
+   to 5, summed through the gather that takes the lease (store/requests.py).
 
 Steps 1, 2, 4 and 5 and every save ride out a store outage within --store_retry_budget
 (ride_out.py); two tiers: a durable tier down at the start is skipped for the local one.
@@ -42,8 +42,9 @@ from typing import NamedTuple
 from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
-from dcp_train.checkpoint.compat import change_lines, check_resume, end_note
-from dcp_train.checkpoint.io import store_options, store_requests
+from dcp_train.checkpoint.resume_rules import change_lines, check_resume, end_note
+from dcp_train.store import options as store_options
+from dcp_train.store import requests as store_requests
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.protocol import Checkpointer
@@ -54,8 +55,8 @@ from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
 from dcp_train.checkpoint.tiers.replicate import ReplicationReport, Replicator
 from dcp_train.config import Config
 from dcp_train.errors import CheckpointError, ConfigError, describe
-from dcp_train.run import failure, stall
-from dcp_train.run.metrics import resident_mb
+from dcp_train.job import failure, stall
+from dcp_train.job.metrics import resident_mb
 
 
 class StepReport(NamedTuple):
@@ -119,7 +120,7 @@ class CheckpointManager:
                 component.optimizer.register_step_pre_hook(lambda *_: self.saves.staged())
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
         self.tier: TierChoice | None = None
-        self.changes = {}  # {flag: [saved, now]} of what this resume changed (compat.py)
+        self.changes = {}  # {flag: [saved, now]} of what this resume changed (resume_rules.py)
 
     @property
     def root(self) -> str:  # named by layout.reading's errors
@@ -149,7 +150,7 @@ class CheckpointManager:
             if self.ck.auto_resume:
                 self.metrics.say(f"no checkpoint in {self.dir.root}: starting fresh at step 0")
             return
-        stall.committed(found.step)  # named if a rank stalls (run/stall.py)
+        stall.committed(found.step)  # named if a rank stalls (job/stall.py)
         if found.path == self.dir.step_path(found.step) or self._from_local:
             self.committed_step = found.step
         self._log_resume(found, time.perf_counter() - t0, requests)
@@ -260,7 +261,7 @@ class CheckpointManager:
     def _check(self, found: Found) -> None:
         """Refuse a checkpoint this run cannot continue: a newer format, a switch of
         --deterministic, or other data, seed, sequence length, batch geometry or model
-        (compat.py); keep what may change."""
+        (resume_rules.py); keep what may change."""
         self.changes = check_resume(found.meta, found.path, self.cfg,
                                     self.progress.data_fingerprint)
 

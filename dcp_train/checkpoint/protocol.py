@@ -40,7 +40,7 @@ With --async_checkpoint its saves run in the save process too (`child`).
 Requests on an object store, per save: one PUT per file (data files, `.metadata`,
 manifest.json, `latest`; a large file is a multipart upload), one LIST for retention, and for
 each dir retention removes a DELETE of its manifest, a LIST and a batched DELETE. Every
-rank's requests are counted (store_requests.py) and summed through the gather of step 2: the
+rank's requests are counted (store/requests.py) and summed through the gather of step 2: the
 `requests` of the `checkpoint` record.
 
 Store outages (ride_out.py): on a store, a save is three collective phases (the dir, the
@@ -71,14 +71,14 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io import space
-from dcp_train.checkpoint.io import store_requests
-from dcp_train.checkpoint.io.atomic import fsync_dir
+from dcp_train.store import requests as store_requests
+from dcp_train.store.atomic import fsync_dir
 from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.checkpoint.layout import LATEST, CheckpointDir, step_name
 from dcp_train.checkpoint.ride_out import Patience, guarded, ride_out
 from dcp_train.errors import CheckpointError, describe
-from dcp_train.run import faults
-from dcp_train.run.faults import fault_point
+from dcp_train.job import faults
+from dcp_train.job.faults import fault_point
 
 
 class Checkpointer:

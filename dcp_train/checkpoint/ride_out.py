@@ -4,7 +4,7 @@
     target = ride_out(lambda: D.agree(guarded(lambda: pick_dir())), patience,
                       "s3://bucket/run", "the save of step 6")
 
-Each request already has timeouts and the client's own retries (io/store_options.py); a phase
+Each request already has timeouts and the client's own retries (store/options.py); a phase
 that still fails (a burst of 503 SlowDown longer than the client's backoff, an endpoint that is
 down or silent) is run again here, after an exponential backoff with jitter, until:
 

@@ -35,9 +35,9 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from dcp_train.checkpoint.io.atomic import write_atomic
+from dcp_train.store.atomic import write_atomic
 from dcp_train.data.tokenizer import EOT, get_tokenizer
-from dcp_train.run.progress import bar as progress_bar
+from dcp_train.job.progress import bar as progress_bar
 from .shards import SHARD_DTYPE, DataError, find_shards
 from .sources import default_texts, fineweb_texts, text_texts
 
@@ -112,7 +112,7 @@ class ShardWriter:
 def tokenized(texts: Iterable[str], tokenizer_file: str = "", max_tokens: Optional[int] = None,
               progress: bool = True, chunk: int = 256) -> Iterator[list[int]]:
     """GPT-2 tokens of each document (tiktoken, batches of `chunk` on all cores), with a
-    progress bar counting tokens (+1 EOT per document) at a terminal (run/progress.py)."""
+    progress bar counting tokens (+1 EOT per document) at a terminal (job/progress.py)."""
     enc = get_tokenizer(tokenizer_file)
     threads = os.cpu_count() or 1
     bar = progress_bar(desc="tokenizing", total=max_tokens, unit="tokens", unit_scale=True,

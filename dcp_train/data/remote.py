@@ -19,8 +19,8 @@ import os
 import posixpath
 import shutil
 
-from dcp_train.checkpoint.io import store_options
-from dcp_train.checkpoint.io.atomic import write_atomic
+from dcp_train.store import options as store_options
+from dcp_train.store.atomic import write_atomic
 from ..errors import one_line
 from .shards import DataError
 

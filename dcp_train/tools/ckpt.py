@@ -30,7 +30,7 @@ import sys
 import warnings
 
 from dcp_train import redact
-from dcp_train.checkpoint.io import store_requests
+from dcp_train.store import requests as store_requests
 from dcp_train.checkpoint.io.manifest import (MANIFEST, TIER, ManifestError,
                                               problems as manifest_problems, read as read_manifest,
                                               require_intact)
@@ -38,7 +38,7 @@ from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import TMP_RE, CheckpointDir
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.errors import CheckpointError
-from dcp_train.run.progress import bar
+from dcp_train.job.progress import bar
 from dcp_train.tools.export import (DTYPES, ExportError, export_tensors, hf_config,
                                     load_model_weights, write_export)
 from dcp_train.tools.show import print_inspect, print_listing, print_tiers

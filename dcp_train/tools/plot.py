@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from dcp_train.run.metrics import read_metrics
+from dcp_train.job.metrics import read_metrics
 
 
 def plot_metrics(records: list[dict], out: str, title: str = "", size=(10, 5), dpi: int = 100):

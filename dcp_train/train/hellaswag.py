@@ -38,10 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.utils import CallbackIOWrapper
 
-from dcp_train.checkpoint.io.atomic import write_atomic
+from dcp_train.store.atomic import write_atomic
 from dcp_train.compiled import eager
 from dcp_train.distributed import agree
-from dcp_train.run.progress import bar
+from dcp_train.job.progress import bar
 from dcp_train.train.evaluate import all_reduce_sum, block_size_of, distributed_ready, eval_mode
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import posixpath
 
-from dcp_train.checkpoint.io import store_options
+from dcp_train.store import options as store_options
 from dcp_train.errors import ConfigError, one_line
 
 CONFIG_FILE = "config.json"

@@ -36,7 +36,7 @@ from contextlib import ExitStack
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-from dcp_train.checkpoint.io import store_options
+from dcp_train.store import options as store_options
 from dcp_train.data.remote import cache_dir, download, is_remote
 from dcp_train.errors import ConfigError, one_line
 from dcp_train.train.hf_config import CONFIG_FILE

@@ -29,10 +29,10 @@ from dcp_train.data.tokenizer import get_tokenizer
 from dcp_train.errors import EXIT_PREEMPTED, ConfigError
 from dcp_train.model import GPT
 from dcp_train.optim import build_optimizer, lr_of, saved_schedule, schedule_for_launch
-from dcp_train.run import failure
-from dcp_train.run.faults import fault_point
-from dcp_train.run.metrics import Metrics, launch_record
-from dcp_train.run.preempt import Preemption
+from dcp_train.job import failure
+from dcp_train.job.faults import fault_point
+from dcp_train.job.metrics import Metrics, launch_record
+from dcp_train.job.preempt import Preemption
 from dcp_train.train import deterministic
 from dcp_train.train.evaluate import val_loss
 from dcp_train.train.flops import Throughput, model_flops_per_token, peak_flops
@@ -124,8 +124,8 @@ def train(cfg: Config, info: D.DistInfo) -> int:
 
 
 def begin_step(info: D.DistInfo, step: int) -> None:
-    """What this rank is doing, named if a peer dies or stalls (run/failure.py, stall.py);
-    the `mid_step` fault point (tests only, run/faults.py)."""
+    """What this rank is doing, named if a peer dies or stalls (job/failure.py, stall.py);
+    the `mid_step` fault point (tests only, job/faults.py)."""
     failure.set_activity(f"step {step}")
     fault_point("mid_step", info.rank, step)
 

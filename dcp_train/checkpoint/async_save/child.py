@@ -24,8 +24,8 @@ from dcp_train.checkpoint.async_save.state_pipe import Decoder
 from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.errors import CheckpointError, one_line
-from dcp_train.run import faults, stall
-from dcp_train.run.metrics import resident_mb
+from dcp_train.job import faults, stall
+from dcp_train.job.metrics import resident_mb
 
 
 def checkpointer(root, storage_options, verify, keep_last_n) -> Checkpointer:

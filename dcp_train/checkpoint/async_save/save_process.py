@@ -36,7 +36,7 @@ Contracts:
 - A save process that stopped answering (SIGSTOP, a hang) is found within --stall_timeout: it
   beats into shared memory every few seconds from a thread of its own (child.py); every wait
   for it here (each step's `done`, `result` at the next save and at the end) raises
-  run/stall.SaveProcessStalled once no beat came for --stall_timeout (plus STARTUP_S before
+  job/stall.SaveProcessStalled once no beat came for --stall_timeout (plus STARTUP_S before
   its first beat: spawning it imports torch). Its rank then kills it and the job ends with
   one line naming it (exit 69; stall.py). Its group with the other save processes has twice
   that timeout, so their owners do not give up on them first.
@@ -60,7 +60,7 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.async_save.child import checkpointer, serve
 from dcp_train.checkpoint.async_save.state_pipe import Encoder, pack
 from dcp_train.errors import CheckpointError, one_line
-from dcp_train.run import stall
+from dcp_train.job import stall
 
 STARTUP_S = 60.0  # allowed on top of --stall_timeout before a save process's first beat
 

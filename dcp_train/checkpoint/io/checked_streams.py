@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 from dcp_train.checkpoint.io import checksum as C
-from dcp_train.run.faults import armed, fault_point
+from dcp_train.job.faults import armed, fault_point
 
 
 class WriteChecksum:

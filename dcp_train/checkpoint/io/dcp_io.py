@@ -58,12 +58,12 @@ from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION  # noqa:
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
 
 from dcp_train.checkpoint.io import checksum as C  # noqa: E402
-from dcp_train.checkpoint.io.ranged_read import (  # noqa: E402
+from dcp_train.store.ranged_read import (  # noqa: E402
     SpanFile, open_sized, read_ranges, read_spans)
 from dcp_train.checkpoint.io.checked_streams import (  # noqa: E402
     Discard, ReadChecksum, WriteChecksum)
 from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
-from dcp_train.run.progress import received_bytes  # noqa: E402
+from dcp_train.job.progress import received_bytes  # noqa: E402
 
 WRITE_THREADS = 2
 
@@ -234,7 +234,7 @@ class _RemoteFS(_Digests, _FsspecFS):
         """Download `paths` whole, in the order given (the order DCP opens them), one file
         after the other on a background thread, so that DCP deserializes a file while the
         next one downloads (create_stream waits for its file). A file of known size goes as
-        concurrent ranged GETs (ranged_read.py, no HEAD), one of unknown size by fsspec's
+        concurrent ranged GETs (store/ranged_read.py, no HEAD), one of unknown size by fsspec's
         cat_file (gcsfs asked for concurrent ranges). Each file is checksummed on the
         download thread as it arrives (crc32c releases the GIL). Before them, `spans`
         ({path: [(offset, length)]}, files of known size DCP reads only parts of: entries

@@ -28,7 +28,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from dcp_train.checkpoint.io import checksum as C
-from dcp_train.checkpoint.io.ranged_read import open_sized
+from dcp_train.store.ranged_read import open_sized
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.errors import CheckpointError
 

@@ -29,7 +29,7 @@ Requests (object stores). Every method says what it sends; none looks before it 
 `write_bytes`/`write_atomic` one PUT, `rm_file` one DELETE (no existence check), `rm_tree`
 a listing and batched deletes. `exists` and `size` are a HEAD (and a LIST when missing):
 tools use them; the protocol only to look for the manifest of a step dir it has not seen
-committed before (retention's scan) and for a --checkpoint_path. store_requests.py counts what is sent.
+committed before (retention's scan) and for a --checkpoint_path. store/requests.py counts what is sent.
 
 DCP. `dcp_writer`/`dcp_reader` hand out the StorageWriter/StorageReader of dcp_io.py for a
 local directory or a URL (checksums while writing, the traps of DCP's fsspec classes).
@@ -55,9 +55,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from fsspec.asyn import sync
 
-from dcp_train.checkpoint.io import dcp_io, store_options, store_requests
-from dcp_train.checkpoint.io.atomic import fsync_dir, write_atomic
-from dcp_train.checkpoint.io.ranged_read import read_ranges
+from dcp_train.checkpoint.io import dcp_io
+from dcp_train.store import options as store_options
+from dcp_train.store import requests as store_requests
+from dcp_train.store.atomic import fsync_dir, write_atomic
+from dcp_train.store.ranged_read import read_ranges
 
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs"}  # no directories, no rename: stores of objects
 
@@ -201,7 +203,7 @@ class Storage:
 
     def read_many(self, sizes: dict[str, int]) -> dict[str, bytes]:
         """{path: content} of files whose sizes are known ({path: size}, e.g. a manifest's):
-        all at once, ranged GETs, no HEAD (ranged_read.py)."""
+        all at once, ranged GETs, no HEAD (store/ranged_read.py)."""
         return read_ranges(self.fs, sizes)
 
     def read_text(self, path: str) -> str:

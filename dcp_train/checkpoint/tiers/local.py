@@ -58,7 +58,7 @@ from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.config import PLACEHOLDER, local_path
 from dcp_train.errors import ConfigError, describe
-from dcp_train.run import faults
+from dcp_train.job import faults
 
 
 def node_rank() -> int:

@@ -16,7 +16,7 @@ Ranks agree on phase changes at step boundaries, through the one small gather tr
 already does per step (`report()` goes into it, `advance()` reads every rank's report), so
 replication adds no collective to a step. A failed phase (bucket unreachable, ...) is a
 WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. Each request
-has timeouts (io/store_options.py), so a store that does not answer fails a phase too. A phase
+has timeouts (store/options.py), so a store that does not answer fails a phase too. A phase
 still failing --store_retry_budget seconds after its first failure (rank 0's clock) is given
 up with a WARNING: the step stays on the local tier, the next save's job tries again. A newer job
 supersedes a waiting one, or a failed one before its commit phase (catching up means copying
@@ -40,7 +40,7 @@ from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.errors import describe
-from dcp_train.run.faults import fault_point
+from dcp_train.job.faults import fault_point
 
 PHASES = ("prepare", "upload", "commit")
 

@@ -16,7 +16,7 @@ Contract (docs/errors.md):
   file ("stopped because rank R failed"). torch elastic takes the failure with the earliest
   timestamp as the root cause, and on a tie the one it noticed first: the origin is noticed
   first, so it is named as the root cause on every machine speed.
-- A rank or a save process that stopped answering (SIGSTOP, a hang) is named by run/stall.py
+- A rank or a save process that stopped answering (SIGSTOP, a hang) is named by job/stall.py
   through `leave` (heartbeats, --stall_timeout).
 - A rank whose peer died (a gloo transport error: "Connection closed by peer ...") names the
   peer: "rank 1 died (signal 9) during the save of step 10". If that peer left through this

@@ -38,7 +38,7 @@ import threading
 import time
 
 from dcp_train.errors import EXIT_PEER_LOST
-from dcp_train.run import failure
+from dcp_train.job import failure
 
 _state = {"timeout": None, "committed": None}  # --stall_timeout once started; last commit
 

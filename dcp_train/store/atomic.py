@@ -21,7 +21,7 @@ import re
 import uuid
 from typing import BinaryIO, Callable, Union
 
-from dcp_train.run.faults import fault_point
+from dcp_train.job.faults import fault_point
 
 Content = Union[bytes, Callable[[BinaryIO], None]]
 TEMP_RE = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{8}$")

@@ -32,7 +32,7 @@ class Metrics:
         self._tb = None
         self._wandb = None
         if enabled and wandb_project is not None:
-            from dcp_train.run.wandb_log import WandbSink
+            from dcp_train.job.wandb_log import WandbSink
             self._wandb = WandbSink(wandb_project, log_dir)
         if enabled:
             os.makedirs(log_dir, exist_ok=True)

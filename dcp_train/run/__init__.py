@@ -1,2 +1,0 @@
-"""The run around the loop: preemption, orphan watch, fault points, metrics (and their wandb
-copy), progress bars."""
