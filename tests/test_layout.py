@@ -1,6 +1,6 @@
 """The package's layout rules, checked on the source (no import of dcp_train):
 
-- imports point down: every module belongs to one layer of LAYERS (docs/design.md's module
+- imports point down (data/ imports nothing from checkpoint/): every module belongs to one layer of LAYERS (docs/design.md's module
   map, top to bottom) and imports only from its own layer or lower ones;
 - no import circle among dcp_train's modules, imports inside functions included;
 - no folder of dcp_train/ holds more than 15 modules;
@@ -168,3 +168,11 @@ def test_no_long_function():
                 if lines > MAX_FUNCTION_LINES:
                     long[name] = lines
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_data_imports_nothing_from_checkpoint():
+    """data/ sits below checkpoint/: a data module needs the store layer, never a checkpoint."""
+    graph = import_graph()
+    up = [f"{m} imports {d}" for m, deps in graph.items() if m.startswith("dcp_train.data")
+          for d in sorted(deps) if d.startswith("dcp_train.checkpoint")]
+    assert not up, "data/ imports checkpoint/:\n" + "\n".join(up)
