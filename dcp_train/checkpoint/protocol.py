@@ -75,7 +75,7 @@ from dcp_train.store import requests as store_requests
 from dcp_train.store.atomic import fsync_dir
 from dcp_train.checkpoint.io.manifest import MANIFEST
 from dcp_train.checkpoint.layout import LATEST, CheckpointDir, step_name
-from dcp_train.checkpoint.ride_out import Patience, guarded, ride_out
+from dcp_train.checkpoint.ride_out import Patience, agreed_phase
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.job import faults
 from dcp_train.job.faults import fault_point
@@ -184,8 +184,8 @@ class Checkpointer:
                                       f"{describe(e, self.dir.root)}") from e
 
         def phase(name, fn, every_rank=False):
-            return ride_out(lambda: D.agree(guarded(fn), every_rank=every_rank), patience,
-                            self.dir.root, f"the save of step {step} ({name})")
+            return agreed_phase(fn, patience, self.dir.root, f"the save of step {step} ({name})",
+                                every_rank)
 
         mark = store_requests.snapshot()
         target = phase("its dir", lambda: self.target_dir(final))

@@ -1,8 +1,8 @@
 """Riding out a store outage, one protocol phase at a time, within --store_retry_budget.
 
     patience = Patience(budget_s=600, stall_s=300)
-    target = ride_out(lambda: D.agree(guarded(lambda: pick_dir())), patience,
-                      "s3://bucket/run", "the save of step 6")
+    target = agreed_phase(pick_dir, patience, "s3://bucket/run", "the save of step 6")
+    # the same as ride_out(lambda: D.agree(guarded(pick_dir)), patience, ...)
 
 Each request already has timeouts and the client's own retries (store/options.py); a phase
 that still fails (a burst of 503 SlowDown longer than the client's backoff, an endpoint that is
@@ -157,3 +157,10 @@ def ride_out(attempt, patience: Patience, store: str, what: str, collective: boo
             error.origin_rank = 0  # every rank raises it alike: rank 0 says it
             raise error
         time.sleep(verdict)
+
+
+def agreed_phase(fn, patience: Patience, store: str, what: str, every_rank: bool = False):
+    """One collective phase, the way the save and the resume run each of theirs: fn on rank 0
+    (on every rank with every_rank, then the list of their results), its result and failures
+    agreed (distributed.agree), a transient store failure ridden out (ride_out)."""
+    return ride_out(lambda: D.agree(guarded(fn), every_rank=every_rank), patience, store, what)
