@@ -89,7 +89,7 @@ def main() -> None:
         found = D.agree(lambda: directory.find_latest(defer=True))
         assert found is not None and found.path.endswith(step_name(1)), found
         shared, entry = components(model, opt, rank)
-        problem = restore.load(found, so, shared, entry, True, rank, ws)
+        problem = restore.load(found, directory.storage, shared, entry, True, rank, ws)
         assert problem is None, problem
 
     result = {"model": a.model, "world_size": ws, "url": a.url.split("://")[0], "bytes": size,

@@ -361,7 +361,7 @@ def main() -> None:
                 found = D.agree(lambda: directory.find_latest(defer=True))
                 assert found is not None, "no checkpoint found"
                 shared, entry = components(model, opt, rank)
-                problem = restore.load(found, so, shared, entry, verify, rank, ws)
+                problem = restore.load(found, directory.storage, shared, entry, verify, rank, ws)
                 assert problem is None, problem
 
             loads = {"raw": raw_read, "dcp": dcp_load, "ours": lambda: resume(True),

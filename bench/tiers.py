@@ -54,8 +54,8 @@ def replicate(rep: Replicator) -> float:
 def measure(mb: int, reps: int, server, work: Path) -> dict:
     sd = state_dict(mb)
     opts = server.storage_options
-    durable = Checkpointer(CheckpointDir("s3://bench/tiers", opts), keep_last_n=1)
-    rep = Replicator(durable, 0, say=lambda line: None, log=lambda kind, **f: None)
+    checkpointer = Checkpointer(CheckpointDir("s3://bench/tiers", opts), keep_last_n=1)
+    rep = Replicator(checkpointer, 0, say=lambda line: None, log=lambda kind, **f: None)
     only, two = LocalTier(str(work / "only"), 1, 0, 1), LocalTier(str(work / "two"), 1, 0, 1)
     only.setup(), two.setup()
     out = {"local": [], "two_tier": [], "replication": [], "put": [], "bytes": 0}
@@ -65,17 +65,17 @@ def measure(mb: int, reps: int, server, work: Path) -> dict:
         out["local"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         two.save(step, sd, replicate=True, durable_step=rep.durable_step)
-        (rec,) = two.protocol.records()  # what the manager collects after a save
+        (rec,) = two.checkpointer.records()  # what the manager collects after a save
         rep.submit(step, rec["path"], rec["per_rank"])
         out["two_tier"].append(time.perf_counter() - t0)
         out["replication"].append(replicate(rep))
         out["bytes"] = rec["bytes"]
         names = sorted(rec["per_rank"][0])
         t0 = time.perf_counter()
-        durable.storage.fs.put([os.path.join(rec["path"], n) for n in names],
+        checkpointer.storage.fs.put([os.path.join(rec["path"], n) for n in names],
                                [f"bench/put/{step}/{n}" for n in names])
         out["put"].append(time.perf_counter() - t0)
-    assert durable.dir.latest_name() == f"step_{reps:08d}"
+    assert checkpointer.dir.latest_name() == f"step_{reps:08d}"
     return out
 
 

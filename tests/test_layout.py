@@ -28,6 +28,7 @@ LAYERS = [
     ("tools", ["dcp_train.tools"]),
     ("trainer", ["dcp_train.train"]),
     ("checkpoint manager", ["dcp_train.checkpoint.manager"]),
+    ("resume", ["dcp_train.checkpoint.resume"]),
     ("two tiers", ["dcp_train.checkpoint.tiers"]),
     ("async saves", ["dcp_train.checkpoint.async_save"]),
     ("save protocol", ["dcp_train.checkpoint.protocol"]),

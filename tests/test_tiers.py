@@ -290,10 +290,10 @@ def test_a_commit_retried_after_its_commit_point_finishes(s3, base):
     mismatch, and `latest` names the step again."""
     local = LocalTier(str(base / "retry" / "n{node}"), 2, 0, 1)
     local.setup()
-    durable = Checkpointer(CheckpointDir("s3://ckpt/retry", s3.storage_options))
-    rep = Replicator(durable, 0, say=print, log=lambda kind, **fields: None)
+    checkpointer = Checkpointer(CheckpointDir("s3://ckpt/retry", s3.storage_options))
+    rep = Replicator(checkpointer, 0, say=print, log=lambda kind, **fields: None)
     local.save(1, {"model.w": torch.arange(4096.0)}, replicate=True, durable_step=-1)
-    (rec,) = local.protocol.records()
+    (rec,) = local.checkpointer.records()
     job = Job(1, rec["path"], rec["per_rank"], phase="upload", attempts=1)
     job.target = rep._prepare(job)
     rep._upload(job)

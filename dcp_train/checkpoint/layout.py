@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from fsspec.core import split_protocol
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train.checkpoint.io import checksum as C
@@ -109,6 +110,16 @@ class CheckpointDir:
     def view(self, url: str) -> "CheckpointDir":
         """The same kind of view of another directory, with the same options."""
         return CheckpointDir(url, self.storage.storage_options, self.verify)
+
+    def storage_for(self, path: str) -> Storage:
+        """This view's Storage where it can read `path` (every path under this dir, and a
+        --checkpoint_path on the same filesystem: its methods take full paths), else the
+        Storage of a view of `path` (a --checkpoint_path on another store)."""
+        protocol = split_protocol(path)[0] or "file"
+        ours = self.storage.fs.protocol
+        if protocol in ((ours,) if isinstance(ours, str) else ours):
+            return self.storage
+        return self.view(path).storage
 
     def probe(self) -> None:
         """Fail now, not at the first save, when the storage cannot be reached, refuses the
@@ -254,12 +265,6 @@ class CheckpointDir:
             raise CheckpointError(f"no valid checkpoint in {self.root}: {note.lstrip('; ')}; "
                                   "move the directory away to start fresh")
         return None
-
-    def fall_back(self, found: Found, rejected: dict) -> Found:
-        """After the load found the discovered `found` damaged, the next checkpoint that
-        discovery offers in its dir; rejected: {dir name: problem} of all found damaged."""
-        return self.view(posixpath.dirname(found.path)).find_latest(defer=True,
-                                                                     rejected=rejected)
 
     @reading
     def open(self, path: str, defer: bool = False) -> Found:

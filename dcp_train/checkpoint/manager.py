@@ -8,25 +8,13 @@
 It owns the policy (when to save, sync or async, retention, which checkpoint to resume from)
 and the writer lease; the components (state.py) own what is saved and how it comes back.
 
-resume(), in order (every decision taken on rank 0 and agreed on, distributed.agree):
-1. probe the storage, refuse a dir another live run writes (the lease, read only; a dead
-   job's lease on another host that expires within --stall_timeout is waited out first);
-2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
-   newest valid one (layout.py); without either a dir that holds committed checkpoints is
-   refused (a fresh start would overwrite that run), an empty one starts fresh;
-3. check that this run can continue it: a format this code reads, and the same data, seed,
-   sequence length, batch geometry and model (resume_rules.py); what may change (LR, intervals,
-   ...) is reported as WARNING lines and in the `resume` record;
-4. load every component, verifying the files meanwhile (restore.py); damage makes a discovered
-   checkpoint fall back to the next one, and is an error for one the user named;
-5. take the writer lease: nothing is written to --checkpoint_dir before this point; with
-   --async_checkpoint, start the save process (save_process.py);
-6. this rank's entry is restored at the same world size; otherwise, and at a fresh start, its
-   parts start fresh (loader at the global position, RNG seeded from (seed, step, rank));
-7. log the `resume` record, with `requests`: what every rank sent to the store from step 1
-   to 5, summed through the gather that takes the lease (store/requests.py).
+resume() (resume.py: probe, discovery or the named checkpoint, the resume rules, the load
+with verification and fall-back, the writer lease), then: with --async_checkpoint, start the
+save process (save_process.py); this rank's entry is restored at the same world size,
+otherwise, and at a fresh start, its parts start fresh (loader at the global position, RNG
+seeded from (seed, step, rank)); the `resume` record.
 
-Steps 1, 2, 4 and 5 and every save ride out a store outage within --store_retry_budget
+The resume and every save ride out a store outage within --store_retry_budget
 (ride_out.py); two tiers: a durable tier down at the start is skipped for the local one.
 Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py; with
 --async_checkpoint through the save process), and to the durable one by background replication
@@ -35,28 +23,25 @@ Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py; 
 
 from __future__ import annotations
 
-import posixpath
-import time
 from typing import NamedTuple
 
 from dcp_train import distributed as D
-from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
-from dcp_train.checkpoint.resume_rules import change_lines, check_resume, end_note
-from dcp_train.store import options as store_options
-from dcp_train.store import requests as store_requests
-from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
-from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
+from dcp_train.checkpoint.io.lease import WriterLease
+from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.ride_out import Patience, StoreTrouble, guarded, ride_out, trouble
+from dcp_train.checkpoint.resume import Resume, TierChoice, acquire_lease
+from dcp_train.checkpoint.ride_out import Patience, trouble
 from dcp_train.checkpoint.state import OptimizerState
 from dcp_train.checkpoint.tiers.local import LocalTier
-from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
+from dcp_train.checkpoint.tiers.policy import Clock
 from dcp_train.checkpoint.tiers.replicate import ReplicationReport, Replicator
 from dcp_train.config import Config
-from dcp_train.errors import CheckpointError, ConfigError, describe
+from dcp_train.errors import describe
 from dcp_train.job import failure, stall
 from dcp_train.job.metrics import resident_mb
+from dcp_train.store import options as store_options
+from dcp_train.store import requests as store_requests
 
 
 class StepReport(NamedTuple):
@@ -67,13 +52,6 @@ class StepReport(NamedTuple):
     stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
     due_by_time: tuple[bool, bool] | None  # rank 0: (durable, local) due by wall time
     replication: ReplicationReport | None  # this rank's view of the replication in flight
-
-
-class TierChoice(NamedTuple):
-    """With a local tier: the tier a resume loaded from, and why (the `resume` record)."""
-
-    tier: str  # "local" or "durable"
-    reason: str
 
 
 def due(interval: int, step: int, last: bool) -> bool:
@@ -99,25 +77,24 @@ class CheckpointManager:
             verify=ck.verify_checkpoint)
         self.lease = WriterLease(self.dir.storage, ck.stall_timeout, say=metrics.say)
         self.lease_due = False  # the durable tier was down at the start: replication takes it
+        # (the resume's decision, Resume.lease_due)
         self.patience = Patience(ck.store_retry_budget, ck.stall_timeout)
-        # attempt() (collective, failures agreed) ridden out on the durable tier (ride_out.py)
-        self._ride = lambda attempt, what: ride_out(attempt, self.patience, self.dir.root, what)
-        self.writer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,
-                                   on_commit=self.lease.refresh, save_process=SaveProcess)
-        self.writer.patience = self.patience
+        checkpointer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,  # the durable tier's
+                                    on_commit=self.lease.refresh, save_process=SaveProcess)
+        checkpointer.patience = self.patience
         self.committed_step = None  # the step whose state is committed in our dir(s)
         self.local = None
         self.replicator = None
-        self.saves = self.writer  # where saves go: their records, the async save process
+        self.checkpointer = checkpointer  # where saves go: their records, the save process
         if ck.local_checkpoint_dir:
             self.local = LocalTier(ck.local_checkpoint_dir, ck.keep_last_n_local_checkpoints,
                                    info.rank, info.world_size, save_process=SaveProcess)
-            self.replicator = Replicator(self.writer, info.rank, metrics.say, metrics.log,
+            self.replicator = Replicator(checkpointer, info.rank, metrics.say, metrics.log,
                                          ck.store_retry_budget, self._lease_for_replication)
-            self.saves = self.local.protocol
+            self.checkpointer = self.local.checkpointer
         for component in shared:  # an async save copies the state before it changes
             if isinstance(component, OptimizerState):
-                component.optimizer.register_step_pre_hook(lambda *_: self.saves.staged())
+                component.optimizer.register_step_pre_hook(lambda *_: self.checkpointer.staged())
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
         self.tier: TierChoice | None = None
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (resume_rules.py)
@@ -128,188 +105,39 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
-        """Collective, once before the first step: the steps of the module docstring."""
-        t0, mark = time.perf_counter(), store_requests.snapshot()
+        """Collective, once before the first step: resume.py's steps 1-5, then the save
+        process, this rank's entry (fresh unless restored), the `resume` record."""
         failure.set_activity("the resume")
-        if self.local is not None:
-            self.local.setup()
-        time.sleep(D.agree(self.lease.expiry_wait))  # a dead job's lease on another host
-        found = self._discover()
-        if self.local is not None:
-            found = self._choose_tier(found)
-        if found is not None:
-            self._check(found)
-            found = self._load(found)
-        requests = store_requests.total(*self._take_lease(mark))
+        resuming = Resume(self.cfg, self.info, self.metrics, self.progress, self.shared,
+                          self.entry, self.dir, self.lease, self.patience, self.local,
+                          self.replicator)
+        found = resuming.run()
+        self.lease_due, self.tier, self.changes = (resuming.lease_due, resuming.tier,
+                                                   resuming.changes)
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
-            self.saves.start_save_process(self.info.rank, self.info.world_size)
+            self.checkpointer.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
-        if found is None or not self._same_world(found):
+        if found is None or not resuming.same_world(found):
             self.entry.fresh()
         if found is None:
             if self.ck.auto_resume:
                 self.metrics.say(f"no checkpoint in {self.dir.root}: starting fresh at step 0")
             return
         stall.committed(found.step)  # named if a rank stalls (job/stall.py)
-        if found.path == self.dir.step_path(found.step) or self._from_local:
+        if found.path == self.dir.step_path(found.step) or resuming.from_local:
             self.committed_step = found.step
-        self._log_resume(found, time.perf_counter() - t0, requests)
-        if self._from_local:
+        resuming.log(found)
+        if resuming.from_local:
             per_rank = self.local.unreplicated(found, self.replicator.durable_step)
             if per_rank is not None:  # meant for the durable tier, not there yet
                 self.replicator.submit(found.step, found.path, per_rank,
                                        found.checksum)
 
-    def _discover(self) -> Found | None:
-        """Every rank: the durable tier's checkpoint (_choose), riding out an outage; with a
-        local tier and --auto_resume one try: if the store is down, the local tier's
-        (_choose_tier), and replication takes the lease once it answers (lease_due)."""
-        attempt = lambda: D.agree(guarded(self._choose))  # noqa: E731
-        if self.local is None or not self.ck.auto_resume:
-            return self._ride(attempt, "the resume (discovery)")
-        try:
-            return attempt()
-        except StoreTrouble as e:
-            self.metrics.say(f"WARNING: the durable tier {self.dir.root} does not answer at the "
-                             f"start ({e}); resuming from the local tier, replicating later")
-            self.lease_due = True
-            return None
-
     def _lease_for_replication(self) -> None:
         """Rank 0, replication's first phase: the durable tier's lease, if it was down."""
         if self.lease_due:
-            self._acquire_lease()
+            acquire_lease(self.lease, self.info.is_main, self.dir.root)
             self.lease_due = False
-
-    @reading
-    def _choose(self) -> Found | None:
-        """Rank 0: the checkpoint to resume from (its shard checksums are checked while
-        loading), or None."""
-        self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
-        self.lease.check()  # another live run writes here: refuse before reading its dirs
-        if self.ck.resume:
-            return self.dir.open(self.ck.checkpoint_path, defer=True)
-        if self.ck.auto_resume:
-            return self.dir.find_latest(defer=True)
-        committed, _ = self.dir.scan()
-        if committed:  # a fresh start would overwrite that run's step dirs and `latest`
-            raise ConfigError(f"checkpoint dir {self.dir.root} holds a run at step "
-                              f"{max(committed)}; pass --auto_resume to continue it or use "
-                              "another --checkpoint_dir")
-        return None
-
-    def _load(self, found: Found) -> Found:
-        """Load `found`; if verification finds it damaged, the next one discovery offers
-        (its note says why), or an error for a checkpoint named with --checkpoint_path."""
-        rejected = {}
-        while True:
-            entry = self.entry if self._same_world(found) else None
-            local = self._from_local
-            problem = self._ride(lambda: restore.load(
-                found, {} if local else self.dir.storage.storage_options, self.shared, entry,
-                self.dir.verify, self.info.rank, self.info.world_size,
-                mine=self.local.written_by_me(found.path) if local else None),
-                f"the resume (loading step {found.step})")
-            if problem is None:
-                return found
-            if local:  # a damaged local checkpoint: the durable tier's newest instead
-                self.tier = TierChoice("durable",
-                                       f"local step {found.step} is damaged ({problem})")
-                found = self._ride(lambda: D.agree(guarded(
-                    lambda: self.dir.find_latest(defer=True))), "the resume (discovery)")
-                if found is None:
-                    raise CheckpointError(f"{self.tier.reason} and {self.dir.root} holds no "
-                                          "checkpoint; move the local dir away to start fresh")
-                self._check(found)
-                continue
-            if not found.discovered:
-                raise CheckpointError(unusable(self.ck.checkpoint_path, problem))
-            rejected[posixpath.basename(found.path)] = problem
-            found = self._ride(lambda: D.agree(guarded(
-                lambda: self.dir.fall_back(found, rejected))), "the resume (discovery)")
-            self._check(found)
-
-    @property
-    def _from_local(self) -> bool:
-        return self.tier is not None and self.tier.tier == "local"
-
-    def _choose_tier(self, durable: Found | None) -> Found | None:
-        """Every rank: the durable tier's `durable`, or the local tier's newest checkpoint
-        that every rank can load (tier_policy.choose); self.tier says which and why."""
-        usable = D.agree(self.local.usable, every_rank=True)
-        if not self.ck.auto_resume:
-            if any(usable) and not self.ck.resume:
-                raise ConfigError(f"--local_checkpoint_dir {self.local.root} holds a run at "
-                                  f"step {max(s for u in usable for s in u)}; pass "
-                                  "--auto_resume to continue it or use another dir")
-            self.tier = TierChoice("durable", "--checkpoint_path names it") if durable else None
-            return durable
-        self.replicator.durable_step = durable.step if durable is not None else -1
-        local, why = choose(usable, self.local.nodes, self.replicator.durable_step)
-        if not local and self.lease_due:  # nothing local: the durable tier it must be
-            self.lease_due = False
-            return self._choose_tier(self._ride(lambda: D.agree(guarded(self._choose)),
-                                                "the resume (discovery)"))
-        if not local:
-            self.tier = TierChoice("durable", why) if durable is not None else None
-            return durable
-        down = "the durable tier did not answer"  # at the start (lease_due)
-        self.tier = TierChoice("local", why.replace("the durable tier has none", down)
-                               if self.lease_due else why)
-        return self.local.found(common_step(usable))
-
-    def _check(self, found: Found) -> None:
-        """Refuse a checkpoint this run cannot continue: a newer format, a switch of
-        --deterministic, or other data, seed, sequence length, batch geometry or model
-        (resume_rules.py); keep what may change."""
-        self.changes = check_resume(found.meta, found.path, self.cfg,
-                                    self.progress.data_fingerprint)
-
-    def _same_world(self, found: Found) -> bool:
-        return found.meta["world_size"] == self.info.world_size
-
-    def _take_lease(self, mark) -> list[dict]:
-        """Every rank: rank 0 takes the lease (not while lease_due); every rank's store
-        requests since `mark` (the gather this makes is how the resume's are summed)."""
-        if self.lease_due:
-            return [store_requests.since(mark)]
-        take = lambda: self._acquire_lease() or store_requests.since(mark)  # noqa: E731
-        return self._ride(lambda: D.agree(guarded(take), every_rank=True),
-                          "the resume (writer lease)")
-
-    def _acquire_lease(self) -> None:
-        """Rank 0, before anything is written: one writer per checkpoint dir (lease.py)."""
-        if not self.info.is_main:
-            return
-        try:
-            self.lease.acquire()
-        except LeaseError:
-            raise
-        except Exception as e:  # read-only or unwritable dir, missing permissions
-            raise CheckpointError(f"cannot write to checkpoint dir {self.dir.root}: "
-                                  f"{describe(e)}") from e
-
-    def _log_resume(self, found: Found, seconds: float, requests: dict) -> None:
-        rng_how = self.entry.parts["rng"].how
-        warnings = [f"WARNING: {found.note}"] if found.note else []
-        for line in warnings + change_lines(self.changes):
-            self.metrics.say(line)
-        self.metrics.log("resume", step=self.progress.step, path=found.path,
-                         world_size_saved=found.meta["world_size"],
-                         world_size=self.info.world_size, rng=rng_how, note=found.note,
-                         changes=self.changes, seconds=seconds,
-                         bytes=sum(f["size"] for f in found.files.values()),
-                         requests=requests,
-                         **({"tier": self.tier.tier, "tier_reason": self.tier.reason}
-                            if self.tier else {}))
-        self.metrics.say(f"resumed from {found.path} at step {self.progress.step} (world size "
-                         f"{found.meta['world_size']} -> {self.info.world_size}, rng {rng_how}"
-                         + (f", {store_requests.line(requests)}" if requests["total"] else "")
-                         + ")")
-        if self.tier:
-            self.metrics.say(f"resumed from the {self.tier.tier} tier: {self.tier.reason}")
-        if note := end_note(self.progress.step, self.cfg.training.max_steps):
-            self.metrics.say(note)
 
     # ------------------------------------------------------------------------ saving
     def report(self, sample_ids: list = (), stop_requested: bool = False) -> StepReport:
@@ -325,7 +153,7 @@ class CheckpointManager:
         replication on, and save when due (every --checkpoint_interval steps or
         --checkpoint_interval_minutes, the last step, a stop; the local tier's own
         intervals). reports: every rank's report() from the per-step gather."""
-        self.saves.poll()  # an async save that every rank has finished is logged now
+        self.checkpointer.poll()  # an async save that every rank has finished is logged now
         self._log_records()
         if self.info.is_main and not self.lease_due:
             self._lease(self.lease.refresh)
@@ -347,7 +175,7 @@ class CheckpointManager:
         for component in [*self.shared, self.entry]:
             sd.update(component.state_dict())
         if self.local is None:
-            self.writer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
+            self.checkpointer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
                              asynchronous=self.ck.async_checkpoint)
         else:  # replicated once committed locally (_log_records)
             self.local.save(self.progress.step, sd, durable, self.replicator.durable_step,
@@ -364,7 +192,7 @@ class CheckpointManager:
         dir or world size), wait for a save or replication in flight, release the lease."""
         if self.committed_step != self.progress.step:
             self.save()
-        self.saves.close()
+        self.checkpointer.close()
         self._log_records()  # a last local save meant for the durable tier goes to replication
         if self.replicator is not None:
             self.replicator.finish()
@@ -384,7 +212,7 @@ class CheckpointManager:
         """Log the `checkpoint` records of the saves committed since the last call; a local
         save meant for the durable tier is handed to replication here, so replication always
         follows the local commit (an async one too)."""
-        for record in self.saves.records():
+        for record in self.checkpointer.records():
             stall.committed(record["step"])
             per_rank = record.pop("per_rank", None)
             if record.pop("replicate", False):

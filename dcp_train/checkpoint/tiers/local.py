@@ -75,7 +75,7 @@ class LocalTier:
         self.root = local_path(template, self.node)
         self.dir = CheckpointDir(self.root)
         self.storage = self.dir.storage
-        self.protocol = Checkpointer(
+        self.checkpointer = Checkpointer(
             self.dir, keep_last_n, words=_local_words, save_process=save_process,
             child=partial(in_save_process, template, keep_last_n, rank, world_size))
         self.nodes: list[int] = []
@@ -104,14 +104,14 @@ class LocalTier:
         """Collective: save step `step` on the local tier (write_and_commit), in this process
         or (asynchronous) in the save process, through the protocol's Checkpointer.save (one
         save at a time, staging as for any async save). Its `checkpoint` record comes out of
-        `self.protocol.records()` once committed. pending: the steps replication still has
+        `self.checkpointer.records()` once committed. pending: the steps replication still has
         to copy (Replicator.steps()), which retention keeps (_keep_for_durable)."""
         if asynchronous:
-            self.protocol.save(step, state_dict, self.rank, self.world_size, asynchronous=True,
+            self.checkpointer.save(step, state_dict, self.rank, self.world_size, asynchronous=True,
                                options={"replicate": replicate, "durable_step": durable_step,
                                         "pending": pending})
         else:
-            self.protocol.finished(self.write_and_commit(
+            self.checkpointer.finished(self.write_and_commit(
                 step, state_dict, self.rank, time.perf_counter(), replicate, durable_step,
                 pending))
 
@@ -122,12 +122,12 @@ class LocalTier:
         its `checkpoint` record, with per_rank: every rank's {file: [size, hex digest]}, and
         replicate: whether the durable tier is to get it."""
         faults.at_step(step)
-        self.protocol.check_room(step, state_dict, what="local save of step")
+        self.checkpointer.check_room(step, state_dict, what="local save of step")
         final = self.dir.step_path(step)
         # one temp name for every node (rank 0's), each node's dir its own
         target = self.storage.join(D.agree(
-            lambda: posixpath.basename(self.protocol.target_dir(final))))
-        per_rank = D.agree(lambda: self.protocol.write(step, state_dict, self.rank, target),
+            lambda: posixpath.basename(self.checkpointer.target_dir(final))))
+        per_rank = D.agree(lambda: self.checkpointer.write(step, state_dict, self.rank, target),
                            every_rank=True)
         copies = self._copies(target, per_rank) if self.multi_node else (None, {})
         D.agree(lambda: self._commit(step, target, final, per_rank, copies, replicate,
@@ -171,7 +171,7 @@ class LocalTier:
         listed = own | set(partial) | ({METADATA} if copies[0] else set())
         info = {"nodes": self.nodes, "replicate": replicate, "partial": partial,
                 "written": {str(r): sorted(d) for r, d in enumerate(per_rank)}}
-        self.protocol.commit(target, final, step, per_rank, rank=self.rank,
+        self.checkpointer.commit(target, final, step, per_rank, rank=self.rank,
                              expected={n: files[n][0] for n in listed},
                              extra={TIER: json.dumps(info).encode()},
                              protect=self._keep_for_durable(durable_step, pending))

@@ -72,12 +72,12 @@ class Job:
 
 
 class Replicator:
-    def __init__(self, durable, rank: int, say, log, budget_s: float = float("inf"),
+    def __init__(self, checkpointer, rank: int, say, log, budget_s: float = float("inf"),
                  before_prepare=None):
-        """durable: the durable tier's Checkpointer; say/log: metrics.say/metrics.log;
+        """checkpointer: the durable tier's Checkpointer; say/log: metrics.say/metrics.log;
         budget_s: --store_retry_budget; before_prepare(): run by rank 0 at the start of each
         prepare phase (the manager's: take the durable tier's writer lease if not yet)."""
-        self.durable, self.storage, self.rank = durable, durable.storage, rank
+        self.checkpointer, self.storage, self.rank = checkpointer, checkpointer.storage, rank
         self.budget_s, self.before_prepare = budget_s, before_prepare
         self.say, self.log = say, log
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dcp_train-replicate")
@@ -177,9 +177,9 @@ class Replicator:
     def _done(self, job: Job, size: int) -> None:
         self.durable_step = max(self.durable_step, job.step)
         seconds = time.perf_counter() - job.t0
-        self.log("replication", step=job.step, path=self.durable.dir.step_path(job.step),
+        self.log("replication", step=job.step, path=self.checkpointer.dir.step_path(job.step),
                  seconds=seconds, bytes=size, mb_per_s=size / seconds / 1e6)
-        self.say(f"step {job.step:6d} | replicated to {self.durable.dir.step_path(job.step)} "
+        self.say(f"step {job.step:6d} | replicated to {self.checkpointer.dir.step_path(job.step)} "
                  f"({seconds:.2f}s, {size:,} bytes)")
         self.job, waiting, self.waiting = None, self.waiting, None
         if waiting is not None:
@@ -205,7 +205,7 @@ class Replicator:
     def _prepare(self, job: Job) -> str:
         if self.before_prepare is not None:
             self.before_prepare()
-        return self.durable.target_dir(self.durable.dir.step_path(job.step))
+        return self.checkpointer.target_dir(self.checkpointer.dir.step_path(job.step))
 
     def _upload(self, job: Job) -> str:
         mine = sorted(job.per_rank[self.rank])
@@ -225,16 +225,16 @@ class Replicator:
         """The durable commit (protocol.py); a retry that finds this very manifest already
         committed (an attempt failed after its commit point) only redoes `latest` and
         retention."""
-        final = self.durable.dir.step_path(job.step)
+        final = self.checkpointer.dir.step_path(job.step)
         files = {n: v for d in job.per_rank for n, v in d.items()}
         manifest = M.build(job.step, len(job.per_rank), files, job.checksum)
         there = posixpath.join(final, MANIFEST)
         committed = (job.attempts > 1 and self.storage.exists(there)
                      and self.storage.read_bytes(there) == manifest)
         if not committed:
-            return self.durable.commit(job.target, final, job.step, job.per_rank,
+            return self.checkpointer.commit(job.target, final, job.step, job.per_rank,
                                        checksum=job.checksum)
-        self.durable.advance(job.step)
+        self.checkpointer.advance(job.step)
         return sum(size for size, _ in files.values())
 
     # ------------------------------------------------------------------ the end
