@@ -40,6 +40,7 @@ from dcp_train.config import Config
 from dcp_train.errors import describe
 from dcp_train.job import failure, stall
 from dcp_train.job.metrics import resident_mb
+from dcp_train.job.schedule import due
 from dcp_train.store import options as store_options
 from dcp_train.store import requests as store_requests
 
@@ -52,11 +53,6 @@ class StepReport(NamedTuple):
     stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
     due_by_time: tuple[bool, bool] | None  # rank 0: (durable, local) due by wall time
     replication: ReplicationReport | None  # this rank's view of the replication in flight
-
-
-def due(interval: int, step: int, last: bool) -> bool:
-    """An interval of `interval` steps (0: off) is due after `step` (or at the last step)."""
-    return interval > 0 and (step % interval == 0 or last)
 
 
 class CheckpointManager:

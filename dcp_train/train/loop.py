@@ -17,7 +17,7 @@ from torch.nn.utils import clip_grad_norm_
 
 from dcp_train import compiled as C
 from dcp_train import distributed as D
-from dcp_train.checkpoint.manager import CheckpointManager, due
+from dcp_train.checkpoint.manager import CheckpointManager
 from dcp_train.checkpoint.state import (LoaderState, ModelState, OptimizerState, Progress, RNGState,
                                         RankEntry)
 from dcp_train.config import Config, DataConfig, EvalConfig, grad_accum_steps, redacted_config
@@ -33,6 +33,7 @@ from dcp_train.job import failure
 from dcp_train.job.faults import fault_point
 from dcp_train.job.metrics import Metrics, launch_record
 from dcp_train.job.preempt import Preemption
+from dcp_train.job.schedule import due
 from dcp_train.train import deterministic
 from dcp_train.train.evaluate import val_loss
 from dcp_train.train.flops import Throughput, model_flops_per_token, peak_flops
