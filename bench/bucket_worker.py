@@ -32,7 +32,8 @@ from bench.ckpt_worker import build_state, components
 from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
 from dcp_train.checkpoint.io.lease import WriterLease
-from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.io.names import step_name
+from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.protocol import Checkpointer
 
 

@@ -42,7 +42,8 @@ from bench.run import _load_servers
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.store import requests as R
-from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.io.names import step_name
+from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.state import json_tensor
 

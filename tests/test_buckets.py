@@ -33,7 +33,7 @@ from helpers import (LATEST, REPO, TINY, assert_same_tensors, child_env, committ
                      metrics, read_latest, run_train, s3fs_of, start_train, torchrun_cmd,
                      wait_for)
 
-from dcp_train.checkpoint.layout import step_name as step
+from dcp_train.checkpoint.io.names import step_name as step
 
 MAX_STEPS = 8
 ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", str(MAX_STEPS),

@@ -20,7 +20,8 @@ from helpers import (TINY, assert_same_tensors, free_port, load_checkpoint, loss
                      run_train, tmpfs, write_shards)
 
 from dcp_train import errors
-from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.io.names import step_name
+from dcp_train.checkpoint.layout import CheckpointDir
 
 NO_SPACE = "no space left on the filesystem of {} (disk full or quota)"
 

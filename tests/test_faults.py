@@ -43,7 +43,8 @@ from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_ref
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.safe_metadata import UnsafeCheckpointError, load_metadata
 from dcp_train.checkpoint.io.storage import Storage
-from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.io.names import step_name
+from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.restore import share as _share
 from dcp_train.errors import CheckpointError
 from dcp_train.job.faults import POINTS

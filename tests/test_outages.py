@@ -36,7 +36,7 @@ from helpers import (REPO, TINY, assert_same_tensors, child_env, download_step, 
                      losses, read_latest, run_train, s3fs_of, start_train, torchrun_cmd,
                      wait_for)
 
-from dcp_train.checkpoint.layout import step_name as step
+from dcp_train.checkpoint.io.names import step_name as step
 
 OUTAGE_S = 20
 MAX_STEPS = 8

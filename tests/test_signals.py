@@ -25,7 +25,8 @@ from helpers import (TINY, assert_same_tensors, descendants, kill_job, load_chec
                      metrics, run_train, start_train, wait_for, write_shards)
 from soak import Console
 
-from dcp_train.checkpoint.layout import CheckpointDir, step_name
+from dcp_train.checkpoint.io.names import step_name
+from dcp_train.checkpoint.layout import CheckpointDir
 
 N = 10
 ARGS = [*TINY, "--dropout", "0.1", "--batch_size", "4", "--total_batch_size", "512",

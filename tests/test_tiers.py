@@ -40,7 +40,7 @@ from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, down
                      s3fs_of, tmpfs, wait_for)
 
 from dcp_train.checkpoint.layout import CheckpointDir
-from dcp_train.checkpoint.layout import step_name as step
+from dcp_train.checkpoint.io.names import step_name as step
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.tiers.local import LocalTier
 from dcp_train.checkpoint.tiers.replicate import Job, Replicator

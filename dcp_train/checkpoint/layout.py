@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import posixpath
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,19 +36,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
-from dcp_train.store.atomic import TEMP_RE
-from dcp_train.checkpoint.io.manifest import MANIFEST, STEP_RE
+from dcp_train.checkpoint.io.names import (LATEST, MANIFEST, METADATA, STEP_RE, TEMP_RE, TMP_RE,
+                                            step_name)
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.errors import CheckpointError, ConfigError, describe, one_line
 
-LATEST = "latest"
-METADATA = ".metadata"  # DCP's small index file, read before any shard
-TMP_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-z]+$")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 @dataclass

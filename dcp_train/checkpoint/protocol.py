@@ -73,8 +73,8 @@ from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io import space
 from dcp_train.store import requests as store_requests
 from dcp_train.store.atomic import fsync_dir
-from dcp_train.checkpoint.io.manifest import MANIFEST
-from dcp_train.checkpoint.layout import LATEST, CheckpointDir, step_name
+from dcp_train.checkpoint.io.names import LATEST, MANIFEST, step_name
+from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.ride_out import Patience, agreed_phase
 from dcp_train.errors import CheckpointError, describe
 from dcp_train.job import faults

@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.checkpoint.io.storage import Storage
-from dcp_train.checkpoint.layout import METADATA, Found
+from dcp_train.checkpoint.io.names import METADATA
+from dcp_train.checkpoint.layout import Found
 from dcp_train.checkpoint.ride_out import guarded, trouble
 from dcp_train.errors import CheckpointError, describe
 

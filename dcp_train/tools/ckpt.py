@@ -31,11 +31,11 @@ import warnings
 
 from dcp_train import redact
 from dcp_train.store import requests as store_requests
-from dcp_train.checkpoint.io.manifest import (MANIFEST, TIER, ManifestError,
-                                              problems as manifest_problems, read as read_manifest,
-                                              require_intact)
+from dcp_train.checkpoint.io.manifest import (ManifestError, problems as manifest_problems,
+                                              read as read_manifest, require_intact)
+from dcp_train.checkpoint.io.names import MANIFEST, TIER, TMP_RE
 from dcp_train.checkpoint.io.storage import Storage
-from dcp_train.checkpoint.layout import TMP_RE, CheckpointDir
+from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.errors import CheckpointError
 from dcp_train.job.progress import bar

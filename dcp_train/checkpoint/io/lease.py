@@ -34,10 +34,9 @@ import socket
 import time
 import uuid
 
+from dcp_train.checkpoint.io.names import LEASE
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.errors import CheckpointError
-
-LEASE = "writer.lease"
 
 
 class LeaseError(CheckpointError):

@@ -24,17 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.store.ranged_read import open_sized
+from dcp_train.checkpoint.io.names import MANIFEST, METADATA, STEP_RE, TIER
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.errors import CheckpointError
 
-MANIFEST = "manifest.json"
-TIER = "tier.json"  # local tier only (tiers/local.py): not part of the checkpoint
-STEP_RE = re.compile(r"^step_(\d{8})$")
 FORMAT_VERSION = 2  # what this build writes; it reads 1 and 2
 _CHUNK = 8 << 20
 _THREADS = 4
@@ -169,7 +166,7 @@ def problems(storage: Storage, dir_path: str, deep=True, manifest: dict | None =
     m = STEP_RE.match(name)
     if m and int(m.group(1)) != manifest["step"]:
         found.append(f"manifest.json says step {manifest['step']}, the dir is {name}")
-    if ".metadata" not in files:
+    if METADATA not in files:
         found.append("manifest.json lists no .metadata")
     listed = storage.listing(dir_path)
     present = set(listed) - {MANIFEST, TIER}

@@ -51,9 +51,9 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import manifest as M
-from dcp_train.checkpoint.io.manifest import TIER
+from dcp_train.checkpoint.io.names import METADATA, TIER
 from dcp_train.checkpoint.io.safe_metadata import load_metadata
-from dcp_train.checkpoint.layout import METADATA, CheckpointDir, Found
+from dcp_train.checkpoint.layout import CheckpointDir, Found
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.config import PLACEHOLDER, local_path

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from dcp_train import distributed as D
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
-from dcp_train.checkpoint.io.manifest import MANIFEST
+from dcp_train.checkpoint.io.names import MANIFEST
 from dcp_train.errors import describe
 from dcp_train.job.faults import fault_point
 
