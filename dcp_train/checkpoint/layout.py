@@ -41,6 +41,7 @@ from dcp_train.checkpoint.io.names import (LATEST, MANIFEST, METADATA, STEP_RE, 
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.state import read_meta
 from dcp_train.errors import CheckpointError, ConfigError, describe, one_line
+from dcp_train.store.options import DEFAULT_STALL_S
 
 
 
@@ -85,9 +86,12 @@ def unusable(path: str, problem: str) -> str:
 
 
 class CheckpointDir:
-    def __init__(self, url: str, storage_options: Optional[dict] = None, verify: bool = True):
+    def __init__(self, url: str, storage_options: Optional[dict] = None, verify: bool = True,
+                 stall_timeout: float = DEFAULT_STALL_S):
+        """storage_options: the user's (--storage_options); Storage merges the request
+        timeouts that follow stall_timeout (--stall_timeout) under them."""
         try:
-            self.storage = Storage(url, storage_options)
+            self.storage = Storage(url, storage_options, stall_timeout)
         except Exception as e:  # unknown protocol, s3fs/gcsfs not installed, a bad option
             raise CheckpointError(f"cannot open checkpoint dir {url}: {describe(e)}") from e
         self.root = self.storage.root

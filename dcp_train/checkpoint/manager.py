@@ -41,7 +41,6 @@ from dcp_train.errors import describe
 from dcp_train.job import failure, stall
 from dcp_train.job.metrics import resident_mb
 from dcp_train.job.schedule import due
-from dcp_train.store import options as store_options
 from dcp_train.store import requests as store_requests
 
 
@@ -68,9 +67,8 @@ class CheckpointManager:
         self.progress = progress
         self.shared = shared
         self.entry = entry
-        self.dir = CheckpointDir(ck.checkpoint_dir, store_options.merged(
-            ck.checkpoint_dir, cfg.storage_options_dict, ck.stall_timeout),
-            verify=ck.verify_checkpoint)
+        self.dir = CheckpointDir(ck.checkpoint_dir, cfg.storage_options_dict,
+                                 verify=ck.verify_checkpoint, stall_timeout=ck.stall_timeout)
         self.lease = WriterLease(self.dir.storage, ck.stall_timeout, say=metrics.say)
         self.lease_due = False  # the durable tier was down at the start: replication takes it
         # (the resume's decision, Resume.lease_due)

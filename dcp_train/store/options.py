@@ -87,8 +87,14 @@ def url_to_fs(url: str, options: dict | None, stall_timeout: float = DEFAULT_STA
     """fsspec's url_to_fs with this module's timeouts and retries under `options` (merged)
     and s3fs's retries set (configure): how every store of this project is opened (the
     checkpoint dir through Storage, --data_dir and --init_from URLs)."""
+    return open_merged(url, merged(url, options, stall_timeout))
+
+
+def open_merged(url: str, options: dict):
+    """(fs, root) of `url` opened with `options` as they are, already merged (Storage keeps
+    the merged options it hands to DCP and the save process; url_to_fs merges for the rest)."""
     from fsspec.core import url_to_fs as fsspec_url_to_fs
 
-    fs, root = fsspec_url_to_fs(url, **merged(url, options, stall_timeout))
+    fs, root = fsspec_url_to_fs(url, **options)
     configure(fs)
     return fs, root

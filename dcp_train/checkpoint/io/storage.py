@@ -41,7 +41,7 @@ Errors when the endpoint is down (measured with s3fs 2026.9.0, gcsfs 2026.10.1):
   config_kwargs={"retries": {"max_attempts": 2}, "connect_timeout": 5}, make it < 1 s.
 - gcsfs raises aiohttp.ClientConnectorError (an OSError) after ~32 s: six attempts
   with exponential backoff, fixed by gcsfs (not configurable per filesystem).
-Every Storage adds store_options.py's timeouts and retries under the options it is given (the
+Every Storage adds store/options.py's timeouts and retries under the options it is given (the
 user's win), so no request waits for ever; longer outages: checkpoint/ride_out.py.
 """
 
@@ -65,10 +65,13 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs"}  # no directories, no rename: stores 
 
 
 class Storage:
-    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
-        # timeouts and retries of every request (store_options.py); the user's options win
-        self.storage_options = store_options.merged(os.fspath(url), storage_options)
-        self.fs, root = store_options.url_to_fs(os.fspath(url), self.storage_options)
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None,
+                 stall_timeout: float = store_options.DEFAULT_STALL_S):
+        # timeouts and retries of every request (store/options.py), merged here once and kept
+        # for DCP and the save process; the user's options win (so merging again changes none)
+        self.storage_options = store_options.merged(os.fspath(url), storage_options,
+                                                    stall_timeout)
+        self.fs, root = store_options.open_merged(os.fspath(url), self.storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(
             self.fs.protocol)
