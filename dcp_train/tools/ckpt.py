@@ -33,7 +33,8 @@ from dcp_train import redact
 from dcp_train.store import requests as store_requests
 from dcp_train.checkpoint.io.manifest import (ManifestError, problems as manifest_problems,
                                               read as read_manifest, require_intact)
-from dcp_train.checkpoint.io.names import MANIFEST, TIER, TMP_RE
+from dcp_train.checkpoint.io.names import MANIFEST, TMP_RE
+from dcp_train.checkpoint.tiers.local import read_tier_info
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.state import read_meta
@@ -110,18 +111,13 @@ def list_tiers(durable: CheckpointDir, local_dirs: list[str]) -> dict:
         local = list_checkpoints(CheckpointDir(path))
         for c in local["checkpoints"]:
             try:
-                meant = json.loads(_read_local(c["path"], TIER)).get("replicate")
+                meant = read_tier_info(c["path"]).get("replicate")
             except (OSError, ValueError):
                 meant = None
             c["replicated"] = "yes" if c["step"] in in_durable else "no" if not meant else (
                 "superseded" if c["step"] < max(in_durable, default=-1) else "pending")
         info["local"].append(local)
     return info
-
-
-def _read_local(path: str, name: str) -> str:
-    with open(os.path.join(path, name)) as f:
-        return f.read()
 
 
 def _why_abandoned(name: str) -> str:

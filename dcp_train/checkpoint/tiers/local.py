@@ -66,6 +66,13 @@ def node_rank() -> int:
     return int(os.environ.get("GROUP_RANK", "0"))
 
 
+def read_tier_info(step_dir: str) -> dict:
+    """A local step dir's tier.json (what `commit` writes beside the manifest): the one reader,
+    the tier's and dcp-ckpt's; OSError or ValueError when it is missing or damaged."""
+    with open(os.path.join(step_dir, TIER)) as f:
+        return json.load(f)
+
+
 class LocalTier:
     def __init__(self, template: str, keep_last_n: int, rank: int, world_size: int,
                  save_process=None):
@@ -208,13 +215,9 @@ class LocalTier:
 
     def _meant(self, name: str) -> bool:
         try:
-            return bool(self.tier_info(self.storage.join(name)).get("replicate"))
+            return bool(read_tier_info(self.storage.join(name)).get("replicate"))
         except (OSError, ValueError):
             return False
-
-    def tier_info(self, path: str) -> dict:
-        with open(os.path.join(path, TIER)) as f:
-            return json.load(f)
 
     # ------------------------------------------------------------------------ resuming
     def usable(self) -> dict[int, str | None]:
@@ -224,7 +227,7 @@ class LocalTier:
 
     def _problem(self, path: str) -> str | None:
         try:
-            info, files = self.tier_info(path), M.read(self.storage, path)["files"]
+            info, files = read_tier_info(path), M.read(self.storage, path)["files"]
         except (OSError, ValueError, KeyError) as e:
             return f"unreadable ({describe(e)})"
         if info.get("nodes") != self.nodes:
@@ -255,14 +258,14 @@ class LocalTier:
     def unreplicated(self, found: Found, durable_step: int) -> list | None:
         """Every rank's {file: [size, hex digest]} of local checkpoint `found` if it was meant
         for the durable tier and is newer than its newest (`durable_step`), else None."""
-        info = self.tier_info(found.path)
+        info = read_tier_info(found.path)
         if not info.get("replicate") or found.step <= durable_step:
             return None
         return [{n: [found.files[n]["size"], M.digest(found.files[n])[1]] for n in
                  info["written"][str(r)]} for r in range(self.world_size)]
 
     def written_by_me(self, path: str) -> list[str]:
-        return self.tier_info(path)["written"][str(self.rank)]
+        return read_tier_info(path)["written"][str(self.rank)]
 
 
 def in_save_process(template: str, keep_last_n: int, rank: int, world_size: int) -> LocalTier:
