@@ -28,6 +28,7 @@ from dcp_train.checkpoint.io.names import METADATA
 from dcp_train.checkpoint.layout import Found
 from dcp_train.checkpoint.ride_out import guarded, trouble
 from dcp_train.errors import CheckpointError, describe
+from dcp_train.job.progress import received_bytes
 
 
 def load(found: Found, storage: Storage, shared: list, entry, verify: bool, rank: int,
@@ -41,6 +42,8 @@ def load(found: Found, storage: Storage, shared: list, entry, verify: bool, rank
     Any other failure is one CheckpointError on every rank; a store outage (a transient store
     error, ride_out.py) is one StoreTrouble on every rank, never taken for damage."""
     reader = storage.dcp_reader(found.path, found.sizes, found.metadata)
+    # a bytes bar at a terminal, for the files a remote reader fetches whole (job/progress.py)
+    reader.downloading = lambda nbytes: received_bytes("checkpoint download", nbytes, rank)
     if verify:
         reader.verify_with(found.checksum, mine)
 

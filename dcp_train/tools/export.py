@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from dcp_train.checkpoint.state import tensor_json
 from dcp_train.config import ModelConfig
 from dcp_train.checkpoint.io.manifest import ManifestError, require_intact
+from dcp_train.job.progress import received_bytes
 from dcp_train.model import GPT
 
 MODEL_PREFIX = "model."
@@ -59,6 +60,7 @@ def load_model_weights(storage, path: str) -> tuple[dict[str, torch.Tensor], dic
     except ManifestError as e:
         raise ExportError(str(e)) from None
     reader = storage.dcp_reader(path)
+    reader.downloading = lambda nbytes: received_bytes("checkpoint download", nbytes)  # a bar
     try:
         entries = reader.read_metadata().state_dict_metadata
     except Exception as e:

@@ -40,11 +40,10 @@ ranged GETs of the files it reads.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import posixpath
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from dcp_train.torch_compat import require_dcp_internals
 
@@ -63,7 +62,6 @@ from dcp_train.store.ranged_read import (  # noqa: E402
 from dcp_train.checkpoint.io.checked_streams import (  # noqa: E402
     Discard, ReadChecksum, WriteChecksum)
 from dcp_train.checkpoint.io.safe_metadata import SafeMetadataReader  # noqa: E402
-from dcp_train.job.progress import received_bytes  # noqa: E402
 
 WRITE_THREADS = 2
 
@@ -336,7 +334,11 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
     """Downloads the files this rank needs most of whole and all at once before DCP reads
     them, and holds them in memory meanwhile (about this rank's share of the checkpoint); the
     others are read with ranged reads of what it needs. The files fetched whole are the ones
-    checksummed (`digests`), so their check needs no second download (restore.py)."""
+    checksummed (`digests`), so their check needs no second download (restore.py).
+    `downloading(nbytes)`: a context manager around the download of those nbytes (the
+    caller's progress bar, restore.py; none by default: this adapter draws nothing)."""
+
+    downloading = staticmethod(lambda nbytes: nullcontext())
 
     def __init__(self, path: str, storage_options: dict, sizes: dict, metadata: bytes | None):
         super().__init__(path, **storage_options)
@@ -358,7 +360,7 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
         self.fs.prefetch([self.fs.concat_path(self.path, name) for name in fetched], spans)
         nbytes = sum(info.length for info in self.storage_data.values()
                      if info.relative_path in self.fs.verify)
-        with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
+        with self.downloading(nbytes):
             return super().read_data(plan, planner)
 
 
