@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor
 from bench.common import cpu_seconds, drop_page_cache, model_config
 from dcp_train import distributed as D
 from dcp_train.checkpoint import restore
-from dcp_train.checkpoint import state as C
+from dcp_train.checkpoint import state as S
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
 from dcp_train.checkpoint.io.lease import WriterLease
 from dcp_train.checkpoint.io.storage import Storage
@@ -105,9 +105,9 @@ def make_checkpointer(root: str, so: dict, rank: int) -> TimedCheckpointer:
 
 def components(model, opt, rank: int, progress=None) -> tuple[list, object]:
     """(shared components, this rank's entry) as the trainer lists them, without a loader."""
-    progress = progress or C.Progress()
-    return ([C.ModelState(model), C.OptimizerState(model, opt), progress],
-            C.RankEntry(rank, rng=C.RNGState(0, rank, progress)))
+    progress = progress or S.Progress()
+    return ([S.ModelState(model), S.OptimizerState(model, opt), progress],
+            S.RankEntry(rank, rng=S.RNGState(0, rank, progress)))
 
 
 def last_record(ckpt) -> dict:
@@ -142,7 +142,7 @@ def build_state(model_name: str, info) -> tuple:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    shared, entry = components(model, opt, info.rank, C.Progress(
+    shared, entry = components(model, opt, info.rank, S.Progress(
         step=1, tokens=T, world_size=info.world_size, samples_per_step=1,
         config={"bench_model": model_name}))
     sd = {}
@@ -212,7 +212,7 @@ def main() -> None:
         D.barrier()
 
     model, opt, sd = build_state(args.model, info)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_params()
     log(f"model {args.model}: {n_params:,} params, setup {time.perf_counter() - t_setup:.1f}s")
 
     # ---- bytes per rank: the size of this rank's DCP file(s), from one untimed warm-up save
@@ -351,7 +351,7 @@ def main() -> None:
         result["ours_record"].append({k: v for k, v in box["record"].items() if k != "path"})
 
         if local and not args.no_load:
-            tpl = {**C.ModelState(model).state_dict(), **C.OptimizerState(model, opt).state_dict()}
+            tpl = {**S.ModelState(model).state_dict(), **S.OptimizerState(model, opt).state_dict()}
 
             def dcp_load() -> None:
                 dcp.load(tpl, storage_reader=dcp.FileSystemReader(dcp_dir))

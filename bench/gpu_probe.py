@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.staging import DefaultStager
 
 from bench.common import model_config
 from dcp_train import distributed as D
-from dcp_train.checkpoint import state as C
+from dcp_train.checkpoint import state as S
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
 from dcp_train.checkpoint.io.lease import WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir
@@ -65,10 +65,10 @@ def main() -> None:
     if info.is_main:  # as the trainer does before saving
         WriterLease(directory.storage).acquire()
     ckpt = Checkpointer(directory, save_process=SaveProcess)
-    progress = C.Progress(step=1, tokens=32, world_size=info.world_size, config={"probe": True})
+    progress = S.Progress(step=1, tokens=32, world_size=info.world_size, config={"probe": True})
     sd = {}
-    for component in [C.ModelState(model), C.OptimizerState(model, opt), progress,
-                      C.RankEntry(info.rank, rng=C.RNGState(0, info.rank, progress))]:
+    for component in [S.ModelState(model), S.OptimizerState(model, opt), progress,
+                      S.RankEntry(info.rank, rng=S.RNGState(0, info.rank, progress))]:
         sd.update(component.state_dict())
     ckpt.save(1, sd, info.rank, info.world_size, asynchronous=True)
     ckpt.close()

@@ -100,4 +100,5 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self) -> int:
+        """Every parameter, the position embedding included (under FSDP: the full count)."""
         return sum(p.numel() for p in self.parameters())

@@ -93,7 +93,7 @@ def test_tied_weight_is_saved_once_and_older_checkpoints_still_load(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dcp_train.checkpoint import state as C
+    from dcp_train.checkpoint import state as S
     from dcp_train.checkpoint.restore import load_into
 
     def trained(seed):
@@ -105,14 +105,14 @@ def test_tied_weight_is_saved_once_and_older_checkpoints_still_load(tmp_path):
         opt.step()
         return model, opt
 
-    assert C.tied_aliases(GPT(SMALL)) == {"lm_head.weight": "transformer.wte.weight"}
+    assert S.tied_aliases(GPT(SMALL)) == {"lm_head.weight": "transformer.wte.weight"}
     src, src_opt = trained(0)
     model_sd, optim_sd = get_state_dict(src, src_opt)
     assert "lm_head.weight" in model_sd  # the older layout, both names
     dcp.save({"model": model_sd, "optim": optim_sd["state"]},
              storage_writer=FileSystemWriter(str(tmp_path)), no_dist=True)
     dst, dst_opt = trained(1)
-    load_into(FileSystemReader(str(tmp_path)), [C.ModelState(dst), C.OptimizerState(dst, dst_opt)])
+    load_into(FileSystemReader(str(tmp_path)), [S.ModelState(dst), S.OptimizerState(dst, dst_opt)])
     assert dst.lm_head.weight is dst.transformer.wte.weight  # still tied after the load
     for (name, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
         assert torch.equal(a, b), name

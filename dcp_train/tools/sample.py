@@ -54,7 +54,7 @@ def sample(args) -> list[str]:
     if too_big:
         raise ToolError(f"the prompt has token ids {too_big[:5]} but the model's vocab_size is "
                         f"{vocab}; use a prompt of tokens below {vocab}")
-    print(f"step {meta['step']} of {path}, {sum(p.numel() for p in model.parameters()):,} "
+    print(f"step {meta['step']} of {path}, {model.num_params():,} "
           f"params, {device}", file=sys.stderr)
     return generate(model, enc, args.prompt, num_sequences=args.num_samples,
                     max_new_tokens=args.max_new_tokens, top_k=args.top_k, seed=args.seed,

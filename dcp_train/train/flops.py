@@ -50,7 +50,7 @@ def model_flops_per_token(model, seq_len: int) -> int:
     """flops_per_token of a GPT (dcp_train.model, FSDP2-sharded or not: a DTensor's numel is
     the full size). N excludes the position embedding, as nanoGPT's get_num_params does."""
     c = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    n = model.num_params() - model.transformer.wpe.weight.numel()
     return flops_per_token(n, c.n_layer, c.n_head, c.n_embd // c.n_head, seq_len)
 
 

@@ -15,7 +15,7 @@ import uuid
 import torch
 from torch.nn.utils import clip_grad_norm_
 
-from dcp_train import compiled as C
+from dcp_train import compiled
 from dcp_train import distributed as D
 from dcp_train.checkpoint.manager import CheckpointManager
 from dcp_train.checkpoint.state import (LoaderState, ModelState, OptimizerState, Progress, RNGState,
@@ -58,7 +58,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
 
     # model: identical init on every rank, then sharded
     torch.manual_seed(t.seed)
-    compile_blocks = C.resolve(cfg.hardware.compile, info.device_type)
+    compile_blocks = compiled.resolve(cfg.hardware.compile, info.device_type)
     model = D.shard_model(GPT(cfg.model), info, compile=compile_blocks)
     optimizer = build_optimizer(model, t.max_lr, t.weight_decay, info.device_type)
     one_step = step_function(cfg, model, info, accum)
@@ -78,7 +78,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     progress.lr_schedule = schedule_for_launch(
         saved_schedule(progress.saved) if progress.saved else None, t.max_lr,
         t.warmup_steps, t.max_steps, t.lr_schedule)
-    metrics.say(f"model {sum(p.numel() for p in model.parameters()):,} params, "
+    metrics.say(f"model {model.num_params():,} params, "
                 f"{'bf16' if info.device_type == 'cuda' else 'fp32'}, world {info.world_size}, "
                 f"grad accum {accum}, device {info.device}")
     speed = Throughput(t.total_batch_size, info.world_size,
