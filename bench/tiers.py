@@ -6,7 +6,7 @@ One process (a world of one), a state dict of `--mb` MB of fp32 tensors, the loc
 temp dir on local disk and the durable tier on a moto S3 server on 127.0.0.1
 (tests/servers.py). Per repetition, in one run:
 
-- local-only save: tiers.LocalTier.save (write, manifest, rename, `latest`, retention);
+- local-only save: tiers/local.LocalTier.save (write, manifest, rename, `latest`, retention);
 - two-tier save: the same, plus handing the step to replicate.Replicator: the blocked time
   is what the training loop waits for;
 - replication: from that hand-off until the durable commit (`latest` written), driven at

@@ -28,9 +28,8 @@ CheckpointException) and names the first kind it recognises:
 
 Known kinds read `<kind>: <details>; <what to do> (<Type: message>)`, of the exception in the
 chain that showed the kind (botocore's outer EndpointConnectionError names the URL, its cause
-only host:port); anything else is the innermost cause as `Type: message`, as protocol.py's
-`_cause` always did. Free space
-comes from os.statvfs of the nearest existing ancestor of a local `path`.
+only host:port); anything else is the innermost cause as `Type: message` (`innermost`).
+Free space comes from os.statvfs of the nearest existing ancestor of a local `path`.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ def one_line(e: BaseException) -> str:
 
 
 def innermost(e: BaseException) -> BaseException:
-    """The deepest cause (the protocol's old `_cause` walk: first failure, cause, context)."""
+    """The deepest cause: the first failure DCP gathered, else the cause, else the context."""
     while True:
         failures = _dcp_failures(e)
         if failures:

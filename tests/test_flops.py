@@ -1,5 +1,5 @@
-"""MFU math (dcp_train/flops.py), the --compile/--peak_tflops flags, and compile keeping every
-parameter name. In-process, no torchrun: instant."""
+"""MFU math (dcp_train/train/flops.py), the --compile/--peak_tflops flags, and compile keeping
+every parameter name. In-process, no torchrun: instant."""
 
 import pytest
 

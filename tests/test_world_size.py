@@ -64,7 +64,7 @@ def step_dir(ckpt: Path, step: int) -> Path:
 
 
 def batch_digest(ids) -> str:
-    """The `batch_digest` of a train record, computed as train.py does."""
+    """The `batch_digest` of a train record, computed as train/loop.py does."""
     return hashlib.sha256(repr(sorted(int(i) for i in ids)).encode()).hexdigest()[:16]
 
 

@@ -51,7 +51,7 @@ class Found:
 
     path: str  # full path/URL of the step dir
     step: int
-    meta: dict  # the checkpoint's `meta` entry (components.Progress)
+    meta: dict  # the checkpoint's `meta` entry (state.Progress)
     files: dict  # manifest.json's {name: {"size", <checksum>}} (manifest.digest)
     note: str = ""  # why this one was chosen, when it was not simply `latest`
     discovered: bool = True  # chosen by discovery (so it may fall back), not named by the user

@@ -14,7 +14,7 @@ step_metric="step")`), so a resumed run that repeats steps after a crash adds po
 steps instead of being dropped by wandb's own step counter. `resume` and `checkpoint` records
 are there like `train` and `val`.
 
-One run across restarts: the wandb run id is the checkpoint's `wandb_id` (components.Progress,
+One run across restarts: the wandb run id is the checkpoint's `wandb_id` (checkpoint/state.Progress,
 made at step 0 and saved in every checkpoint), and `wandb.init(id=..., resume="allow")`
 continues that run on every resume, at any world size. Records logged before the resume
 decision (the `config` record) are held back until start(). wandb sees the command line with

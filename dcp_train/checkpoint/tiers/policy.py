@@ -9,7 +9,7 @@ train/loop.py does per step, so every rank saves after the same step. A save due
 tier with a local tier configured is one save: local commit, then replication.
 
 Resume (--auto_resume). The newest checkpoint that is complete on either tier: the local
-step every rank can load from its own node (tiers.LocalTier.usable, agreed over all ranks)
+step every rank can load from its own node (tiers/local.LocalTier.usable, agreed over all ranks)
 when it is at least as new as the durable tier's (at the same step the local one is nearer),
 else the durable one. The reason goes to the console and the `resume` record.
 """
