@@ -23,19 +23,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (REPO, ChildFailed, ratios, run_child, run_meta,  # noqa: E402
-                          torchrun, write_results)
-from bench.run import _load_servers  # noqa: E402
+from bench.common import (REPO, ChildFailed, fmt_stats, ratios, run_child,  # noqa: E402
+                          run_meta, torchrun, write_results)
+from bench.common import servers as load_servers  # noqa: E402
 
 
 # s3fs reads an object larger than its block size (50 MB) as concurrent ranged GETs
 # (max_concurrency, default 10). moto_server serves each ranged GET by reading the whole object,
 # so there one GET per object is faster; the GPT-2 124M cell is measured both ways.
 ONE_GET = {"max_concurrency": 1}
-
-
-def fmt(r: dict) -> str:
-    return "n/a" if not r["n"] else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
 
 
 def mb_s(nbytes: int, times: list) -> str:
@@ -57,7 +53,7 @@ def render(results: list, meta: dict) -> str:
         t, n = r["times"], r["bytes"]
         lines.append(
             cell + f"{n / 1e6:.0f} MB | "
-            f"{fmt(ratios(t['put'], t['ours']))} | {fmt(ratios(t['get'], t['resume']))} | "
+            f"{fmt_stats(ratios(t['put'], t['ours']))} | {fmt_stats(ratios(t['get'], t['resume']))} | "
             f"{mb_s(n, t['ours'])} | {mb_s(n, t['put'])} | {mb_s(n, t['resume'])} | "
             f"{mb_s(n, t['get'])} |")
     lines += ["", "Ratios: median (min-max) of per-repetition time ratios (baseline time / our "
@@ -83,7 +79,7 @@ def main(argv=None) -> None:
     if a.cells:
         cells = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2]), a.reps,
                   ONE_GET if c.endswith(":one_get") else {}) for c in a.cells]
-    servers = _load_servers()
+    servers = load_servers()
     t0, load0 = datetime.datetime.now(), os.getloadavg()
     results = []
     started = {"s3": servers.start_s3_server(), "gcs": servers.start_gcs_server()}

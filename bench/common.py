@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "tests") not in sys.path:  # tests/procs.py and tests/servers.py (not a package)
+    sys.path.append(str(REPO / "tests"))
+
+from procs import child_env, descendants, free_port, torchrun  # noqa: E402,F401
 
 # Model sizes used by the benchmark (nanoGPT GPTConfig names, as in dcp_train.config).
 #  gpt2-124m : the real thing, 124M params; params + AdamW exp_avg + exp_avg_sq = 1.49 GB fp32
@@ -52,39 +55,18 @@ def stats(values: list[float]) -> dict:
             "n": len(vals), "values": vals}
 
 
+def fmt_stats(r: dict) -> str:
+    """`median (min-max)` of a stats() dict, 3 decimals; n/a without values."""
+    return "n/a" if not r["n"] else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
+
+
 def ratios(num: list[float], den: list[float]) -> dict:
     """Per-repetition ratio num[i]/den[i] (paired: both measured in the same repetition)."""
     return stats([a / b for a, b in zip(num, den) if a is not None and b])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def threads_per_rank(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
-
-
-def child_env(nproc: int, extra: dict | None = None) -> dict:
-    """Environment of a benchmark child: the repo importable, the cores split over the ranks
-    (the same rule for our trainer and for the plain loop), no inherited torchrun variables."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = str(threads_per_rank(nproc))
-    shared_tiktoken = REPO.parent / "shared" / "tiktoken_cache"
-    if shared_tiktoken.is_dir():
-        env.setdefault("TIKTOKEN_CACHE_DIR", str(shared_tiktoken))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra or {})
-    return env
-
-
-def torchrun(nproc: int, module_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *module_args]
 
 
 class ChildFailed(RuntimeError):
@@ -97,7 +79,7 @@ def run_child(cmd: list[str], nproc: int, timeout: float, env: dict | None = Non
     On a timeout the child and every process under it are killed (torchrun starts its
     workers in sessions of their own, so its process group is not enough), then it fails."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(nproc, env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(env, threads_per_rank(nproc)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -119,24 +101,10 @@ def run_child(cmd: list[str], nproc: int, timeout: float, env: dict | None = Non
     return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process under `pid` (Linux /proc; [] elsewhere), children before theirs."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
+def servers():
+    """tests/servers.py: the moto S3 server and the GCS emulator on 127.0.0.1."""
+    import servers as module
+    return module
 
 
 def failure_text(cmd: list[str], rc, output: str) -> str:
@@ -200,3 +168,36 @@ def cpu_seconds(pids=()) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+# ------------------------------------------- training segments (bench.run, bench.overlap)
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def segments(s) -> list[tuple[int, int]]:
+    """Measured segments as (from step line, to step line). Segment j runs from the line of
+    step k*j+1 to the line of step k*(j+1)+1: k steps and the save after step k*(j+1). The
+    first save (step k) is a warm-up and the final step's save is after the last line."""
+    k = s["interval"]
+    return [(k * j + 1, k * (j + 1) + 1) for j in range(1, s["segments"] + 1)]
+
+
+def seg_rates(marks: dict, s) -> tuple[list[float], list[float]]:
+    """Per segment: tokens per wall second, tokens per CPU second."""
+    wall, cpu = [], []
+    for a, b in segments(s):
+        tokens = (b - a) * s["train_total"]
+        wall.append(tokens / (marks[b][0] - marks[a][0]))
+        cpu.append(tokens / max(marks[b][1] - marks[a][1], 1e-9))
+    return wall, cpu
+
+
+def save_times(records: list[dict], s, field: str) -> list:
+    """`field` of the checkpoint record of the save inside each measured segment."""
+    ckpts: dict[int, dict] = {}
+    for r in records:
+        if r.get("kind") == "checkpoint":
+            ckpts.setdefault(r["step"], {}).update(r)
+    return [ckpts.get(b - 1, {}).get(field) for _, b in segments(s)]
+

@@ -35,7 +35,8 @@ from bench.common import REPO, model_flags, run_child, torchrun
 OUT = REPO / "bench" / "results_deterministic.md"
 
 
-def cpu_seconds() -> float:
+def children_cpu_seconds() -> float:
+    """User + system CPU-seconds of the finished children of this process (getrusage)."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
 
@@ -51,9 +52,9 @@ def train(work: Path, data: Path, mode: str, steps: int, stop: int, a) -> float:
         "--log_dir", str(work / mode / "log"), "--checkpoint_dir", str(work / mode / "ckpt")]
     if mode == "deterministic":
         flags.append("--deterministic")
-    t0 = cpu_seconds()
+    t0 = children_cpu_seconds()
     run_child(torchrun(2, ["-m", "dcp_train.main", *flags]), 2, timeout=3600)
-    return cpu_seconds() - t0
+    return children_cpu_seconds() - t0
 
 
 def records(work: Path, mode: str, kind: str) -> dict[int, dict]:

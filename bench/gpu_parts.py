@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import (MODELS, describe_model, model_config, model_flags, read_json,
+from bench.common import (MODELS, describe_model, log, model_config, model_flags, read_json,
                           run_child, torchrun)
 from dcp_train.tools.export import load_full_state
 from dcp_train.train.flops import model_flops_per_token, peak_flops
@@ -52,10 +52,6 @@ from dcp_train.model import GPT
 EXACT_STEPS, EXACT_STOP = 8, 5
 GOALS = {"ratio": 0.97, "mfu": 0.40, "save_ratio": 0.98, "blocked_s": 0.1}
 STEP_LINE = re.compile(r"step\s+(\d+) \| loss .*\| elapsed\s+([\d.]+)s")
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def write_tokens(data_dir: Path, n_train: int, vocab: int, seed: int = 0) -> Path:

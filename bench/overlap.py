@@ -9,7 +9,7 @@ without saves, measured side by side (paired runs, rotated order) in one invocat
 
 For each (model, world size) it runs the trainer three ways: no saves, `--async_checkpoint`
 every K steps, synchronous saves every K steps (reference), `--train_runs` times. A segment is
-K steps plus the save after them (bench.run.segments); per segment it reports tokens/s on the
+K steps plus the save after them (bench.common.segments); per segment it reports tokens/s on the
 wall clock and per CPU-second of the whole process tree (training and save processes), the
 seconds the loop was blocked per save (`blocked_s` of the checkpoint records: the call plus
 the optimizer step's wait for the staging copy), and how much the two steps after a save are
@@ -39,10 +39,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (REPO, model_flags, ratios, run_meta, torchrun,  # noqa: E402
-                          write_results)
+from bench.common import (REPO, fmt_stats, model_flags, ratios, run_meta,  # noqa: E402
+                          save_times, seg_rates, segments, torchrun, write_results)
 from bench.procwatch import run_watched  # noqa: E402
-from bench.run import save_times, seg_rates, segments  # noqa: E402
 from dcp_train.job.metrics import read_metrics  # noqa: E402
 
 SHAPES = {  # per model: micro-batch, tokens per step (a step of ~0.1 s and ~1 s here)
@@ -110,10 +109,6 @@ def after_save(marks: dict, k: int, n_segments: int) -> dict:
     return out
 
 
-def fmt(r: dict) -> str:
-    return "n/a" if not r["n"] else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
-
-
 def med(xs) -> float:
     return statistics.median(x for x in xs if x is not None)
 
@@ -134,9 +129,9 @@ def render(results: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['model']}, {r['world_size']} ({r['threads_per_rank']}) | "
             f"{r['bytes_per_save'] / 1e6:.0f} MB | "
-            f"{fmt(ratios(r['wall']['async'], r['wall']['nosave']))} | "
-            f"{fmt(ratios(r['cpu']['async'], r['cpu']['nosave']))} | "
-            f"{fmt(ratios(r['wall']['sync'], r['wall']['nosave']))} | "
+            f"{fmt_stats(ratios(r['wall']['async'], r['wall']['nosave']))} | "
+            f"{fmt_stats(ratios(r['cpu']['async'], r['cpu']['nosave']))} | "
+            f"{fmt_stats(ratios(r['wall']['sync'], r['wall']['nosave']))} | "
             f"{med(r['blocked_s']):.4f} s | {med(r['staged_s']):.3f} s | "
             f"{med(r['async_save_s']):.2f} s | {med(r['sync_save_s']):.2f} s | "
             f"{med(r['after_save']['step_1']):.2f} / {med(r['after_save']['step_2']):.2f} |")

@@ -38,7 +38,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from bench.common import run_meta, write_results
-from bench.run import _load_servers
+from bench.common import servers as load_servers
 from dcp_train.checkpoint.io import checksum as C
 from dcp_train.checkpoint.io import manifest as M
 from dcp_train.store import requests as R
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
                    help="results files OUT.json and OUT.md (default: %(default)s)")
     a = p.parse_args(argv)
     started, load0 = datetime.datetime.now(), os.getloadavg()
-    server = _load_servers().start_s3_server()
+    server = load_servers().start_s3_server()
     results = []
     try:
         server.make_bucket("scale")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.run import _load_servers
+from bench.common import servers as load_servers
 from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.tiers.local import LocalTier
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--write", default="", help="markdown file to put the results section in")
     a = p.parse_args(argv)
-    server = _load_servers().start_s3_server()
+    server = load_servers().start_s3_server()
     try:
         server.make_bucket("bench")
         with tempfile.TemporaryDirectory() as work:

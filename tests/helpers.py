@@ -6,9 +6,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,19 +16,12 @@ import torch
 
 from dcp_train.tools.export import load_full_state
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_TIKTOKEN = REPO.parent / "shared" / "tiktoken_cache"
+from procs import REPO, SHARED_TIKTOKEN, child_env, descendants, free_port, torchrun  # noqa: F401
 
 # A tiny GPT and a short schedule: 2 layers, 64 dims, vocab 512, sequences of 32 tokens.
 TINY = ["--preset", "tiny", "--vocab_size", "512", "--block_size", "32", "--seq_len", "32",
         "--warmup_steps", "3", "--max_lr", "3e-3", "--eval_interval", "0",
         "--hellaswag_interval", "0", "--generate_interval", "0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_shards(data_dir: Path, n_train_tokens: int = 40_000, n_val_tokens: int = 4_000,
@@ -51,21 +42,9 @@ def write_shards(data_dir: Path, n_train_tokens: int = 40_000, n_val_tokens: int
     return data_dir
 
 
-def child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.update(extra or {})
-    return env
-
-
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "dcp_train.main", *args]
+    """torchrun of the trainer (`-m dcp_train.main`) with `args`."""
+    return torchrun(nproc, ["-m", "dcp_train.main", *args])
 
 
 def run_train(nproc: int, args: list[str], env: dict | None = None, timeout: float = 300,
@@ -83,22 +62,6 @@ def start_train(nproc: int, args: list[str], env: dict | None = None) -> subproc
     return subprocess.Popen(torchrun_cmd(nproc, args), cwd=REPO, env=child_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid` (torchrun starts each worker in a session of its own, so a
-    process-group kill would miss them)."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        p, pp = map(int, line.split())
-        children.setdefault(pp, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
 
 
 def kill_job(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:

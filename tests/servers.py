@@ -51,16 +51,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from procs import free_port
+
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 _BIN = Path(sys.executable).parent  # moto_server / gcp-storage-emulator live next to python
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (bind to port 0, read it, release it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Gate:
