@@ -20,6 +20,8 @@ if str(REPO / "tests") not in sys.path:  # tests/procs.py and tests/servers.py (
 
 from procs import child_env, descendants, free_port, torchrun  # noqa: E402,F401
 
+from dcp_train.job.metrics import of_kind  # noqa: E402
+
 # Model sizes used by the benchmark (nanoGPT GPTConfig names, as in dcp_train.config).
 #  gpt2-124m : the real thing, 124M params; params + AdamW exp_avg + exp_avg_sq = 1.49 GB fp32
 #  small     : 4 x 256 dims, block 256: 16M params, ~245 MB per checkpoint (an option)
@@ -196,8 +198,7 @@ def seg_rates(marks: dict, s) -> tuple[list[float], list[float]]:
 def save_times(records: list[dict], s, field: str) -> list:
     """`field` of the checkpoint record of the save inside each measured segment."""
     ckpts: dict[int, dict] = {}
-    for r in records:
-        if r.get("kind") == "checkpoint":
-            ckpts.setdefault(r["step"], {}).update(r)
+    for r in of_kind(records, "checkpoint"):
+        ckpts.setdefault(r["step"], {}).update(r)
     return [ckpts.get(b - 1, {}).get(field) for _, b in segments(s)]
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, model_flags, run_child, torchrun
+from dcp_train.job.metrics import of_kind
 
 OUT = REPO / "bench" / "results_deterministic.md"
 
@@ -59,7 +60,7 @@ def train(work: Path, data: Path, mode: str, steps: int, stop: int, a) -> float:
 
 def records(work: Path, mode: str, kind: str) -> dict[int, dict]:
     lines = (work / mode / "log" / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
+    return {r["step"]: r for r in of_kind(list(map(json.loads, lines)), kind)}
 
 
 def summarize(work: Path, cpu: dict, a) -> str:

@@ -46,7 +46,7 @@ from bench.common import (MODELS, describe_model, log, model_config, model_flags
                           run_child, torchrun)
 from dcp_train.tools.export import load_full_state
 from dcp_train.train.flops import model_flops_per_token, peak_flops
-from dcp_train.job.metrics import read_metrics
+from dcp_train.job.metrics import of_kind, read_metrics
 from dcp_train.model import GPT
 
 EXACT_STEPS, EXACT_STOP = 8, 5
@@ -131,7 +131,7 @@ def part_speed(a, s, work, out, budget) -> None:
                ours_mfu=None if peak is None else per_token * ours / peak)
     saves, recs = _ours(a, s, work, data, "saves", [
         "--checkpoint_interval", str(s["save_interval"]), "--async_checkpoint"], budget)
-    ckpts = [r for r in recs if r["kind"] == "checkpoint"]
+    ckpts = of_kind(recs, "checkpoint")
     in_loop = [r for r in ckpts if r["step"] < steps]
     out.update(saves_tokens_per_s=saves, save_ratio=saves / ours,
                saves=[{k: r.get(k) for k in ("step", "async", "blocked_s", "staged_s", "seconds",
@@ -189,12 +189,11 @@ def part_exact(a, s, work, out, budget) -> None:
                       budget.left(), log=log)
             out.setdefault("seconds", []).append(round(time.perf_counter() - t0, 1))
     recs = {n: read_metrics(str(work / n / "log")) for n in runs}
-    losses = {n: {r["step"]: r["loss"] for r in recs[n] if r["kind"] == "train"} for n in runs}
+    losses = {n: {r["step"]: r["loss"] for r in of_kind(recs[n], "train")} for n in runs}
     out["pair_losses_equal"] = losses["ref"] == losses["ref2"] and len(losses["ref"]) == EXACT_STEPS
     out["losses_equal"] = losses["ref"] == losses["resumed"] and len(losses["ref"]) == EXACT_STEPS
-    out["resumed_at"] = [r["step"] for r in recs["resumed"] if r["kind"] == "resume"]
-    out["async_saves"] = all(r.get("async") for n in runs for r in recs[n]
-                             if r["kind"] == "checkpoint")
+    out["resumed_at"] = [r["step"] for r in of_kind(recs["resumed"], "resume")]
+    out["async_saves"] = all(r.get("async") for n in runs for r in of_kind(recs[n], "checkpoint"))
     final = f"step_{EXACT_STEPS:08d}"
     ref = load_full_state(work / "ref" / "ckpt" / final, work)
     res = load_full_state(work / "resumed" / "ckpt" / final, work)

@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 from bench.common import (REPO, fmt_stats, model_flags, ratios, run_meta,  # noqa: E402
                           save_times, seg_rates, segments, torchrun, write_results)
 from bench.procwatch import run_watched  # noqa: E402
-from dcp_train.job.metrics import read_metrics  # noqa: E402
+from dcp_train.job.metrics import of_kind, read_metrics  # noqa: E402
 
 SHAPES = {  # per model: micro-batch, tokens per step (a step of ~0.1 s and ~1 s here)
     "tiny": dict(batch=4, total=512),
@@ -88,7 +88,7 @@ def measure(model: str, ws: int, a, work: Path, log) -> dict:
     staged = sum((save_times(r, s, "staged_s") for r in records["async"]), [])
     total = sum((save_times(r, s, "seconds") for r in records["async"]), [])
     sync_s = sum((save_times(r, s, "seconds") for r in records["sync"]), [])
-    size = next(r["bytes"] for r in records["sync"][0] if r.get("kind") == "checkpoint")
+    size = next(r["bytes"] for r in of_kind(records["sync"][0], "checkpoint"))
     return {"model": model, "world_size": ws, "threads_per_rank": threads(ws),
             "bytes_per_save": size, "steps": steps, "segments": segments(s),
             "wall": {n: rate[n][0] for n in runs}, "cpu": {n: rate[n][1] for n in runs},

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench import checksums
 from bench.common import log, ratios, save_times, seg_rates, stats
+from dcp_train.job.metrics import of_kind
 
 GB = 1e9
 
@@ -172,8 +173,8 @@ def train_rows(s, results: dict) -> list:
     rate = {name: [sum(x, []) for x in zip(*(seg_rates(_steps(m), s) for m in ms))]
             for name, ms in marks.items()}
     med = lambda xs: f"{statistics.median(xs):.0f} tok/s"  # noqa: E731
-    ck_bytes = next((r.get("bytes") for r in metrics["sync"][0] if r.get("kind") == "checkpoint"
-                     and r.get("bytes")), None)
+    ck_bytes = next((r.get("bytes") for r in of_kind(metrics["sync"][0], "checkpoint")
+                     if r.get("bytes")), None)
     per_save = f"{fmt_bytes(ck_bytes)} per save" if ck_bytes else ""
     seg_note = (f"OMP_WAIT_POLICY {raw.get('omp_wait_policy', '?')}; "
                 f"model {s['train_model']}, {s['train_total']} tokens/step; {s['train_runs']} "

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcp_train.job.metrics import of_kind
 from dcp_train.tools.export import load_full_state
 
 from procs import REPO, SHARED_TIKTOKEN, child_env, descendants, free_port, torchrun  # noqa: F401
@@ -94,20 +95,22 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.05) -> None:
     raise AssertionError("timed out waiting for a condition")
 
 
-def metrics(log_dir: Path) -> list[dict]:
+def metrics(log_dir: Path, kind: str | None = None) -> list[dict]:
+    """The records of log_dir/metrics.jsonl ([] if there is none); of one `kind` if given."""
     path = Path(log_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records if kind is None else of_kind(records, kind)
 
 
 def losses(log_dir: Path) -> dict[int, float]:
     """step -> loss of the train records; a repeated step (after a resume) keeps the last."""
-    return {r["step"]: r["loss"] for r in metrics(log_dir) if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in metrics(log_dir, "train")}
 
 
 def digests(log_dir: Path) -> dict[int, str]:
-    return {r["step"]: r["batch_digest"] for r in metrics(log_dir) if r["kind"] == "train"}
+    return {r["step"]: r["batch_digest"] for r in metrics(log_dir, "train")}
 
 
 def load_checkpoint(step_dir: Path, tmp: Path) -> dict:

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # helpers.py, servers.py; the dcp_train package
 
 from helpers import (TINY, assert_same_tensors, kill_job, load_checkpoint, metrics,  # noqa: E402
-                     run_train, start_train, write_shards)
+                     of_kind, run_train, start_train, write_shards)
 
 from dcp_train.checkpoint.io import manifest as M  # noqa: E402
 from dcp_train.checkpoint.io.storage import Storage  # noqa: E402
@@ -221,19 +221,19 @@ def run_reference(data: Path, out: Path, final_step: int) -> dict[int, float]:
     log = out / "log"
     run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(log),
                   "--checkpoint_dir", str(out / "ckpt"), "--stop_at_step", str(final_step)])
-    return {r["step"]: r["loss"] for r in metrics(log) if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in metrics(log, "train")}
 
 
 def check_against(log: Path, soak: Soak, ref_losses: dict[int, float]) -> list[int]:
     """Every logged loss equals the reference's; each resume started where `latest` pointed
     at the kill before it, without a fallback. Returns the resume steps."""
     records = metrics(log)
-    train = [r for r in records if r["kind"] == "train"]
+    train = of_kind(records, "train")
     assert {r["step"] for r in train} == set(range(1, soak.final_step + 1))
     wrong = [(r["step"], r["loss"], ref_losses[r["step"]]) for r in train
              if r["loss"] != ref_losses[r["step"]]]
     assert not wrong, f"losses differ from the uninterrupted run (step, got, want): {wrong[:5]}"
-    resumes = [r for r in records if r["kind"] == "resume"]
+    resumes = of_kind(records, "resume")
     assert all(not r["note"] for r in resumes), [r["note"] for r in resumes if r["note"]]
     expected = [k.latest for k in soak.kills if k.latest is not None]
     assert [Path(r["path"]).name for r in resumes] == expected
@@ -347,7 +347,7 @@ def main() -> int:
             failures.append(f"final tensors: {e}")
 
         phases = Counter(re.sub(r"step_\d+|step \d+", "step N", k.phase) for k in soak.kills)
-        records = len([r for r in metrics(work / "run" / "log") if r["kind"] == "train"])
+        records = len(metrics(work / "run" / "log", "train"))
         print("\n===== soak summary =====")
         print(f"storage {'s3 (moto_server)' if opts.s3 else 'local'}; {len(soak.kills)} kills "
               f"(seed {opts.seed}), {len(soak.kills) + 1} launches, wall time "

@@ -42,7 +42,7 @@ def assert_same_as(run, ref, tmp):
 def test_async_run_equals_sync_run(tmp_path, data, sync_reference):
     _run(tmp_path, data, "--async_checkpoint")
     assert_same_as(tmp_path, sync_reference, tmp_path)
-    records = [r for r in metrics(tmp_path / "log") if r["kind"] == "checkpoint"]
+    records = metrics(tmp_path / "log", "checkpoint")
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     for r in records:
         assert r["async"] is True and max(r["blocked_s"], r["staged_s"]) <= r["seconds"]
@@ -68,7 +68,7 @@ def test_sigkill_while_async_write_in_flight(tmp_path, data, sync_reference):
     assert (ckpt / "latest").read_text() == "step_00000004\n"
     assert [n for n in os.listdir(ckpt) if ".tmp-" in n], "the step 6 save was not in flight"
     _run(tmp_path, data, "--async_checkpoint", "--auto_resume")
-    assert [r["step"] for r in metrics(tmp_path / "log") if r["kind"] == "resume"] == [4]
+    assert [r["step"] for r in metrics(tmp_path / "log", "resume")] == [4]
     assert not [n for n in os.listdir(ckpt) if ".tmp-" in n]  # retention removed it
     assert_same_as(tmp_path, sync_reference, tmp_path)
 
@@ -87,7 +87,7 @@ def test_resident_memory_stays_flat_over_async_saves(tmp_path, data):
                   "--hellaswag_interval", "0", "--generate_interval", "0",
                   "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
                   "--checkpoint_dir", str(tmp_path / "ckpt")])
-    records = [r for r in metrics(tmp_path / "log") if r["kind"] == "checkpoint"]
+    records = metrics(tmp_path / "log", "checkpoint")
     assert len(records) == steps and all(r["async"] for r in records)
     per_rank_mb = records[-1]["bytes"] / 2 / 2**20
     rss = [r["rss_mb"] for r in records]
@@ -130,5 +130,5 @@ def test_sigkill_mid_file_while_next_step_runs(tmp_path, data, sync_reference):
         time.sleep(0.1)
     assert not _tagged_pids(tag), "a save process outlived its rank"
     _run(tmp_path, data, "--async_checkpoint", "--auto_resume")
-    assert [r["step"] for r in metrics(tmp_path / "log") if r["kind"] == "resume"] == [4]
+    assert [r["step"] for r in metrics(tmp_path / "log", "resume")] == [4]
     assert_same_as(tmp_path, sync_reference, tmp_path)

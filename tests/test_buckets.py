@@ -94,7 +94,7 @@ def test_s3_stop_and_auto_resume_is_bit_exact(s3, ref, stopped, base, data):
     run(2, ["--data_dir", "s3://data/synth", "--auto_resume"], stopped["env"], stopped["log"],
         "s3://ckpt/stop")
     assert losses(stopped["log"]) == losses(ref.log)  # steps 1-4 and 5-8, bit for bit
-    [resume] = [r for r in metrics(stopped["log"]) if r["kind"] == "resume"]
+    [resume] = metrics(stopped["log"], "resume")
     assert resume["path"] == f"s3://ckpt/stop/{step(4)}" and resume["step"] == 4
     fs = s3fs_of(s3)
     assert read_latest(fs, "ckpt/stop") == step(MAX_STEPS)
@@ -111,7 +111,7 @@ def test_s3_save_at_2_resume_at_3(s3, ref, stopped, base, data):
             f"s3://ckpt/stop/{step(4)}"], s3.env, log, "s3://ckpt/w3")
     ref_digests = digests(ref.log)
     assert digests(log) == {s: ref_digests[s] for s in range(5, MAX_STEPS + 1)}
-    [resume] = [r for r in metrics(log) if r["kind"] == "resume"]
+    [resume] = metrics(log, "resume")
     assert (resume["world_size_saved"], resume["world_size"]) == (2, 3)
     assert read_latest(s3fs_of(s3), "ckpt/w3") == step(MAX_STEPS)
 
@@ -122,7 +122,7 @@ def test_s3_async_saves_equal_sync_saves(s3, ref, base, data):
     log = base / "async" / "log"
     run(2, ["--data_dir", str(data), "--async_checkpoint"], s3.env, log, "s3://ckpt/async")
     assert losses(log) == losses(ref.log)
-    records = [r for r in metrics(log) if r["kind"] == "checkpoint"]
+    records = metrics(log, "checkpoint")
     assert [(r["step"], r["async"]) for r in records] == [(s, True) for s in (2, 4, 6, 8)]
     fs = s3fs_of(s3)
     assert sorted(committed(fs, "ckpt/async")) == [step(s) for s in (2, 4, 6, 8)]
@@ -144,7 +144,7 @@ def test_gcs_auto_resume_retention_and_save_time(gcs, ref, base, data):
     assert fs.cat_file(f"ckpt/run/{LATEST}").decode() == step(8) + "\n"
     final = download_step(fs, f"{url}/{step(8)}", base / "gcs" / "final", base)
     assert_same_tensors(ref.final, final)
-    saves = [r for r in metrics(log) if r["kind"] == "checkpoint"]
+    saves = metrics(log, "checkpoint")
     assert [r["step"] for r in saves] == [2, 4, 6, 8]
     # gcsfs' rename (moveTo) would retry for ~30 s against the emulator: never on our path
     assert max(r["seconds"] for r in saves) < 5, saves
@@ -182,7 +182,7 @@ def test_s3_sigkill_mid_upload_resumes_from_previous(s3, ref, base, data):
     assert read_latest(fs, path) == step(4)
 
     run_train(2, [*args, "--auto_resume"], env=s3.env)
-    [resume] = [r for r in metrics(log) if r["kind"] == "resume"]
+    [resume] = metrics(log, "resume")
     assert resume["path"] == f"{url}/{step(4)}" and resume["step"] == 4
     assert losses(log) == losses(ref.log)
     # the new save of step 6 replaced the abandoned files; retention kept the 2 newest

@@ -34,7 +34,7 @@ def _run(out, data, env, *extra):
 
 
 def _train_records(out):
-    return [r for r in metrics(out / "log") if r["kind"] == "train"]
+    return metrics(out / "log", "train")
 
 
 def test_compiled_stop_and_resume_is_bit_exact(tmp_path_factory, data, env):
@@ -43,7 +43,7 @@ def test_compiled_stop_and_resume_is_bit_exact(tmp_path_factory, data, env):
     assert "compile on" in proc.stdout
     _run(run, data, env, "--stop_at_step", str(STOP), "--peak_tflops", str(PEAK_TFLOPS))
     _run(run, data, env, "--auto_resume", "--peak_tflops", str(PEAK_TFLOPS))
-    assert [r["step"] for r in metrics(run / "log") if r["kind"] == "resume"] == [STOP]
+    assert [r["step"] for r in metrics(run / "log", "resume")] == [STOP]
     assert_same_run(run, ref, tmp_path_factory.mktemp("cmp"), N)
 
     # compiled kernels really ran: the eager loss of step 1 differs (Inductor draws its own

@@ -22,8 +22,8 @@ import pytest
 from dcp_train.cli import parse_config
 from dcp_train.config import as_record
 from dcp_train.errors import ConfigError
-from helpers import (REPO, assert_same_tensors, child_env, load_checkpoint, metrics, run_train,
-                     write_shards)
+from helpers import (REPO, assert_same_tensors, child_env, load_checkpoint, metrics, of_kind,
+                     run_train, write_shards)
 
 CONFIGS = REPO / "configs"
 
@@ -96,8 +96,8 @@ def test_run_from_toml_equals_run_from_flags(tmp_path):
     records = [[r for r in m if r["kind"] in ("train", "val")] for m in (from_file, from_flags)]
     keep = ("kind", "step", "loss", "lr", "grad_norm", "tokens", "batch_digest")  # no timings
     records = [[{k: v for k, v in r.items() if k in keep} for r in rs] for rs in records]
-    assert records[0] == records[1] and len([r for r in records[0] if r["kind"] == "train"]) == 4
-    (config_file,), (config_flags,) = ([r["config"] for r in m if r["kind"] == "config"]
+    assert records[0] == records[1] and len(of_kind(records[0], "train")) == 4
+    (config_file,), (config_flags,) = ([r["config"] for r in of_kind(m, "config")]
                                        for m in (from_file, from_flags))
     for c in (config_file, config_flags):
         del c["log_dir"], c["checkpoint_dir"]

@@ -51,13 +51,13 @@ def step_dir(ckpt: Path, step: int) -> Path:
 
 
 def val_losses(log: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(log) if r["kind"] == "val"}
+    return {r["step"]: r["loss"] for r in metrics(log, "val")}
 
 
 def train_records(log: Path) -> dict[int, tuple[float, float, str]]:
     """step -> (loss, grad_norm, batch_digest)."""
     return {r["step"]: (r["loss"], r["grad_norm"], r["batch_digest"])
-            for r in metrics(log) if r["kind"] == "train"}
+            for r in metrics(log, "train")}
 
 
 def snapshot(root: Path) -> dict:
@@ -125,7 +125,7 @@ def test_stopped_and_resumed_on_another_world_size(runs, name, world, source, ev
     # evaluation follows the one at step 4 (no save in between)
     got = runs.resumed(name, world, source, ["--eval_interval", "3"] if name == "4to1" else [])
     assert_identical(runs.done["w1"], got, range(4, 7), tmp_path)
-    [record] = [r for r in metrics(got / "log") if r["kind"] == "resume"]
+    [record] = metrics(got / "log", "resume")
     assert (record["world_size_saved"], record["world_size"]) == (int(source[1]), world)
     # val loss depends on the world size (each rank's val batches): compare at the same one
     same_world = runs.run(f"w{world}", world, [])

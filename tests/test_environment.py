@@ -134,10 +134,10 @@ def test_a_save_that_does_not_fit_is_refused_and_the_run_resumes_bit_exact(tmp_p
 
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)  # room now
         run_train(2, [*args, "--checkpoint_dir", str(mnt), "--auto_resume"])
-        [resume] = [r for r in metrics(log) if r["kind"] == "resume"]
+        [resume] = metrics(log, "resume")
         assert resume["step"] == 2 and resume["note"] == ""
         ref = losses(tmp_path / "ref_log")
-        train = [r for r in metrics(log) if r["kind"] == "train"]
+        train = metrics(log, "train")
         assert [(r["step"], r["loss"]) for r in train] == [(r["step"], ref[r["step"]])
                                                            for r in train]
         assert_same_tensors(load_checkpoint(tmp_path / "ref" / step_name(N), tmp_path),

@@ -96,7 +96,7 @@ def exit_codes(proc_or_text) -> dict[int, int]:
 
 def assert_same_as_reference(log: Path, ref: Ref, first_step: int = 1) -> None:
     """Every train record of every launch has the reference's loss at that step (==)."""
-    train = [r for r in metrics(log) if r["kind"] == "train"]
+    train = metrics(log, "train")
     assert {r["step"] for r in train} == set(range(first_step, N + 1))
     wrong = [(r["step"], r["loss"], ref.losses[r["step"]]) for r in train
              if r["loss"] != ref.losses[r["step"]]]
@@ -104,7 +104,7 @@ def assert_same_as_reference(log: Path, ref: Ref, first_step: int = 1) -> None:
 
 
 def resume_records(log: Path) -> list[dict]:
-    return [r for r in metrics(log) if r["kind"] == "resume"]
+    return metrics(log, "resume")
 
 
 def plain(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:

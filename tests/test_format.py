@@ -28,7 +28,7 @@ def _train_records(log_dir: Path) -> dict[int, tuple]:
     """step -> (loss, grad_norm, batch_digest) of the train records; a repeated step keeps
     the last."""
     return {r["step"]: (r["loss"], r["grad_norm"], r["batch_digest"])
-            for r in metrics(log_dir) if r["kind"] == "train"}
+            for r in metrics(log_dir, "train")}
 
 
 def test_format1_checkpoint_resumes_bit_exact(tmp_path):
@@ -44,10 +44,10 @@ def test_format1_checkpoint_resumes_bit_exact(tmp_path):
         run_train(2, [*common, *extra, "--log_dir", str(stopped / "log"),
                       "--checkpoint_dir", str(ckpt_b)])
 
-    resumes = [r for r in metrics(straight / "log") if r["kind"] == "resume"]
+    resumes = metrics(straight / "log", "resume")
     assert [(r["step"], Path(r["path"]).name, r["world_size_saved"], r["rng"], r["note"])
             for r in resumes] == [(2, "step_00000002", 2, "restored", "")]
-    assert [r["step"] for r in metrics(stopped / "log") if r["kind"] == "resume"] == [2, 3]
+    assert [r["step"] for r in metrics(stopped / "log", "resume")] == [2, 3]
     got, ref = _train_records(straight / "log"), _train_records(stopped / "log")
     assert sorted(got) == [3, 4] and got == ref
     final = load_checkpoint(ckpt / "step_00000004", tmp_path)

@@ -25,8 +25,8 @@ import pytest
 
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.tools import ckpt
-from helpers import (REPO, TINY, assert_same_run, child_env, free_port, kill_job, losses,
-                     metrics, run_train, wait_for, write_shards)
+from helpers import (REPO, TINY, assert_same_run, child_env, free_port, kill_job, losses, metrics,
+                     of_kind, run_train, wait_for, write_shards)
 
 MAX_STEPS = 24
 ARGS = TINY + ["--dropout", "0", "--batch_size", "4", "--total_batch_size", "256",
@@ -115,7 +115,7 @@ def elastic_run(tmp_path_factory, data) -> Path:
 
 
 def test_elastic_restart_resumes_bit_exact(elastic_run, reference, tmp_path):
-    resumes = [r for r in metrics(elastic_run / "log") if r["kind"] == "resume"]
+    resumes = metrics(elastic_run / "log", "resume")
     assert len(resumes) == 1, "the killed worker did not cause exactly one restart"
     r = resumes[0]
     assert 4 <= r["step"] < MAX_STEPS and r["step"] % 4 == 0
@@ -132,7 +132,7 @@ def test_two_nodes_then_one_node(reference, data, tmp_path):
         finish(node)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000012"
     finish(launch("single_node.sh", {"NPROC": "2"}, ARGS + dirs(tmp_path, data)))
-    resumes = [r for r in metrics(tmp_path / "log") if r["kind"] == "resume"]
+    resumes = metrics(tmp_path / "log", "resume")
     assert [(r["step"], r["world_size_saved"], r["world_size"]) for r in resumes] == [(12, 2, 2)]
     assert_same_committed_run(tmp_path, reference, tmp_path)
 
@@ -148,11 +148,11 @@ def test_plot_marks_checkpoints_and_resume(elastic_run, tmp_path):
     lines = {}
     for line in fig.axes[0].get_lines():
         lines.setdefault(line.get_gid(), []).append(list(line.get_xdata()))
-    resume_step = next(r["step"] for r in records if r["kind"] == "resume")
+    resume_step = next(r["step"] for r in of_kind(records, "resume"))
     assert len(lines["train"]) == 2  # before the kill, after the restart
     assert lines["train"][0][0] == 1 and lines["train"][1] == list(range(resume_step + 1, 25))
     assert lines["val"] == [[8, 16, 24]]
-    committed = sorted({r["step"] for r in records if r["kind"] == "checkpoint"})
+    committed = sorted({r["step"] for r in of_kind(records, "checkpoint")})
     assert [x[0] for x in lines["checkpoint"]] == committed and committed[-4:] == [12, 16, 20, 24]
     assert [x[0] for x in lines["resume"]] == [resume_step]
     assert matplotlib.image.imread(tmp_path / "loss.png").shape[:2] == (200, 400)

@@ -24,7 +24,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import TINY, child_env, metrics, run_train, s3fs_of, wait_for
+from helpers import TINY, child_env, metrics, of_kind, run_train, s3fs_of, wait_for
 
 RANKS = (1, 2, 4, 8)
 MICRO = [*TINY, "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "1",
@@ -64,11 +64,11 @@ def counted(s3, data, base) -> dict:
         ckpt, log = f"s3://ckpt/n{n}", base / f"n{n}"
         common = ["--data_dir", str(data), "--checkpoint_dir", ckpt, "--log_dir", str(log)]
         fresh = run_counted(s3, n, [*common, "--max_steps", "1"])
-        [fresh_save] = [r for r in metrics(log) if r["kind"] == "checkpoint"]
+        [fresh_save] = metrics(log, "checkpoint")
         resumed = run_counted(s3, n, [*common, "--max_steps", "2", "--auto_resume"])
         records = metrics(log)
-        [resume] = [r for r in records if r["kind"] == "resume"]
-        save = [r for r in records if r["kind"] == "checkpoint"][-1]
+        [resume] = of_kind(records, "resume")
+        save = of_kind(records, "checkpoint")[-1]
         names = s3fs_of(s3).ls(f"ckpt/n{n}/step_00000002", detail=False)
         per_rank = Counter(m.group(1) for p in names
                            if (m := re.search(r"__(\d+)_\d+\.distcp$", p)))

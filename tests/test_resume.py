@@ -49,7 +49,7 @@ def test_stop_and_auto_resume_is_bit_exact(tmp_path, data, reference, stop_at, w
     _run(tmp_path, data, "--num_workers", workers, "--stop_at_step", str(stop_at))
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step_{stop_at:08d}"
     _run(tmp_path, data, "--num_workers", workers, "--auto_resume")
-    resumes = [r for r in metrics(tmp_path / "log") if r["kind"] == "resume"]
+    resumes = metrics(tmp_path / "log", "resume")
     assert [r["step"] for r in resumes] == [stop_at]
     assert resumes[0]["world_size_saved"] == resumes[0]["world_size"] == 2
     assert_same_run(tmp_path, reference, tmp_path, N)
@@ -60,7 +60,7 @@ def test_resume_twice_with_retention(tmp_path, data, reference):
     _run(tmp_path, data, *keep, "--stop_at_step", "4")
     _run(tmp_path, data, *keep, "--stop_at_step", "8", "--auto_resume")
     _run(tmp_path, data, *keep, "--auto_resume")
-    assert [r["step"] for r in metrics(tmp_path / "log") if r["kind"] == "resume"] == [4, 8]
+    assert [r["step"] for r in metrics(tmp_path / "log", "resume")] == [4, 8]
     assert_same_run(tmp_path, reference, tmp_path, N)
     # retention: exactly the 2 newest committed dirs, `latest` names the newest, no temp dirs
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_00000008", "step_00000010"]
@@ -79,7 +79,7 @@ def test_sigkill_between_checkpoints_resumes_bit_exact(tmp_path, data, reference
     assert job.returncode == -9
     assert latest.read_text().strip() == "step_00000004", "killed too late to test anything"
     _run(tmp_path, data, "--checkpoint_interval", "4", "--auto_resume")
-    assert [r["step"] for r in metrics(tmp_path / "log") if r["kind"] == "resume"] == [4]
+    assert [r["step"] for r in metrics(tmp_path / "log", "resume")] == [4]
     assert_same_run(tmp_path, reference, tmp_path, N)
 
 
@@ -97,7 +97,7 @@ def test_layout_after_a_run(reference):
         assert sorted(manifest["files"]) == files[:-1]
         for f, entry in manifest["files"].items():
             assert (ckpt / name / f).stat().st_size == entry["size"]
-    records = [r for r in metrics(reference / "log") if r["kind"] == "checkpoint"]
+    records = metrics(reference / "log", "checkpoint")
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10]
     assert all(r["bytes"] > 0 and r["seconds"] > 0 for r in records)
 
@@ -141,7 +141,7 @@ def test_dcp_to_torch_save_weights_match_the_trained_model(reference, tmp_path, 
     with torch.no_grad():
         batch_losses = [model(x, y)[1].item() for rank in (0, 1)
                         for x, y in val_batches(files, 32, 4, rank, 2, 2)]
-    logged = [r for r in metrics(reference / "log") if r["kind"] == "val" and r["step"] == 10]
+    logged = [r for r in metrics(reference / "log", "val") if r["step"] == 10]
     assert sum(batch_losses) / len(batch_losses) == pytest.approx(logged[0]["loss"], rel=1e-6)
 
 
@@ -161,7 +161,7 @@ def _fails_cleanly(tmp_path, data, extra, expected):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("dcp_train: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
     assert _snapshot(ckpt) == before
-    assert not [r for r in metrics(tmp_path / "log") if r["kind"] == "train"]
+    assert not metrics(tmp_path / "log", "train")
 
 
 def test_resume_missing_path(tmp_path, data):

@@ -82,12 +82,12 @@ def _resume_bit_exact(tmp_path, data, reference) -> dict:
     """--auto_resume to step N; every train record of every launch equals the reference."""
     ref_losses, ref_final = reference
     run_train(2, [*_args(tmp_path, data), "--auto_resume"])
-    train = [r for r in metrics(tmp_path / "log") if r["kind"] == "train"]
+    train = metrics(tmp_path / "log", "train")
     assert {r["step"] for r in train} == set(range(1, N + 1))
     assert [(r["step"], r["loss"]) for r in train] == [(r["step"], ref_losses[r["step"]])
                                                        for r in train]
     assert_same_tensors(ref_final, load_checkpoint(tmp_path / "ckpt" / step_name(N), tmp_path))
-    [resume] = [r for r in metrics(tmp_path / "log") if r["kind"] == "resume"]
+    [resume] = metrics(tmp_path / "log", "resume")
     return resume
 
 

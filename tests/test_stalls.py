@@ -133,7 +133,7 @@ def test_rank_stopped_while_training(base, data, reference, tmp_path):
     assert "--auto_resume" in line
     assert committed_steps(out / "ckpt") == [4]
     run_train(2, job_args(out, data, "--auto_resume"))
-    assert [r["step"] for r in metrics(out / "log") if r["kind"] == "resume"] == [4]
+    assert [r["step"] for r in metrics(out / "log", "resume")] == [4]
     assert_same_run(out, reference, tmp_path, N)
 
 
@@ -157,7 +157,7 @@ def test_rank_stopped_during_a_save(base, data, reference, tmp_path):
     assert committed_steps(out / "ckpt") == [2]  # step 4 half-written, never committed
     assert (out / "ckpt" / "latest").read_text().strip() == "step_00000002"
     run_train(2, job_args(out, data, "--auto_resume"))
-    assert [r["step"] for r in metrics(out / "log") if r["kind"] == "resume"] == [2]
+    assert [r["step"] for r in metrics(out / "log", "resume")] == [2]
     assert_same_run(out, reference, tmp_path, N)
 
 

@@ -134,7 +134,7 @@ def test_accepted_changes_are_reported_and_an_extended_run_keeps_its_schedule(tm
 
     data, ckpt = _stopped_run(tmp_path, 4)  # a finished run: max_steps 4
     log = tmp_path / "log"
-    lrs = {r["step"]: r["lr"] for r in metrics(log) if r["kind"] == "train"}
+    lrs = {r["step"]: r["lr"] for r in metrics(log, "train")}
     proc = run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(log),
                          "--checkpoint_dir", str(ckpt), "--auto_resume"])
     assert "checkpoint is at step 4 and --max_steps is 4: nothing to train" in proc.stdout
@@ -143,8 +143,8 @@ def test_accepted_changes_are_reported_and_an_extended_run_keeps_its_schedule(tm
                          "--weight_decay", "0.05"])
     assert "WARNING: --max_steps changed on resume: 4 -> 6" in proc.stdout
     assert "WARNING: --weight_decay changed on resume: 0.1 -> 0.05" in proc.stdout
-    resume = [r for r in metrics(log) if r["kind"] == "resume"][-1]
+    resume = metrics(log, "resume")[-1]
     assert resume["changes"] == {"max_steps": [4, 6], "weight_decay": [0.1, 0.05]}
-    new = {r["step"]: r["lr"] for r in metrics(log) if r["kind"] == "train" and r["step"] > 4}
+    new = {r["step"]: r["lr"] for r in metrics(log, "train") if r["step"] > 4}
     assert new == {5: 3e-3 * 0.1, 6: 3e-3 * 0.1}  # the saved cosine ended at step 4
     assert lrs[4] > new[5]

@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, download_step,
-                     free_port, kill_job, losses, metrics, one_error, read_latest, run_train,
-                     s3fs_of, tmpfs, wait_for)
+                     free_port, kill_job, losses, metrics, of_kind, one_error, read_latest,
+                     run_train, s3fs_of, tmpfs, wait_for)
 
 from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.io.names import step_name as step
@@ -83,7 +83,7 @@ def node_args(run: Path, url: str) -> list[str]:
 
 
 def resume_record(log: Path) -> dict:
-    return [r for r in metrics(log) if r["kind"] == "resume"][-1]
+    return metrics(log, "resume")[-1]
 
 
 def local_steps(node_dir: Path) -> list[int]:
@@ -185,7 +185,7 @@ def test_async_local_save_killed_in_flight_resumes_from_local(s3, ref, data, bas
                        "--async_checkpoint"],
                       {**s3.env, "DCP_TRAIN_FAULT": "after_shards:1:6"}, run / "b")
     assert codes[1] != 0, (run / "b.n1").read_text()[-3000:]
-    records = [r for r in metrics(run / "log") if r["kind"] == "checkpoint"]
+    records = metrics(run / "log", "checkpoint")
     assert [r["step"] for r in records][:4] == [1, 2, 3, 4], records
     for r in records:
         assert r["async"] is True and r["tier"] == "local", r
@@ -255,8 +255,8 @@ def test_wall_time_intervals_save_at_agreed_step_boundaries(s3, data, base):
                   "-1", "--local_checkpoint_interval_minutes", "0.005", "--eval_interval", "1",
                   "--val_steps", "150"], env=s3.env)
     records = metrics(run / "log")
-    local = [r["step"] for r in records if r["kind"] == "checkpoint"]
-    durable = [r["step"] for r in records if r["kind"] == "replication"]
+    local = [r["step"] for r in of_kind(records, "checkpoint")]
+    durable = [r["step"] for r in of_kind(records, "replication")]
     assert len(local) >= 3 and local[-1] == MAX_STEPS and len(set(local)) == len(local)
     assert len(durable) >= 2 and durable[-1] == MAX_STEPS, durable
     assert set(durable) <= set(local)

@@ -82,7 +82,7 @@ def test_ls(run, tmp_path, capsys):
     rc, out = tool(capsys, "ls", root, "--json")
     assert rc == 0
     info = json.loads(out)
-    val = {r["step"]: r["loss"] for r in metrics(run / "log") if r["kind"] == "val"}
+    val = {r["step"]: r["loss"] for r in metrics(run / "log", "val")}
     assert [(c["name"], c["step"], c["world_size"], c["latest"]) for c in info["checkpoints"]] == \
         [(STEP3, 3, 2, False), (STEP6, 6, 2, True)]
     assert [c["val_loss"] for c in info["checkpoints"]] == [val[3], val[6]]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, TINY, child_env, metrics, run_train, write_shards
+from helpers import REPO, TINY, child_env, metrics, of_kind, run_train, write_shards
 
 TRAIN_FIELDS = {"kind", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
                 "tokens_per_s_per_device", "mfu"}
@@ -39,15 +39,15 @@ def test_tiny_preset_learns_on_two_ranks(tmp_path):
                   "--log_dir", str(log), "--checkpoint_dir", str(tmp_path / "ckpt"),
                   "--generate_interval", "50"], timeout=400)
     records = metrics(log)
-    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    train = {r["step"]: r for r in of_kind(records, "train")}
     assert sorted(train) == list(range(1, 51))
     for r in train.values():
         assert TRAIN_FIELDS <= set(r)
     assert train[50]["loss"] < train[1]["loss"] - 3.0, (train[1]["loss"], train[50]["loss"])
     assert train[50]["tokens"] == 50 * 1024
-    vals = [r for r in records if r["kind"] == "val"]
+    vals = of_kind(records, "val")
     assert [v["step"] for v in vals] == [25, 50] and all(isinstance(v["loss"], float) for v in vals)
-    ckpts = [r for r in records if r["kind"] == "checkpoint"]
+    ckpts = of_kind(records, "checkpoint")
     assert [c["step"] for c in ckpts] == [25, 50]
     assert all({"path", "seconds", "bytes"} <= set(c) for c in ckpts)
 
@@ -58,8 +58,8 @@ def test_loss_does_not_depend_on_world_size(tmp_path):
             "--total_batch_size", "256", "--data_dir", str(data)]
     run_train(1, [*args, "--log_dir", str(tmp_path / "w1"), "--checkpoint_dir", str(tmp_path / "c1")])
     run_train(2, [*args, "--log_dir", str(tmp_path / "w2"), "--checkpoint_dir", str(tmp_path / "c2")])
-    one = [r for r in metrics(tmp_path / "w1") if r["kind"] == "train"]
-    two = [r for r in metrics(tmp_path / "w2") if r["kind"] == "train"]
+    one = metrics(tmp_path / "w1", "train")
+    two = metrics(tmp_path / "w2", "train")
     assert [r["batch_digest"] for r in one] == [r["batch_digest"] for r in two]
     for a, b in zip(one, two):
         # the same samples and updates; only the float reduction order differs

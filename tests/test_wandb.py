@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, TINY, child_env, metrics, run_train, load_checkpoint
+from helpers import REPO, TINY, child_env, load_checkpoint, metrics, of_kind, run_train
 
 SECRET = "hunter2-wandb-secret"
 ARGS = TINY + ["--batch_size", "4", "--total_batch_size", "256", "--max_steps", "4",
@@ -94,7 +94,7 @@ def test_history_holds_the_metrics_records(runs):
     rows = history(records)
     train = {r["step"]: r for r in rows if "train/loss" in r}
     jsonl = metrics(base / "log")
-    for rec in (r for r in jsonl if r["kind"] == "train"):
+    for rec in of_kind(jsonl, "train"):
         for field in ("loss", "lr", "grad_norm", "tokens", "batch_digest"):
             assert train[rec["step"]][f"train/{field}"] == rec[field], (rec["step"], field)
     assert sorted(train) == [1, 2, 3, 4]

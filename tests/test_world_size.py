@@ -69,7 +69,7 @@ def batch_digest(ids) -> str:
 
 
 def resume_records(log_dir: Path) -> list[dict]:
-    return [r for r in metrics(log_dir) if r["kind"] == "resume"]
+    return metrics(log_dir, "resume")
 
 
 def snapshot(root: Path) -> dict:

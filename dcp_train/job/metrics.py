@@ -106,3 +106,9 @@ def resident_mb() -> float | None:
 def read_metrics(log_dir: str) -> list[dict]:
     with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def of_kind(records: list[dict], kind: str) -> list[dict]:
+    """The records of one kind (`train`, `val`, `checkpoint`, `resume`, ...), in their order:
+    how dcp-plot, the tests and the benchmarks pick records out of a metrics.jsonl."""
+    return [r for r in records if r.get("kind") == kind]

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from dcp_train.job.metrics import read_metrics
+from dcp_train.job.metrics import of_kind, read_metrics
 
 
 def plot_metrics(records: list[dict], out: str, title: str = "", size=(10, 5), dpi: int = 100):
@@ -39,14 +39,14 @@ def plot_metrics(records: list[dict], out: str, title: str = "", size=(10, 5), d
     for i, seg in enumerate(s for s in segments if s):
         ax.plot([r["step"] for r in seg], [r["loss"] for r in seg], color="tab:blue",
                 lw=1.2, label="train loss" if i == 0 else "_nolegend_", gid="train")
-    val = [r for r in records if r["kind"] == "val"]
+    val = of_kind(records, "val")
     if val:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", color="tab:orange",
                 lw=1.5, ms=4, label="val loss", gid="val")
     markers = (("checkpoint", "checkpoint committed", dict(color="0.6", ls="--", lw=0.8)),
                ("resume", "resumed", dict(color="tab:red", ls="-", lw=1.5)))
     for kind, label, style in markers:
-        for i, step in enumerate(sorted({r["step"] for r in records if r["kind"] == kind})):
+        for i, step in enumerate(sorted({r["step"] for r in of_kind(records, kind)})):
             ax.axvline(step, label=label if i == 0 else "_nolegend_", gid=kind, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
