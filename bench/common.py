@@ -81,8 +81,9 @@ def run_child(cmd: list[str], nproc: int, timeout: float, env: dict | None = Non
     On a timeout the child and every process under it are killed (torchrun starts its
     workers in sessions of their own, so its process group is not enough), then it fails."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(env, threads_per_rank(nproc)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(env, threads_per_rank(nproc)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

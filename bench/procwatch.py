@@ -55,8 +55,9 @@ def run_watched(cmd: list[str], nproc: int, timeout: float, skip_root: bool,
                 env: dict | None = None, log=None) -> dict[int, tuple[float, float]]:
     """Run `cmd` from the repo root; return {step: (wall seconds, CPU seconds)} at its lines."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(env, threads_per_rank(nproc)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(env, threads_per_rank(nproc)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
     marks: dict[int, tuple[float, float]] = {}
     tail: list[str] = []
     try:

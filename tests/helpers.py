@@ -95,6 +95,40 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.05) -> None:
     raise AssertionError("timed out waiting for a condition")
 
 
+def step_dir(ckpt: Path, step: int) -> Path:
+    """The step dir of `step` under checkpoint dir `ckpt` (step_XXXXXXXX)."""
+    return Path(ckpt) / f"step_{step:08d}"
+
+
+def committed_steps(ckpt: Path) -> list[int]:
+    """The steps of a local checkpoint dir whose step dir holds manifest.json, ascending."""
+    return sorted(int(p.name[5:]) for p in Path(ckpt).glob("step_????????")
+                  if (p / "manifest.json").exists())
+
+
+def snapshot(root: Path) -> dict:
+    """{relative path: (is a dir, size, mtime in ns)} of everything under root ({} if it is
+    missing): equal before and after when nothing was written, renamed or touched."""
+    root = Path(root)
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))} if root.exists() else {}
+
+
+def error_lines(text: str) -> list[str]:
+    """The `dcp_train: error:` lines of a job's output."""
+    return [line for line in text.splitlines() if line.startswith("dcp_train: error:")]
+
+
+def exit_codes(proc_or_text) -> dict[int, int]:
+    """{rank: exit code} of the failed workers, from torchrun's failure report (a
+    CompletedProcess's output, or the text)."""
+    text = proc_or_text
+    if isinstance(proc_or_text, subprocess.CompletedProcess):
+        text = proc_or_text.stdout + proc_or_text.stderr
+    return {int(r): int(c) for r, c in re.findall(
+        r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text)}
+
+
 def metrics(log_dir: Path, kind: str | None = None) -> list[dict]:
     """The records of log_dir/metrics.jsonl ([] if there is none); of one `kind` if given."""
     path = Path(log_dir) / "metrics.jsonl"

@@ -29,9 +29,8 @@ import fsspec
 import pytest
 
 from helpers import (LATEST, REPO, TINY, assert_same_tensors, child_env, committed, digests,
-                     download_step, free_port, kill_job, listing, losses,
-                     metrics, read_latest, run_train, s3fs_of, start_train, torchrun_cmd,
-                     wait_for)
+                     download_step, error_lines, free_port, kill_job, listing, losses, metrics,
+                     read_latest, run_train, s3fs_of, start_train, torchrun_cmd, wait_for)
 
 from dcp_train.checkpoint.io.names import step_name as step
 
@@ -45,10 +44,6 @@ ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", 
 def run(nproc, args, env, log, ckpt, check=True):
     return run_train(nproc, [*ARGS, "--log_dir", str(log), "--checkpoint_dir", ckpt, *args],
                      env=env, check=check)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("dcp_train: error:")]
 
 
 def assert_one_error(stderr: str, *expected: str) -> str:

@@ -33,10 +33,6 @@ def _run(out, data, env, *extra):
                          "--checkpoint_dir", str(out / "ckpt"), *extra], env=env)
 
 
-def _train_records(out):
-    return metrics(out / "log", "train")
-
-
 def test_compiled_stop_and_resume_is_bit_exact(tmp_path_factory, data, env):
     ref, run = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("run")
     proc = _run(ref, data, env)
@@ -59,10 +55,10 @@ def test_compiled_stop_and_resume_is_bit_exact(tmp_path_factory, data, env):
     from dcp_train.train.flops import model_flops_per_token
     from dcp_train.model import GPT
 
-    assert all(r["mfu"] is None for r in _train_records(ref))
+    assert all(r["mfu"] is None for r in metrics(ref / "log", "train"))
     cfg = parse_config(ARGS)
     per_token = model_flops_per_token(GPT(cfg.model), cfg.training.seq_len)
-    with_peak = _train_records(run)
+    with_peak = metrics(run / "log", "train")
     assert [r["step"] for r in with_peak] == list(range(1, N + 1))
     for r in with_peak:
         assert r["tokens_per_s_per_device"] == r["tokens_per_s"] / 2

@@ -24,7 +24,6 @@ Run: .venv/bin/python -m pytest tests/test_deterministic.py -q -x
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -38,16 +37,12 @@ from dcp_train.errors import ConfigError
 from dcp_train.checkpoint.resume_rules import check_deterministic
 from dcp_train.train.deterministic import micro_batches_per_step
 from helpers import (REPO, TINY, assert_same_tensors, child_env, load_checkpoint, metrics,
-                           run_train, write_shards)
+                     run_train, snapshot, step_dir, write_shards)
 
 SEQ = 32
 ARGS = TINY + ["--dropout", "0.1", "--total_batch_size", "768", "--batch_size", "2",
                "--max_steps", "6", "--checkpoint_interval", "3", "--seed", "4242",
                "--eval_interval", "2", "--val_steps", "2", "--deterministic"]
-
-
-def step_dir(ckpt: Path, step: int) -> Path:
-    return ckpt / f"step_{step:08d}"
 
 
 def val_losses(log: Path) -> dict[int, float]:
@@ -58,15 +53,6 @@ def train_records(log: Path) -> dict[int, tuple[float, float, str]]:
     """step -> (loss, grad_norm, batch_digest)."""
     return {r["step"]: (r["loss"], r["grad_norm"], r["batch_digest"])
             for r in metrics(log, "train")}
-
-
-def snapshot(root: Path) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = (Path(dirpath) / name).stat()
-            out[str((Path(dirpath) / name).relative_to(root))] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 class Runs:

@@ -35,8 +35,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (REPO, TINY, assert_same_tensors, child_env, descendants, kill_job,
-                     load_checkpoint, losses, metrics, one_error, run_train, start_train)
+from helpers import (REPO, TINY, assert_same_tensors, child_env, descendants, exit_codes, kill_job,
+                     load_checkpoint, losses, metrics, one_error, run_train, snapshot, start_train)
 from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_reference,
                   run_with_kills)
 
@@ -85,15 +85,6 @@ def stopped(base, data) -> Path:
 
 
 # ------------------------------------------------------------------------------- helpers
-def exit_codes(proc_or_text) -> dict[int, int]:
-    """{rank: exit code} of the failed workers, from torchrun's failure report."""
-    text = proc_or_text
-    if isinstance(proc_or_text, subprocess.CompletedProcess):
-        text = proc_or_text.stdout + proc_or_text.stderr
-    return {int(r): int(c) for r, c in re.findall(
-        r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text)}
-
-
 def assert_same_as_reference(log: Path, ref: Ref, first_step: int = 1) -> None:
     """Every train record of every launch has the reference's loss at that step (==)."""
     train = metrics(log, "train")
@@ -103,20 +94,10 @@ def assert_same_as_reference(log: Path, ref: Ref, first_step: int = 1) -> None:
     assert not wrong, wrong
 
 
-def resume_records(log: Path) -> list[dict]:
-    return metrics(log, "resume")
-
-
 def plain(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """One process without torchrun (world size 1): enough for checks before any training."""
     return subprocess.run([sys.executable, "-m", "dcp_train.main", *args], cwd=REPO,
                           env=child_env(env), capture_output=True, text=True, timeout=180)
-
-
-def snapshot(root: Path) -> dict:
-    """Every file and dir under root with its size and mtime (ns)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))} if root.exists() else {}
 
 
 def flip(path: Path, offset: int | None = None, bit: int = 0) -> int:
@@ -200,7 +181,7 @@ def test_sigkill_at_fault_point_then_auto_resume_is_bit_exact(point, where, requ
         assert after.other == []
 
     resumed = run_train(2, [*args, "--auto_resume"], env=env)
-    [resume] = resume_records(log)
+    [resume] = metrics(log, "resume")
     assert (resume["step"], resume["path"], resume["note"]) == \
         (latest_step, st.join(step_name(latest_step)), "")
     assert "WARNING" not in resumed.stdout
@@ -344,7 +325,7 @@ def test_corrupted_checkpoint_explicit_resume_fails_auto_resume_falls_back(
     proc = run_train(2, [*args, "--auto_resume"])
     warnings = [l for l in proc.stdout.splitlines() if l.startswith("WARNING: ")]
     assert len(warnings) == 1 and says in warnings[0], proc.stdout[-3000:]
-    [resume] = resume_records(log)
+    [resume] = metrics(log, "resume")
     assert resume["step"] == resume_step and resume["note"] == warnings[0][len("WARNING: "):]
     if kind != "latest":
         assert "falling back to step_00000002" in resume["note"]
@@ -450,7 +431,7 @@ def _resume_bit_exact(tmp_path, data, reference, stop: int) -> None:
     log = tmp_path / "log"
     run_train(2, [*ARGS, "--checkpoint_interval", "5", "--data_dir", str(data), "--log_dir",
                   str(log), "--checkpoint_dir", str(tmp_path / "ckpt"), "--auto_resume"])
-    [resume] = resume_records(log)
+    [resume] = metrics(log, "resume")
     assert resume["step"] == stop and resume["note"] == ""
     assert_same_as_reference(log, reference)
     assert_same_tensors(reference.final,
@@ -599,6 +580,6 @@ def test_second_run_on_a_live_dir_is_refused_and_takes_over_after_sigkill(tmp_pa
     third = run_train(2, [*args, "--log_dir", str(tmp_path / "log3"), "--auto_resume",
                           "--stop_at_step", str((latest or 0) + 1)])
     assert "in use" not in third.stderr
-    assert [r["step"] for r in resume_records(tmp_path / "log3")] == ([latest] if latest else [])
+    assert [r["step"] for r in metrics(tmp_path / "log3", "resume")] == ([latest] if latest else [])
     assert max(losses(tmp_path / "log3")) == (latest or 0) + 1
     print(f"\ntook over at once: {time.monotonic() - t0:.1f}s for the whole run")

@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 
 from fault_proxy import FaultProxy
-from helpers import (REPO, TINY, assert_same_tensors, child_env, download_step, kill_job,
-                     losses, read_latest, run_train, s3fs_of, start_train, torchrun_cmd,
-                     wait_for)
+from helpers import (REPO, TINY, assert_same_tensors, child_env, committed_steps, download_step,
+                     error_lines, exit_codes, kill_job, losses, read_latest, run_train, s3fs_of,
+                     start_train, torchrun_cmd, wait_for)
 
 from dcp_train.checkpoint.io.names import step_name as step
 
@@ -59,15 +59,6 @@ def env(s3, proxy) -> dict:
 def run(args, env, log, ckpt, check=True):
     return run_train(2, [*ARGS, "--log_dir", str(log), "--checkpoint_dir", ckpt, *args],
                      env=env, check=check, timeout=400)
-
-
-def error_lines(text: str) -> list[str]:
-    return [x for x in text.splitlines() if x.startswith("dcp_train: error:")]
-
-
-def exit_codes(text: str) -> set[str]:
-    """The ranks' exit codes in torchrun's report (torchrun itself exits 1)."""
-    return set(re.findall(r"exitcode\s*:\s*(-?\d+)", text))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +109,8 @@ def test_refusing_past_the_budget_is_one_line_exit_69_then_resumes(s3, proxy, en
     seconds = time.monotonic() - t0
     proxy.heal()
     lines = error_lines(failed.stderr)
-    assert exit_codes(failed.stderr) == {"69"} and len(lines) == 1, failed.stderr[-4000:]
+    assert set(exit_codes(failed.stderr).values()) == {69} and len(lines) == 1, \
+        failed.stderr[-4000:]
     for words in (url, "the save of step 4 (commit)", "--store_retry_budget 10", "SlowDown"):
         assert words in lines[0], lines[0]
     assert read_latest(fs, "ckpt/budget") == step(2)
@@ -141,16 +133,11 @@ def test_a_silent_bucket_is_named_within_the_stall_timeout(s3, proxy, env, data,
     hung_at = next(t for t, line, mode in proxy.log if mode == "hang")
     silent_s = ended - hung_at
     lines = error_lines(out)
-    assert exit_codes(out) == {"69"} and len(lines) == 1, out[-4000:]
+    assert set(exit_codes(out).values()) == {69} and len(lines) == 1, out[-4000:]
     for words in (url, "did not answer for", "the save of step 4 (commit)"):
         assert words in lines[0], lines[0]
     assert silent_s < 30 + 15, silent_s
     print(f"\nsilent bucket named {silent_s:.0f}s after it went silent: {lines[0]}")
-
-
-def local_steps(node_dir: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in node_dir.glob("step_????????")
-                  if (p / "manifest.json").exists())
 
 
 def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, env, ref, data,
@@ -174,7 +161,7 @@ def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, 
 
     def watch():  # the local tier's committed checkpoints, all along
         while job.poll() is None:
-            held.append(len(local_steps(run_dir / "local")))
+            held.append(len(committed_steps(run_dir / "local")))
             time.sleep(0.05)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -185,7 +172,7 @@ def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, 
         proxy.fault("hang", None)
         wait_for(lambda: text().count("WARNING: replicating step") >= 2
                  or job.poll() is not None, timeout=200)
-        silent_until = max(local_steps(run_dir / "local"), default=0)
+        silent_until = max(committed_steps(run_dir / "local"), default=0)
         proxy.heal()
         job.wait(timeout=300)
     finally:

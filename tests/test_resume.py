@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import (REPO, TINY, assert_same_run, child_env, kill_job, load_checkpoint, metrics,
-                     run_train, start_train, wait_for, write_shards)
+                     run_train, snapshot, start_train, wait_for, write_shards)
 
 N = 10
 # dropout > 0 so that the RNG state matters; shuffled global order; 2 micro-steps per rank;
@@ -145,14 +145,9 @@ def test_dcp_to_torch_save_weights_match_the_trained_model(reference, tmp_path, 
     assert sum(batch_losses) / len(batch_losses) == pytest.approx(logged[0]["loss"], rel=1e-6)
 
 
-def _snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*")} if root.exists() else {}
-
-
 def _fails_cleanly(tmp_path, data, extra, expected):
     ckpt = tmp_path / "ckpt"
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     proc = subprocess.run([sys.executable, "-m", "dcp_train.main", *ARGS, "--data_dir", str(data),
                            "--log_dir", str(tmp_path / "log"), "--checkpoint_dir", str(ckpt),
                            *extra], cwd=REPO, env=child_env(), capture_output=True, text=True,
@@ -160,7 +155,7 @@ def _fails_cleanly(tmp_path, data, extra, expected):
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("dcp_train: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
-    assert _snapshot(ckpt) == before
+    assert snapshot(ckpt) == before
     assert not metrics(tmp_path / "log", "train")
 
 

@@ -33,8 +33,8 @@ import pytest
 
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.io.storage import Storage
-from helpers import (REPO, TINY, assert_same_run, child_env, descendants, kill_job, metrics,
-                     run_train, torchrun_cmd, wait_for)
+from helpers import (REPO, TINY, assert_same_run, child_env, committed_steps, descendants,
+                     exit_codes, kill_job, metrics, run_train, torchrun_cmd, wait_for)
 
 N = 6
 STALL = 30
@@ -58,7 +58,7 @@ def job_args(out: Path, data: Path, *extra: str) -> list[str]:
             "--checkpoint_dir", str(out / "ckpt"), *extra]
 
 
-def stopped(pid: int) -> bool:
+def is_stopped(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
             return any(l.startswith("State:") and "T" in l.split()[1] for l in f)
@@ -79,7 +79,7 @@ def run_until_stall(out: Path, args: list[str], fault: str) -> dict:
 
             def one_stopped() -> bool:
                 for pid in descendants(proc.pid):
-                    if stopped(pid):
+                    if is_stopped(pid):
                         seen.update(pid=pid, at=time.monotonic())
                         return True
                 return proc.poll() is not None
@@ -103,25 +103,14 @@ def the_line(result: dict) -> str:
     return next(l for l in result["stderr"].splitlines() if l.startswith("dcp_train: error:"))
 
 
-def rank_exit_codes(text: str) -> dict[int, int]:
-    """{rank: exit code} from torchrun's failure report."""
-    return {int(r): int(c) for r, c in re.findall(
-        r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text)}
-
-
-def committed_steps(ckpt: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in ckpt.glob("step_????????")
-                  if (p / "manifest.json").exists())
-
-
 def assert_stall_ended(result: dict, who: str, stall: int = STALL) -> str:
     line = the_line(result)
     assert who in line and f"did not answer for {stall} s" in line, line
     assert result["rc"] != 0
-    codes = rank_exit_codes(result["stderr"] + result["stdout"])
+    codes = exit_codes(result["stderr"] + result["stdout"])
     assert 69 in codes.values(), codes
     assert result["ended_s"] <= stall + MARGIN, result["ended_s"]
-    assert not os.path.exists(f"/proc/{result['pid']}") or not stopped(result["pid"])
+    assert not os.path.exists(f"/proc/{result['pid']}") or not is_stopped(result["pid"])
     return line
 
 

@@ -35,9 +35,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, download_step,
-                     free_port, kill_job, losses, metrics, of_kind, one_error, read_latest,
-                     run_train, s3fs_of, tmpfs, wait_for)
+from helpers import (REPO, TINY, assert_same_tensors, child_env, committed, committed_steps,
+                     download_step, free_port, kill_job, losses, metrics, of_kind, one_error,
+                     read_latest, run_train, s3fs_of, tmpfs, wait_for)
 
 from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.checkpoint.io.names import step_name as step
@@ -86,11 +86,6 @@ def resume_record(log: Path) -> dict:
     return metrics(log, "resume")[-1]
 
 
-def local_steps(node_dir: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in node_dir.glob("step_????????")
-                  if (p / "manifest.json").exists())
-
-
 @pytest.fixture(scope="module")
 def ref(s3, data, base):
     log = base / "ref" / "log"
@@ -114,7 +109,7 @@ def killed(s3, data, base) -> Path:
     assert read_latest(s3fs_of(s3), "ckpt/killed") == step(3)  # step 6 never committed there
     assert sorted(committed(fs, "ckpt/killed")) == [step(3)]
     for node in (0, 1):
-        assert max(local_steps(run / f"n{node}")) >= 6
+        assert max(committed_steps(run / f"n{node}")) >= 6
     return run
 
 
@@ -137,7 +132,7 @@ def test_killed_before_the_bucket_has_it_resumes_from_local(s3, ref, killed, dat
     fs = s3fs_of(s3)
     for f in fs.find("ckpt/killed"):
         fs.copy(f, "ckpt/lost" + f[len("ckpt/killed"):])
-    newest = min(max(local_steps(killed / f"n{node}")) for node in (0, 1))
+    newest = min(max(committed_steps(killed / f"n{node}")) for node in (0, 1))
     record = finish_and_compare(s3, ref, killed, "killed", data, base)
     assert record["tier"] == "local" and record["step"] == newest, record
     assert "newer than the durable tier's step 3" in record["tier_reason"]
@@ -191,7 +186,7 @@ def test_async_local_save_killed_in_flight_resumes_from_local(s3, ref, data, bas
         assert r["async"] is True and r["tier"] == "local", r
         assert max(r["blocked_s"], r["staged_s"]) <= r["seconds"] and "per_rank" not in r, r
     for node in (0, 1):
-        assert local_steps(run / f"n{node}")[-1] == 5
+        assert committed_steps(run / f"n{node}")[-1] == 5
         assert (run / f"n{node}" / "latest").read_text() == step(5) + "\n"
     assert [p for p in (run / "n1").iterdir() if ".tmp-" in p.name], "step 6 was not in flight"
     assert set(committed(fs, "ckpt/async")) <= {step(3)}
@@ -223,7 +218,7 @@ def test_outage_local_saves_go_on_and_replication_catches_up(s3, ref, data, base
         t0 = time.monotonic()
         wait_for(lambda: "WARNING: replicat" in seen() or proc.poll() is not None,
                  timeout=180)
-        down_for, during = time.monotonic() - t0, local_steps(run / "n0")
+        down_for, during = time.monotonic() - t0, committed_steps(run / "n0")
         s3.restart()
         proc.wait(timeout=180)
     finally:
@@ -264,7 +259,7 @@ def test_wall_time_intervals_save_at_agreed_step_boundaries(s3, data, base):
     found = committed(fs, "ckpt/minutes")
     for s in durable:
         assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(found[step(s)]), found
-    assert local_steps(run / "n0") == sorted(local)
+    assert committed_steps(run / "n0") == sorted(local)
 
 
 def test_local_disk_full_is_one_line_and_nothing_committed_changes(s3, data, base):

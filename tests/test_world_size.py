@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ import pytest
 from dcp_train.data import TokenShards, find_shards, global_batch
 from dcp_train.data.sampler import global_permutation, stream_samples
 from tests.helpers import (TINY, assert_same_tensors, digests, load_checkpoint, losses, metrics,
-                           run_train, write_shards)
+                           run_train, snapshot, step_dir, write_shards)
 
 SEQ = 32
 TOTAL_BATCH = 768  # tokens per step: 24 samples; 24 / (W * micro 2) is whole for W = 1, 2, 3, 4
@@ -59,28 +58,9 @@ ARGS = TINY + ["--dropout", "0", "--total_batch_size", str(TOTAL_BATCH), "--batc
                "--max_steps", str(MAX_STEPS), "--checkpoint_interval", "4", "--seed", str(SEED)]
 
 
-def step_dir(ckpt: Path, step: int) -> Path:
-    return ckpt / f"step_{step:08d}"
-
-
 def batch_digest(ids) -> str:
     """The `batch_digest` of a train record, computed as train/loop.py does."""
     return hashlib.sha256(repr(sorted(int(i) for i in ids)).encode()).hexdigest()[:16]
-
-
-def resume_records(log_dir: Path) -> list[dict]:
-    return metrics(log_dir, "resume")
-
-
-def snapshot(root: Path) -> dict:
-    """Every file and dir under root with its size and mtime."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.stat()
-            out[str(p.relative_to(root))] = (p.is_dir(), st.st_size, st.st_mtime_ns)
-    return out
 
 
 @dataclass
@@ -155,7 +135,7 @@ def assert_follows_reference(runs: Runs, run: Run, steps: range) -> None:
 
 
 def assert_resume_record(run: Run, step: int, saved: int, world: int, path: Path) -> None:
-    [record] = resume_records(run.log)
+    [record] = metrics(run.log, "resume")
     assert record["step"] == step
     assert record["world_size_saved"] == saved and record["world_size"] == world
     assert record["rng"] == (SEEDED if saved != world else "restored")
@@ -221,8 +201,8 @@ def test_chain_4_to_2_to_3_reads_the_stream_once(runs):
 def test_num_workers_across_world_size_change(runs):
     w4, leg2, leg3 = runs.chain()
     # leg2: saved at W=4 with 0 workers, resumed at W=2 with 2 workers; leg3: the reverse, 2->3
-    assert [(r["world_size_saved"], r["world_size"]) for r in resume_records(leg2.log)] == [(4, 2)]
-    assert [(r["world_size_saved"], r["world_size"]) for r in resume_records(leg3.log)] == [(2, 3)]
+    assert [(r["world_size_saved"], r["world_size"]) for r in metrics(leg2.log, "resume")] == [(4, 2)]
+    assert [(r["world_size_saved"], r["world_size"]) for r in metrics(leg3.log, "resume")] == [(2, 3)]
     assert digests(leg2.log) == {s: digests(runs.ref.log)[s] for s in (9, 10)}
     assert digests(leg3.log) == {s: digests(runs.ref.log)[s] for s in (11, 12)}
 
@@ -244,7 +224,7 @@ def test_world_size_that_cannot_keep_the_global_batch(runs, tmp_path):
              "world_size = 3*32*3 = 288; change --batch_size or --total_batch_size")
     assert error in proc.stderr, proc.stderr[-3000:]
     assert "resumed from" not in proc.stdout and "params" not in proc.stdout  # nothing loaded
-    assert resume_records(log) == []
+    assert metrics(log, "resume") == []
     assert snapshot(ckpt) == before
 
 
@@ -255,7 +235,7 @@ def test_resume_records_name_both_world_sizes_and_the_rng_policy(runs):
     resumed = [(runs.resumed(1), 2, 1), (runs.resumed(3), 2, 3), (w4, 2, 4), (leg2, 4, 2),
                (leg3, 2, 3)]
     for run, saved, world in resumed:
-        [record] = resume_records(run.log)
+        [record] = metrics(run.log, "resume")
         assert {"step", "path", "world_size_saved", "world_size", "rng"} <= set(record)
         assert (record["world_size_saved"], record["world_size"]) == (saved, world)
         assert record["rng"] == SEEDED  # no rank reads a saved rank's RNG on a world change

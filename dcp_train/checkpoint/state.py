@@ -2,10 +2,10 @@
 
 Each component follows torch.distributed.checkpoint's Stateful protocol: `state_dict()` gives
 the entries it adds to the checkpoint, `load_state_dict(sd)` takes them back (sd holds at least
-its own entries). The manager (manager.py) saves them and the resume (restore.py, through
-resume.py) loads them in the order given, so a
-component may rely on those before it (the rank entry's parts come after Progress). Adding one (an LR scheduler, a
-grad scaler) is one line where the trainer lists them. The DCP entries (DCP flattens nested
+its own entries). The manager (manager.py) saves them and the resume (resume.py, through
+restore.py) loads them in the order given, so a component may rely on those before it (the
+rank entry's parts come after Progress). Adding one (an LR scheduler, a grad scaler) is one
+line where the trainer lists them. The DCP entries (DCP flattens nested
 dicts into dotted keys)::
 
     model.<fqn>                 ModelState: FSDP2 DTensor shards (get_model_state_dict),
