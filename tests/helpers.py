@@ -58,6 +58,21 @@ def run_train(nproc: int, args: list[str], env: dict | None = None, timeout: flo
     return proc
 
 
+def train_to(nproc: int, extra: list[str], env: dict | None, log: Path, ckpt, check: bool = True,
+             timeout: float = 300, args: list[str] = ()) -> subprocess.CompletedProcess:
+    """run_train of `args` + `extra` with `log` as --log_dir and `ckpt` (a path or a URL) as
+    --checkpoint_dir (a module binds its own flags: functools.partial(train_to, args=ARGS))."""
+    return run_train(nproc, [*args, "--log_dir", str(log), "--checkpoint_dir", str(ckpt), *extra],
+                     env=env, check=check, timeout=timeout)
+
+
+def train_in(out: Path, data: Path, *extra: str, args: list[str] = (), nproc: int = 2,
+             env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """train_to of the token shards in `data`, with out/log and out/ckpt as its dirs."""
+    return train_to(nproc, ["--data_dir", str(data), *extra], env, out / "log", out / "ckpt",
+                    check, args=args)
+
+
 def start_train(nproc: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
     """Start torchrun in its own process group (so a test can SIGKILL the whole job)."""
     return subprocess.Popen(torchrun_cmd(nproc, args), cwd=REPO, env=child_env(env),

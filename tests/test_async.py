@@ -2,27 +2,21 @@
 while a save process writes, no save process left behind, and resident memory that stays flat
 over many saves."""
 
+import functools
 import os
 import time
 
 import pytest
 
 from helpers import (TINY, assert_same_tensors, load_checkpoint, losses, metrics, run_train,
-                     write_shards)
+                     train_in)
 
 N = 8
 ARGS = [*TINY, "--dropout", "0.1", "--batch_size", "4", "--total_batch_size", "512",
         "--warmup_steps", "3", "--max_steps", str(N), "--checkpoint_interval", "2"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("data"))
-
-
-def _run(out, data, *extra, env=None, check=True):
-    return run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(out / "log"),
-                         "--checkpoint_dir", str(out / "ckpt"), *extra], env=env, check=check)
+_run = functools.partial(train_in, args=ARGS)
 
 
 @pytest.fixture(scope="module")

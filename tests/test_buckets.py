@@ -20,6 +20,7 @@ Run: .venv/bin/python -m pytest tests/test_buckets.py -q
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ import pytest
 
 from helpers import (LATEST, REPO, TINY, assert_same_tensors, child_env, committed, digests,
                      download_step, error_lines, free_port, kill_job, listing, losses, metrics,
-                     read_latest, run_train, s3fs_of, start_train, torchrun_cmd, wait_for)
+                     read_latest, run_train, s3fs_of, start_train, torchrun_cmd, train_to, wait_for)
 
 from dcp_train.checkpoint.io.names import step_name as step
 
@@ -41,9 +42,9 @@ ARGS = [*TINY, "--dropout", "0.1", "--checkpoint_interval", "2", "--max_steps", 
 
 # ------------------------------------------------------------------------------ fixtures
 # base, data: conftest.py; s3fs_of, listing, committed, read_latest, download_step: helpers.py
-def run(nproc, args, env, log, ckpt, check=True):
-    return run_train(nproc, [*ARGS, "--log_dir", str(log), "--checkpoint_dir", ckpt, *args],
-                     env=env, check=check)
+
+
+run = functools.partial(train_to, args=ARGS)
 
 
 def assert_one_error(stderr: str, *expected: str) -> str:

@@ -6,9 +6,10 @@ Inductor compiles C++ kernels with gcc. All runs of this module share one Induct
 (TORCHINDUCTOR_CACHE_DIR), so only the first run pays the full compile.
 """
 
+import functools
 import pytest
 
-from helpers import TINY, assert_same_run, losses, metrics, run_train, write_shards
+from helpers import TINY, assert_same_run, losses, metrics, run_train, train_in
 
 N = 10
 STOP = 6
@@ -23,22 +24,15 @@ def env(tmp_path_factory):
     return {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("data"))
-
-
-def _run(out, data, env, *extra):
-    return run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(out / "log"),
-                         "--checkpoint_dir", str(out / "ckpt"), *extra], env=env)
+_run = functools.partial(train_in, args=ARGS)
 
 
 def test_compiled_stop_and_resume_is_bit_exact(tmp_path_factory, data, env):
     ref, run = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("run")
-    proc = _run(ref, data, env)
+    proc = _run(ref, data, env=env)
     assert "compile on" in proc.stdout
-    _run(run, data, env, "--stop_at_step", str(STOP), "--peak_tflops", str(PEAK_TFLOPS))
-    _run(run, data, env, "--auto_resume", "--peak_tflops", str(PEAK_TFLOPS))
+    _run(run, data, "--stop_at_step", str(STOP), "--peak_tflops", str(PEAK_TFLOPS), env=env)
+    _run(run, data, "--auto_resume", "--peak_tflops", str(PEAK_TFLOPS), env=env)
     assert [r["step"] for r in metrics(run / "log", "resume")] == [STOP]
     assert_same_run(run, ref, tmp_path_factory.mktemp("cmp"), N)
 

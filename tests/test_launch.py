@@ -26,7 +26,7 @@ import pytest
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.tools import ckpt
 from helpers import (REPO, TINY, assert_same_run, child_env, free_port, kill_job, losses, metrics,
-                     of_kind, run_train, wait_for, write_shards)
+                     of_kind, run_train, wait_for)
 
 MAX_STEPS = 24
 ARGS = TINY + ["--dropout", "0", "--batch_size", "4", "--total_batch_size", "256",
@@ -80,11 +80,6 @@ def assert_same_committed_run(root: Path, ref: Path, tmp: Path) -> None:
     """helpers.assert_same_run, and the final checkpoint verifies against its manifest."""
     assert_same_run(root, ref, tmp, MAX_STEPS)
     assert ckpt.verify(Storage(root / "ckpt"), str(root / "ckpt" / FINAL)) == []
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_shards(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ Run: .venv/bin/python -m pytest tests/test_outages.py -q
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import threading
@@ -33,8 +34,8 @@ import pytest
 
 from fault_proxy import FaultProxy
 from helpers import (REPO, TINY, assert_same_tensors, child_env, committed_steps, download_step,
-                     error_lines, exit_codes, kill_job, losses, read_latest, run_train, s3fs_of,
-                     start_train, torchrun_cmd, wait_for)
+                     error_lines, exit_codes, kill_job, losses, read_latest, s3fs_of,
+                     start_train, torchrun_cmd, train_to, wait_for)
 
 from dcp_train.checkpoint.io.names import step_name as step
 
@@ -56,9 +57,7 @@ def env(s3, proxy) -> dict:
     return {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint}
 
 
-def run(args, env, log, ckpt, check=True):
-    return run_train(2, [*ARGS, "--log_dir", str(log), "--checkpoint_dir", ckpt, *args],
-                     env=env, check=check, timeout=400)
+run = functools.partial(train_to, 2, args=ARGS, timeout=400)
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,17 @@ per-rank entries, bad input, and torch's own DCP tooling reading our checkpoints
 Every comparison is exact: per-step losses with ==, tensors with torch.equal.
 """
 
+import functools
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import (REPO, TINY, assert_same_run, child_env, kill_job, load_checkpoint, metrics,
-                     run_train, snapshot, start_train, wait_for, write_shards)
+                     run_train, snapshot, start_train, train_in, wait_for)
 
 N = 10
 # dropout > 0 so that the RNG state matters; shuffled global order; 2 micro-steps per rank;
@@ -22,11 +22,6 @@ N = 10
 ARGS = [*TINY, "--dropout", "0.1", "--batch_size", "4", "--total_batch_size", "512",
         "--warmup_steps", "4", "--max_steps", str(N), "--checkpoint_interval", "2",
         "--eval_interval", "5", "--val_steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +33,7 @@ def reference(tmp_path_factory, data):
     return out
 
 
-def _run(out: Path, data: Path, *extra: str, nproc: int = 2):
-    return run_train(nproc, [*ARGS, "--data_dir", str(data), "--log_dir", str(out / "log"),
-                             "--checkpoint_dir", str(out / "ckpt"), *extra])
+_run = functools.partial(train_in, args=ARGS)
 
 
 @pytest.mark.parametrize("stop_at,workers", [(2, "0"), (6, "2"), (N - 1, "2")],

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (TINY, assert_same_tensors, descendants, kill_job, load_checkpoint, losses,
-                     metrics, run_train, start_train, wait_for, write_shards)
+                     metrics, run_train, start_train, wait_for)
 from soak import Console
 
 from dcp_train.checkpoint.io.names import step_name
@@ -31,16 +31,6 @@ from dcp_train.checkpoint.layout import CheckpointDir
 N = 10
 ARGS = [*TINY, "--dropout", "0.1", "--batch_size", "4", "--total_batch_size", "512",
         "--max_steps", str(N), "--checkpoint_interval", "4"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("signals")
-
-
-@pytest.fixture(scope="module")
-def data(base) -> Path:
-    return write_shards(base / "data")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +68,7 @@ def _start(tmp_path, data, until=lambda lines: True, extra=()):
     return job, console, ranks
 
 
-def _resume_bit_exact(tmp_path, data, reference) -> dict:
+def _resumed_run_matches_reference(tmp_path, data, reference) -> dict:
     """--auto_resume to step N; every train record of every launch equals the reference."""
     ref_losses, ref_final = reference
     run_train(2, [*_args(tmp_path, data), "--auto_resume"])
@@ -111,7 +101,7 @@ def test_ctrl_c_to_torchrun_checkpoints_exits_75_and_resumes_bit_exact(tmp_path,
     stop = int(m.group(1))
     assert (tmp_path / "ckpt" / "latest").read_text() == step_name(stop) + "\n"
     assert max(losses(tmp_path / "log")) == stop < N
-    assert _resume_bit_exact(tmp_path, data, reference)["step"] == stop
+    assert _resumed_run_matches_reference(tmp_path, data, reference)["step"] == stop
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path, data):
@@ -170,5 +160,5 @@ def test_ranks_exit_when_torchrun_is_killed_and_the_dir_resumes_bit_exact(tmp_pa
     assert found is not None and found.note == "", found
     committed, _ = ckpt.scan()
     assert all(ckpt.check(ckpt.step_path(s)) is None for s in committed)
-    resume = _resume_bit_exact(tmp_path, data, reference)  # the dead run's lease is taken over
+    resume = _resumed_run_matches_reference(tmp_path, data, reference)  # the dead run's lease is taken over
     assert resume["step"] == found.step

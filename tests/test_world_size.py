@@ -201,8 +201,9 @@ def test_chain_4_to_2_to_3_reads_the_stream_once(runs):
 def test_num_workers_across_world_size_change(runs):
     w4, leg2, leg3 = runs.chain()
     # leg2: saved at W=4 with 0 workers, resumed at W=2 with 2 workers; leg3: the reverse, 2->3
-    assert [(r["world_size_saved"], r["world_size"]) for r in metrics(leg2.log, "resume")] == [(4, 2)]
-    assert [(r["world_size_saved"], r["world_size"]) for r in metrics(leg3.log, "resume")] == [(2, 3)]
+    worlds = lambda log: [(r["world_size_saved"], r["world_size"])  # noqa: E731
+                          for r in metrics(log, "resume")]
+    assert worlds(leg2.log) == [(4, 2)] and worlds(leg3.log) == [(2, 3)]
     assert digests(leg2.log) == {s: digests(runs.ref.log)[s] for s in (9, 10)}
     assert digests(leg3.log) == {s: digests(runs.ref.log)[s] for s in (11, 12)}
 
