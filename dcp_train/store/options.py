@@ -1,7 +1,7 @@
 """Default request timeouts and retries of the store clients, merged under --storage_options.
 
-    options = store_options.merged("s3://bucket/run", user_options, stall_timeout=300)
-    Storage("s3://bucket/run", options)
+    Storage("s3://bucket/run", user_options, stall_timeout=300)   # merges them once (merged)
+    fs, root = store_options.url_to_fs(url, user_options)          # --data_dir, --init_from
 
 Every request to a bucket gets a connect and a read timeout and is retried by the client on
 transient failures (5xx, SlowDown/429, connection errors, timeouts) with exponential backoff
