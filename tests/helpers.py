@@ -93,6 +93,18 @@ def kill_job(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
                              "zombie" not in _state(p) for p in pids[1:]), timeout=60)
 
 
+def wait_job(job: subprocess.Popen, console=None, timeout: float = 120) -> None:
+    """Wait for torchrun to exit within `timeout`; then kill what is left of the job, if
+    anything, and let `console` (soak.Console, reading its output) finish."""
+    try:
+        job.wait(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+        if console is not None:
+            console.join()
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/status") as f:

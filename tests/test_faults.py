@@ -36,7 +36,8 @@ import pytest
 import torch
 
 from helpers import (REPO, TINY, assert_same_tensors, child_env, descendants, exit_codes, kill_job,
-                     load_checkpoint, losses, metrics, one_error, run_train, snapshot, start_train)
+                     load_checkpoint, losses, metrics, one_error, run_train, snapshot, start_train,
+                     wait_job)
 from soak import (TMP_RE, Console, check_against, dir_state, fetch_step, run_reference,
                   run_with_kills)
 
@@ -411,11 +412,11 @@ def _preempt(tmp_path, data, send) -> tuple[int, str, int]:
     try:
         assert console.first_step.wait(timeout=300)
         send(job)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            kill_job(job)
+    except BaseException:
+        kill_job(job)
         console.join()
+        raise
+    wait_job(job, console)
     out = "\n".join(console.lines)
     m = re.search(r"^preempted: stopped after step (\d+) with a checkpoint; exit code 75 ", out,
                   re.M)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (TINY, assert_same_tensors, descendants, kill_job, load_checkpoint, losses,
-                     metrics, run_train, start_train, wait_for)
+from helpers import (TINY, assert_same_tensors, descendants, load_checkpoint, losses, metrics,
+                     run_train, start_train, wait_for, wait_job)
 from soak import Console
 
 from dcp_train.checkpoint.io.names import step_name
@@ -85,12 +85,7 @@ def test_ctrl_c_to_torchrun_checkpoints_exits_75_and_resumes_bit_exact(tmp_path,
                                                                         reference):
     job, console, _ = _start(tmp_path, data)
     os.kill(job.pid, signal.SIGINT)
-    try:
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            kill_job(job)
-        console.join()
+    wait_job(job, console)
     out = "\n".join(console.lines)
     assert "Received 2 death signal, shutting down workers" in out  # torchrun forwarded it
     assert out.count("dcp_train: got SIGINT: stopping after this step with a checkpoint") == 2
