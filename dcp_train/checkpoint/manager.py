@@ -90,12 +90,7 @@ class CheckpointManager:
             if isinstance(component, OptimizerState):
                 component.optimizer.register_step_pre_hook(lambda *_: self.checkpointer.staged())
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
-        self.tier: TierChoice | None = None
-        self.changes = {}  # {flag: [saved, now]} of what this resume changed (resume_rules.py)
-
-    @property
-    def root(self) -> str:  # named by layout.reading's errors
-        return self.dir.root
+        self.tier: TierChoice | None = None  # the resume's choice of tier (resume.py)
 
     # ----------------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -106,8 +101,7 @@ class CheckpointManager:
                           self.entry, self.dir, self.lease, self.patience, self.local,
                           self.replicator)
         found = resuming.run()
-        self.lease_due, self.tier, self.changes = (resuming.lease_due, resuming.tier,
-                                                   resuming.changes)
+        self.lease_due, self.tier = resuming.lease_due, resuming.tier
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.checkpointer.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
