@@ -2,9 +2,12 @@
 conventions of bench/gpu_parts.py hold here too).
 
   exact          --deterministic --dropout 0.1 --async_checkpoint, world size 1, a small GPT:
-                 `ref` runs EXACT_STEPS steps; `resumed` stops at EXACT_STOP and goes on with
-                 --auto_resume. Bit-exact resume: losses ==, and the final model, AdamW state
-                 and RNG states (torch CPU, the CUDA device's, numpy, Python) torch.equal / ==.
+                 `ref` runs EXACT_STEPS steps
+                 (saves at steps 4 and 8); `resumed` starts from a copy of ref's step 4 with
+                 --auto_resume (one launch fewer than stopping a run; stopping with
+                 --stop_at_step and resuming is tested in tests/test_async.py). Bit-exact resume: losses of steps 5-8 ==,
+                 and the final model, AdamW state and RNG states (torch CPU, the CUDA
+                 device's, numpy, Python) torch.equal / ==.
                  The comparison is written as soon as those runs end. Compiled: no, and the
                  figures say so (`compiled`): --deterministic trains through
                  DeterministicStep's replica, an uncompiled GPT (dcp_train/train/
@@ -23,16 +26,18 @@ conventions of bench/gpu_parts.py hold here too).
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from bench.common import model_flags, read_json, torchrun
+from bench.common import model_flags, read_json
 from bench.gpu_child import CheckFailed
 from bench.gpu_parts import quiet_flags, records, trainer, write_tokens
 from dcp_train.tools.export import load_full_state
 
-EXACT_STEPS, EXACT_STOP = 8, 5
+EXACT_STEPS, RESUME_AT = 8, 4
 UNCOMPILED = ("--deterministic trains through DeterministicStep's uncompiled replica, so "
               "these runs are eager; the compiled resume is checked on CPU (test_compile.py)")
 
@@ -55,7 +60,8 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def compare(ref: Path, other: Path, tmp: Path) -> dict:
-    """Losses and final state of two runs: what differs (empty lists: bit for bit equal)."""
+    """Losses (of the steps `other` ran) and final state of two runs: what differs (empty
+    lists: bit for bit equal)."""
     final = f"step_{EXACT_STEPS:08d}"
     a = load_full_state(ref / "ckpt" / final, tmp)
     b = load_full_state(other / "ckpt" / final, tmp)
@@ -63,7 +69,8 @@ def compare(ref: Path, other: Path, tmp: Path) -> dict:
                                                 "rank_00000.cuda")))
     plain = [json.loads(bytes(sd["rank_00000.json"].tolist()))["rng"] for sd in (a, b)]
     la, lb = losses(ref), losses(other)
-    return {"steps": len(la), "losses_equal": la == lb and len(la) == EXACT_STEPS,
+    return {"steps": sorted(lb), "losses_equal": lb == {k: la.get(k) for k in lb}
+            and max(lb) == len(la) == EXACT_STEPS,
             "tensors_compared": len(keys),
             "tensors_differing": [k for k in keys if k not in b or not torch.equal(a[k], b[k])],
             "rng_numpy_python_equal": plain[0] == plain[1],
@@ -72,9 +79,11 @@ def compare(ref: Path, other: Path, tmp: Path) -> dict:
 
 def part_exact(p) -> None:
     out = p.out
-    out.update(compiled=False, compiled_why=UNCOMPILED, steps=EXACT_STEPS, stop_at=EXACT_STOP)
+    out.update(compiled=False, compiled_why=UNCOMPILED, resume_from=RESUME_AT)
     ref = p.shared["ref"] = exact_run(p, "ref")
-    resumed = exact_run(p, "resumed", ["--stop_at_step", str(EXACT_STOP)])
+    resumed, step = p.work / "resumed", f"step_{RESUME_AT:08d}"
+    shutil.copytree(ref / "ckpt" / step, resumed / "ckpt" / step)
+    (resumed / "ckpt" / "latest").write_text(step + "\n")
     exact_run(p, "resumed", ["--auto_resume"])
     recs = records(resumed)
     out.update(compare(ref, resumed, p.work),
@@ -83,7 +92,7 @@ def part_exact(p) -> None:
     bad = [k for k, good in [
         ("losses", out["losses_equal"]), ("tensors", not out["tensors_differing"]),
         ("numpy/python RNG", out["rng_numpy_python_equal"]),
-        ("resumed at", out["resumed_at"] == [EXACT_STOP]), ("async saves", out["async_saves"]),
+        ("resumed at", out["resumed_at"] == [RESUME_AT]), ("async saves", out["async_saves"]),
         ("CUDA RNG saved", p.a.device != "cuda" or out["cuda_rng_saved"])] if not good]
     if bad:
         raise CheckFailed(f"the resumed run differs from the uninterrupted one: {bad}")
@@ -101,8 +110,8 @@ def part_deterministic(p) -> None:
 
 def part_pinned(p) -> None:
     target = p.work / "probe.json"
-    p.run(torchrun(1, ["-m", "bench.gpu_probe", "--root", str(p.work / "probe"), "--out",
-                       str(target), "--device", p.a.device]))
+    p.run([sys.executable, "-m", "bench.gpu_probe", "--root", str(p.work / "probe"), "--out",
+           str(target), "--device", p.a.device])
     out = p.out
     out.update(read_json(target))
     expect = out["eligible"] if p.a.device == "cuda" else 0

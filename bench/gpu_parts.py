@@ -30,7 +30,8 @@ failed part. In the rehearsal (CPU, tiny models) every figure is what the CPU gi
          pins) the staging buffers, is reported apart (`first_save`); the goal blocked <
          0.1 s is for the saves after it. Then bench.ckpt_worker: GPT-2 124M + AdamW state,
          Checkpointer save and resume (verified) against a raw write (+ fsync) and a raw
-         read of the same bytes, same disk, page cache dropped where root can; GB/s of each.
+         read of the same bytes, same disk, page cache dropped where root can; GB/s of each
+         (a world of one: a plain python process, as dcp_train.distributed.setup allows).
 """
 
 from __future__ import annotations
@@ -219,9 +220,8 @@ def part_ckpt(p) -> None:
     out.update(saves_tokens_per_s=saves, none_tokens_per_s=none, save_ratio=saves / none,
                **save_figures(recs, s["speed_steps"]))
     target = p.work / "ckpt.json"
-    p.run(torchrun(1, ["-m", "bench.ckpt_worker", "--model", s["ckpt_model"], "--root",
-                       str(p.work / "ckpt_bench"), "--out", str(target), "--reps", "1",
-                       "--device", a.device]))
+    p.run([sys.executable, "-m", "bench.ckpt_worker", "--model", s["ckpt_model"], "--root",
+           str(p.work / "ckpt_bench"), "--out", str(target), "--reps", "1", "--device", a.device])
     r = read_json(target)
     w, rd, size = r["write"], r["read"], r["bytes"]["total"]
 

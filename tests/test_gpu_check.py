@@ -82,8 +82,10 @@ def test_rehearsal_figures(rehearsal):
     # item 4: an honest label, the comparison of the runs that ended
     exact = lines["exact"]
     assert exact["compiled"] is False and "DeterministicStep" in exact["compiled_why"]
-    assert exact["losses_equal"] and exact["tensors_differing"] == [] and exact["steps"] == 8
-    assert lines["deterministic"]["ref_from"] == "exact"
+    assert exact["losses_equal"] and exact["tensors_differing"] == [] and exact["resumed_at"] == [4]
+    assert exact["steps"] == [5, 6, 7, 8] and exact["tensors_compared"] > 100
+    determ = lines["deterministic"]
+    assert determ["ref_from"] == "exact" and determ["steps"] == list(range(1, 9))
     # item 3: the stager's threshold read from this torch; AdamW's 4-byte step scalars are
     # staged but not eligible for pinning; nothing is pinned on CPU
     pinned = lines["pinned"]
