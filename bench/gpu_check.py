@@ -13,7 +13,7 @@ files come back from a device command: these are 7 (the jsonl, 6 logs).
 
 Time: one clock for the whole check, started by launch/gpu_check.sh before anything is
 imported ($GPU_CHECK_T0, Unix seconds; else this module's import). The check ends by
---deadline seconds on it (390 on a GPU, 270 in the rehearsal): each part runs in its time box,
+--deadline seconds on it (390 on a GPU, 285 in the rehearsal): each part runs in its time box,
 capped by the deadline; a part that fails or runs out of time is recorded with its reason and
 the next one goes on; a part that would start with too little time left is skipped. A SIGTERM
 (the device command's outer `timeout`) kills the child in flight with its whole tree, writes
@@ -51,7 +51,7 @@ GPU = dict(speed_model="gpt2-124m", speed_batches=[64, 32, 16], speed_total=6553
            boxes=dict(env=30, speed=170, ckpt=110, exact=100, pinned=40, deterministic=45))
 REHEARSE = dict(speed_model="micro", speed_batches=[4, 2], speed_total=512, speed_steps=12,
                 skip=3, save_interval=4, compile=False, ckpt_model="micro",
-                exact_model="micro", exact_batch=4, exact_total=512, matmul_n=256, deadline=270,
+                exact_model="micro", exact_batch=4, exact_total=512, matmul_n=256, deadline=285,
                 boxes=dict(env=30, speed=100, ckpt=100, exact=120, pinned=60, deterministic=60))
 MIN_START = 15  # seconds: a part (or child) with less time left than this is not started
 ORDER = ["env", "speed", "ckpt", "exact", "pinned", "deterministic"]
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                     help="CPU, tiny sizes: every part's code path, in ~2 minutes")
     ap.add_argument("--parts", default=",".join(ORDER), help="comma list of " + ", ".join(ORDER))
     ap.add_argument("--deadline", type=float, default=0.0,
-                    help="seconds on the check's clock (0: 390 on a GPU, 270 rehearsing)")
+                    help="seconds on the check's clock (0: 390 on a GPU, 285 rehearsing)")
     ap.add_argument("--peak_tflops", type=float, default=0.0,
                     help="datasheet peak TFLOP/s for MFU (0: by GPU name; none on CPU)")
     ap.add_argument("--out", default="", help="folder of gpu_check.jsonl and logs/ "

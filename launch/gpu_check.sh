@@ -29,6 +29,9 @@ _want=("torchdata==0.11.0" "crc32c==2.9.post0")
 if [ "${1:-}" = "--preflight" ]; then
   _pyver="${GPU_PYTHON:-3.12}"
   mkdir -p "$_wheels"
+  for _w in "${_want[@]}"; do  # one version of each: two would stop the offline install
+    find "$_wheels" -name "${_w%%==*}-*.whl" ! -name "${_w%%==*}-${_w##*==}-*" -delete
+  done
   "$_py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
     --python-version "$_pyver" --implementation cp --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

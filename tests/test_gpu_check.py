@@ -47,7 +47,7 @@ def rehearsal(tmp_path_factory):
     t = time.monotonic()
     proc = _check(out)
     try:
-        stdout, stderr = proc.communicate(timeout=LIMIT_S)
+        stdout, stderr = proc.communicate(timeout=LIMIT_S + 60)  # its output if it is late
     finally:
         proc.kill()
     return proc.returncode, stdout, stderr, out, time.monotonic() - t
