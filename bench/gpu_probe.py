@@ -5,8 +5,12 @@ tensors there are, where they live and how many are pinned (torch.Tensor.is_pinn
 
     torchrun --nproc_per_node 1 -m bench.gpu_probe --root DIR --out probe.json --device cuda
 
-Expected on CUDA: every staged tensor on the CPU and pinned; on CPU none pinned (plain
-memory is what DCP's stager uses there).
+Expected on CUDA: every staged tensor on the CPU, and pinned if DCP's stager pins its storage:
+torch's StateDictStager skips storages under its `pin_memory_min_bytes` (5 bytes in torch
+2.13: AdamW's `step` is a 4-byte scalar per parameter), so `eligible` counts the staged
+tensors whose storage has at least that many bytes, the threshold read from the stager in
+use (0, everything eligible, where a torch release has no such attribute). On CPU none is
+pinned (plain memory is what the stager uses there).
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ def main() -> None:
     x = torch.randint(0, 500, (2, 17), device=info.device)
     model(x[:, :-1].contiguous(), x[:, 1:].contiguous())[1].backward()
     opt.step()
-    seen = []
+    seen, min_bytes = [], []
     original = DefaultStager.stage
 
     def stage(self, state_dict, **kwargs):  # observe the staged copy, change nothing
         staged = original(self, state_dict, **kwargs)
         seen.extend(_tensors(staged.result() if hasattr(staged, "result") else staged))
+        inner = getattr(self, "_state_dict_stager", None)
+        min_bytes.append(getattr(inner, "pin_memory_min_bytes", 0))
         return staged
 
     DefaultStager.stage = stage
@@ -76,6 +82,9 @@ def main() -> None:
     result = {"device": info.device_type, "staged_tensors": len(seen),
               "on_cpu": sum(t.device.type == "cpu" for t in seen),
               "pinned": sum(t.is_pinned() for t in seen if t.device.type == "cpu"),
+              "pin_memory_min_bytes": min_bytes[0] if min_bytes else None,
+              "eligible": sum(t.untyped_storage().nbytes() >= (min_bytes or [0])[0]
+                              for t in seen if t.device.type == "cpu"),
               "state_tensors_on_device": sum(t.device.type == info.device_type
                                              for t in _tensors(sd)),
               "committed": [r["step"] for r in records] == [1],

@@ -159,16 +159,17 @@ class CheckpointManager:
     def save(self, durable: bool = True) -> None:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
         failure.set_activity(f"the save of step {self.progress.step}")
+        t0 = time.perf_counter()  # the save's clock: the loop is blocked from here (blocked_s)
         sd = {}
         for component in [*self.shared, self.entry]:
             sd.update(component.state_dict())
         if self.local is None:
             self.checkpointer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
-                             asynchronous=self.ck.async_checkpoint)
+                             asynchronous=self.ck.async_checkpoint, t0=t0)
         else:  # replicated once committed locally (_log_records)
             self.local.save(self.progress.step, sd, durable, self.replicator.durable_step,
                             asynchronous=self.ck.async_checkpoint,
-                            pending=sorted(self.replicator.steps()))
+                            pending=sorted(self.replicator.steps()), t0=t0)
             self.clock.saved("local")
         if durable:
             self.clock.saved("durable")

@@ -104,24 +104,37 @@ class Checkpointer:
         self.words = words if words is not None else (lambda text: text)
         self._saver = None
         self._done: list[dict] = []
+        self._gather_s: dict[int, float] = {}  # step -> seconds spent gathering its state
         self.patience = Patience()
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state_dict: dict, rank: int, world_size: int,
-             asynchronous: bool = False, options: Optional[dict] = None) -> None:
+             asynchronous: bool = False, options: Optional[dict] = None,
+             t0: Optional[float] = None) -> None:
         """Write, commit and point `latest` at step `step`. Collective. Synchronous: returns
         once committed. Asynchronous: returns at once; the tensors of `state_dict` must not
         change before `staged()` returns (see save_process.py); options: keyword arguments
         of the save process's write_and_commit (the local tier's). The `checkpoint` record of
-        each committed save is handed out by `records()`."""
+        each committed save is handed out by `records()`. t0 (time.perf_counter): when the
+        save was asked for, before its state dicts were gathered (the manager's); default
+        now. `seconds` and `blocked_s` run from it."""
+        t0 = self.asked(step, t0)
         self.wait()
-        t0 = time.perf_counter()
         if not asynchronous:
             self.finished(self.write_and_commit(step, state_dict, rank, t0))
             return
         self.start_save_process(rank, world_size)
         self._saver.submit(step, state_dict, t0,
                            options if options is not None else {"patience": self.patience})
+
+    def asked(self, step: int, t0: Optional[float] = None) -> float:
+        """The save of `step` was asked for at t0 (perf_counter, before its state dicts were
+        gathered; default now): its record's `gather_s` is the time from t0 to this call.
+        Returns t0."""
+        now = time.perf_counter()
+        t0 = now if t0 is None else t0
+        self._gather_s[step] = now - t0
+        return t0
 
     def finished(self, record: dict) -> None:
         """Hand out (`records()`) the record of a synchronous save: it blocked throughout."""
@@ -155,7 +168,7 @@ class Checkpointer:
     def records(self) -> list[dict]:
         """`checkpoint` records of the saves committed since the last call."""
         done, self._done = self._done, []
-        return done
+        return [{**r, "gather_s": self._gather_s.pop(r["step"], None)} for r in done]
 
     def close(self) -> None:
         self.wait()

@@ -18,7 +18,7 @@ dicts into dotted keys)::
                                 val_loss, world_size, samples_per_step, global_sample_cursor,
                                 config, data_fingerprint, lr_schedule), the same on every rank
     rank_00003.torch_cpu        RankEntry of rank 3: the tensors of its parts (RNGState: torch
-    rank_00003.cuda             CPU and, on CUDA runs, all CUDA generator states) and one uint8
+    rank_00003.cuda             CPU and, on CUDA runs, its device's CUDA generator) and one uint8
     rank_00003.json             JSON tensor of their plain parts ({"rng": numpy and python
                                 generators, "loader": the StatefulDataLoader state})
 

@@ -108,7 +108,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         progress.step, progress.tokens = step, progress.tokens + t.total_batch_size
         rates = speed.rates(dt)
         metrics.log("train", step=step, loss=loss, lr=lr, grad_norm=norm,
-                    tokens=progress.tokens, **rates,
+                    tokens=progress.tokens, **rates, elapsed_s=time.perf_counter() - t_start,
                     batch_digest=hashlib.sha256(repr(all_ids).encode()).hexdigest()[:16])
         metrics.say(f"step {step:6d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                     f"tok/s {t.total_batch_size / dt:9.0f} | {speed.text(rates)} | "

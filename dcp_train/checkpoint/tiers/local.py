@@ -107,20 +107,22 @@ class LocalTier:
 
     # ------------------------------------------------------------------------ saving
     def save(self, step: int, state_dict: dict, replicate: bool, durable_step: int,
-             asynchronous: bool = False, pending: list | None = None) -> None:
+             asynchronous: bool = False, pending: list | None = None,
+             t0: float | None = None) -> None:
         """Collective: save step `step` on the local tier (write_and_commit), in this process
         or (asynchronous) in the save process, through the protocol's Checkpointer.save (one
         save at a time, staging as for any async save). Its `checkpoint` record comes out of
         `self.checkpointer.records()` once committed. pending: the steps replication still has
-        to copy (Replicator.steps()), which retention keeps (_keep_for_durable)."""
+        to copy (Replicator.steps()), which retention keeps (_keep_for_durable). t0: when
+        the save was asked for (Checkpointer.save's); default now."""
         if asynchronous:
             self.checkpointer.save(step, state_dict, self.rank, self.world_size, asynchronous=True,
                                options={"replicate": replicate, "durable_step": durable_step,
-                                        "pending": pending})
+                                        "pending": pending}, t0=t0)
         else:
+            t0 = self.checkpointer.asked(step, t0)
             self.checkpointer.finished(self.write_and_commit(
-                step, state_dict, self.rank, time.perf_counter(), replicate, durable_step,
-                pending))
+                step, state_dict, self.rank, t0, replicate, durable_step, pending))
 
     def write_and_commit(self, step: int, state_dict: dict, rank: int, t0: float,
                          replicate: bool, durable_step: int, pending: list | None = None) -> dict:
