@@ -51,7 +51,7 @@ class Children:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
             start = f.tell()
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(1, self.env), stdout=f,
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(self.env, 1), stdout=f,
                                          stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = self.proc.wait(timeout=timeout)
