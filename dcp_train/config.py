@@ -162,6 +162,9 @@ class CheckpointConfig:
     resume: bool = _help("resume from --checkpoint_path (an error if it is not a checkpoint)",
                          default=False)
     checkpoint_path: str = _help("checkpoint step dir to resume from, with --resume", default="")
+    drop_newer_checkpoints: bool = _help(
+        "let a resume from a step older than --checkpoint_dir's newest go on: the newer steps "
+        "are deleted just before this run's first save (else refused)", default=False)
     init_from: str = _help(
         "start a fresh run from a Hugging Face GPT-2 dir or fsspec URL (config.json + "
         "model.safetensors, as save_pretrained or dcp-ckpt export --hf write them): model "

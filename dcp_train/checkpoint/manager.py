@@ -40,7 +40,7 @@ import time
 from typing import NamedTuple
 
 from dcp_train import distributed as D
-from dcp_train.checkpoint import restore
+from dcp_train.checkpoint import newer, restore
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
 from dcp_train.checkpoint.compat import change_lines, check_resume, end_note
 from dcp_train.checkpoint.io import store_options, store_requests
@@ -126,19 +126,23 @@ class CheckpointManager:
         return self.dir.root
 
     # ----------------------------------------------------------------------- resume
-    def resume(self) -> None:
-        """Collective, once before the first step: the steps of the module docstring."""
+    def resume(self, at_fresh_start=lambda: None) -> None:
+        """Collective, once before the first step: the steps of the module docstring;
+        at_fresh_start() runs (every rank) at a fresh start before the lease (--init_from)."""
         t0, mark = time.perf_counter(), store_requests.snapshot()
         failure.set_activity("the resume")
         if self.local is not None:
             self.local.setup()
         time.sleep(D.agree(self.lease.expiry_wait))  # a dead job's lease on another host
         found = self._discover()
+        self.newer = {"durable": found.newer if found is not None else ()}  # see save()
         if self.local is not None:
             found = self._choose_tier(found)
         if found is not None:
             self._check(found)
             found = self._load(found)
+        else:  # a refusal there (--init_from's weights) leaves nothing written
+            at_fresh_start()
         requests = store_requests.total(*self._take_lease(mark))
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.saves.start_save_process(self.info.rank, self.info.world_size)
@@ -186,10 +190,11 @@ class CheckpointManager:
         loading), or None."""
         self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
         self.lease.check()  # another live run writes here: refuse before reading its dirs
-        if self.ck.resume:
-            return self.dir.open(self.ck.checkpoint_path, defer=True)
-        if self.ck.auto_resume:
-            return self.dir.find_latest(defer=True)
+        if self.ck.resume or self.ck.auto_resume:  # and refuse to go back behind newer steps
+            found = (self.dir.open(self.ck.checkpoint_path, defer=True) if self.ck.resume
+                     else self.dir.find_latest(defer=True))
+            return newer.check_dir(self.dir, found, self.ck.drop_newer_checkpoints,
+                                   self.metrics.say)
         committed, _ = self.dir.scan()
         if committed:  # a fresh start would overwrite that run's step dirs and `latest`
             raise ConfigError(f"checkpoint dir {self.dir.root} holds a run at step "
@@ -241,6 +246,9 @@ class CheckpointManager:
                 raise ConfigError(f"--local_checkpoint_dir {self.local.root} holds a run at "
                                   f"step {max(s for u in usable for s in u)}; pass "
                                   "--auto_resume to continue it or use another dir")
+            if durable is not None:  # the local tier's steps newer than --checkpoint_path's
+                self.newer["local"] = newer.check_local(self.local.root, usable, durable.step,
+                                                        self.ck.drop_newer_checkpoints)
             self.tier = TierChoice("durable", "--checkpoint_path names it") if durable else None
             return durable
         self.replicator.durable_step = durable.step if durable is not None else -1
@@ -342,6 +350,8 @@ class CheckpointManager:
     def save(self, durable: bool = True) -> None:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
         failure.set_activity(f"the save of step {self.progress.step}")
+        if any(self.newer.values()):  # --drop_newer_checkpoints: at the first save (newer.py)
+            newer.drop_all(self, self._ride)
         sd = {}
         for component in [*self.shared, self.entry]:
             sd.update(component.state_dict())

@@ -46,7 +46,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
     t, workers, log = cfg.training, cfg.data.num_workers, cfg.logging
     metrics = Metrics(log.log_dir, info.is_main, tensorboard=log.tensorboard,
-                      wandb_project=log.wandb_project if log.wandb else None)
+                      wandb_project=log.wandb_project if log.wandb else None, hold=True)
     metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
     preempt = Preemption(cfg.checkpoint.preempt_timeout)
     if t.deterministic:  # a world size that does not divide the micro-batches: error here
@@ -72,7 +72,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                                      progress],
                              entry=RankEntry(info.rank, rng=RNGState(t.seed, info.rank,
                                                                      progress), loader=loader))
-    ckpt.resume()
+    ckpt.resume(at_fresh_start=lambda: init_from_hf(cfg, info, model, progress, metrics))
     after_resume(cfg, info, model, progress, metrics)
     progress.lr_schedule = schedule_for_launch(
         saved_schedule(progress.saved) if progress.saved else None, t.max_lr,
@@ -187,10 +187,12 @@ def evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, prog
 
 def after_resume(cfg: Config, info: D.DistInfo, model, progress: Progress,
                  metrics: Metrics) -> None:
-    """Once the resume decision is made: --init_from's weights (at step 0 only), then the
-    run's id (the checkpoint's; a new one at step 0) opens the --wandb run."""
-    if cfg.checkpoint.init_from:
-        init_from_hf(cfg, info, model, progress, metrics)
+    """Once the resume decision is made (and at step 0 --init_from's weights loaded, before
+    the writer lease: ckpt.resume's at_fresh_start): the run's id (the checkpoint's; a new
+    one at step 0) opens the metrics files and the --wandb run (Metrics hold=True)."""
+    if cfg.checkpoint.init_from and progress.saved is not None:
+        metrics.say(f"--init_from {cfg.checkpoint.init_from} ignored: resumed from the "
+                    f"checkpoint at step {progress.step}, which holds the weights")
     if progress.wandb_id is None:  # step 0, or a checkpoint older than the field
         progress.wandb_id = D.agree(lambda: uuid.uuid4().hex[:12])
     metrics.start_run(progress.wandb_id)
@@ -198,11 +200,9 @@ def after_resume(cfg: Config, info: D.DistInfo, model, progress: Progress,
 
 def init_from_hf(cfg: Config, info: D.DistInfo, model, progress: Progress,
                  metrics: Metrics) -> None:
-    """--init_from: the HF GPT-2 weights onto the sharded model, each rank its own shards; a
-    run that resumed a checkpoint keeps the checkpoint's weights and says so."""
-    if progress.saved is not None:
-        metrics.say(f"--init_from {cfg.checkpoint.init_from} ignored: resumed from the checkpoint at "
-                    f"step {progress.step}, which holds the weights")
+    """--init_from (if given): the HF GPT-2 weights onto the sharded model, each rank its own
+    shards; at a fresh start only (a resumed run keeps the checkpoint's weights)."""
+    if not cfg.checkpoint.init_from or progress.saved is not None:
         return
     fetch = lambda: local_init_dir(cfg.checkpoint.init_from, cfg.storage_options_dict)  # noqa: E731
     directory = D.agree(fetch if info.local_rank == 0 else lambda: None, every_rank=True)
