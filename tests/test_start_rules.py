@@ -148,3 +148,42 @@ def test_accepted_changes_are_reported_and_an_extended_run_keeps_its_schedule(tm
     new = {r["step"]: r["lr"] for r in metrics(log) if r["kind"] == "train" and r["step"] > 4}
     assert new == {5: 3e-3 * 0.1, 6: 3e-3 * 0.1}  # the saved cosine ended at step 4
     assert lrs[4] > new[5]
+
+
+def test_a_resume_behind_newer_steps_is_refused_unless_told(tmp_path):
+    """Resuming from step 2 of a dir whose newest step is 4 would replace step 4: refused in
+    one line naming step 4 and the two ways on, nothing created (no log dir either); with
+    --auto_resume and a `latest` set back alike; --drop_newer_checkpoints goes on, says
+    which steps go, and deletes them only at its first save (checkpoint/newer.py)."""
+    data = write_shards(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                  "--checkpoint_dir", str(ckpt)])
+    step_2 = ckpt / "step_00000002"
+    refusal = (f"dcp_train: error: --checkpoint_dir {ckpt} holds committed steps newer than "
+               "step 2, which this run resumes from: 4; its saves would replace them. Use "
+               "another --checkpoint_dir to keep them, or pass --drop_newer_checkpoints to "
+               "delete them at this run's first save")
+    before = tree_bytes(ckpt)
+    for how in (["--resume", "--checkpoint_path", str(step_2)], ["--auto_resume"]):
+        if how == ["--auto_resume"]:
+            (ckpt / "latest").write_text("step_00000002\n")
+            before = tree_bytes(ckpt)
+        proc = _launch(tmp_path, data, ckpt, *how)
+        assert one_error(proc) == refusal
+        assert tree_bytes(ckpt) == before
+        assert not (tmp_path / "log2").exists()
+
+    (ckpt / "latest").write_text("step_00000004\n")
+    proc = _launch(tmp_path, data, ckpt, "--resume", "--checkpoint_path", str(step_2),
+                   "--drop_newer_checkpoints")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    announced = lines.index(f"--drop_newer_checkpoints: steps 4 of {ckpt} will be deleted at "
+                            "this run's first save (resuming from step 2)")
+    dropped = lines.index(f"--drop_newer_checkpoints: deleted step_00000004 from {ckpt}")
+    first_step = next(i for i, l in enumerate(lines) if l.startswith("step      3 |"))
+    saved = next(i for i, l in enumerate(lines) if "checkpoint" in l and "committed" in l)
+    assert announced < first_step < dropped < saved  # the old step 4 lived until the save
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (ckpt / "latest").read_text() == "step_00000004\n"
