@@ -244,7 +244,7 @@ def local_path(template: str, node: int) -> str:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no torch.distributed (world-size checks: grad_accum_steps and
+    """Checks that need no torch.distributed (world-size checks: train/loop.grad_accum_steps and
     train/deterministic.py). Fills in seq_len (default: block_size)."""
     t, m, ck, ev = cfg.training, cfg.model, cfg.checkpoint, cfg.eval
     if t.seq_len is None:
@@ -386,16 +386,4 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
     if "://" not in durable and local_path(local, 0) == os.path.abspath(durable):
         raise ConfigError("--local_checkpoint_dir is --checkpoint_dir; give the local tier "
                           "its own node-local dir")
-
-
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Micro-steps per optimizer step so that total_batch_size tokens make one step."""
-    t = cfg.training
-    per_micro = t.batch_size * t.seq_len * world_size
-    if t.total_batch_size % per_micro:
-        raise ConfigError(
-            f"--total_batch_size {t.total_batch_size} is not divisible by batch_size*seq_len*"
-            f"world_size = {t.batch_size}*{t.seq_len}*{world_size} = {per_micro}; "
-            "change --batch_size or --total_batch_size")
-    return t.total_batch_size // per_micro
 

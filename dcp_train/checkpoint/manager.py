@@ -13,7 +13,8 @@ resume(), in order (every decision taken on rank 0 and agreed on, distributed.ag
    job's lease on another host that expires within --stall_timeout is waited out first);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
    newest valid one (layout.py); without either a dir that holds committed checkpoints is
-   refused (a fresh start would overwrite that run), an empty one starts fresh;
+   refused (a fresh start would overwrite that run), an empty one starts fresh; newer steps
+   than the one picked are refused unless --drop_newer_checkpoints (newer.py);
 3. check that this run can continue it: a format this code reads, and the same data, seed,
    sequence length, batch geometry and model (compat.py); what may change (LR, intervals,
    ...) is reported as WARNING lines and in the `resume` record;
@@ -50,7 +51,7 @@ from dcp_train.checkpoint.protocol import Checkpointer
 from dcp_train.checkpoint.ride_out import Patience, StoreTrouble, guarded, ride_out, trouble
 from dcp_train.checkpoint.state import OptimizerState
 from dcp_train.checkpoint.tiers.local import LocalTier
-from dcp_train.checkpoint.tiers.policy import Clock, choose, common_step
+from dcp_train.checkpoint.tiers.policy import Clock, TierChoice, choose, common_step
 from dcp_train.checkpoint.tiers.replicate import ReplicationReport, Replicator
 from dcp_train.config import Config
 from dcp_train.errors import CheckpointError, ConfigError, describe
@@ -66,13 +67,6 @@ class StepReport(NamedTuple):
     stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
     due_by_time: tuple[bool, bool] | None  # rank 0: (durable, local) due by wall time
     replication: ReplicationReport | None  # this rank's view of the replication in flight
-
-
-class TierChoice(NamedTuple):
-    """With a local tier: the tier a resume loaded from, and why (the `resume` record)."""
-
-    tier: str  # "local" or "durable"
-    reason: str
 
 
 def due(interval: int, step: int, last: bool) -> bool:
@@ -120,6 +114,7 @@ class CheckpointManager:
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
         self.tier: TierChoice | None = None
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (compat.py)
+        self.newer = {}  # {tier: [steps]} --drop_newer_checkpoints deletes (newer.py)
 
     @property
     def root(self) -> str:  # named by layout.reading's errors
@@ -190,11 +185,8 @@ class CheckpointManager:
         loading), or None."""
         self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
         self.lease.check()  # another live run writes here: refuse before reading its dirs
-        if self.ck.resume or self.ck.auto_resume:  # and refuse to go back behind newer steps
-            found = (self.dir.open(self.ck.checkpoint_path, defer=True) if self.ck.resume
-                     else self.dir.find_latest(defer=True))
-            return newer.check_dir(self.dir, found, self.ck.drop_newer_checkpoints,
-                                   self.metrics.say)
+        if self.ck.resume or self.ck.auto_resume:  # never behind newer steps (newer.py)
+            return newer.pick(self.dir, self.ck, self.metrics.say)
         committed, _ = self.dir.scan()
         if committed:  # a fresh start would overwrite that run's step dirs and `latest`
             raise ConfigError(f"checkpoint dir {self.dir.root} holds a run at step "
@@ -350,8 +342,7 @@ class CheckpointManager:
     def save(self, durable: bool = True) -> None:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
         failure.set_activity(f"the save of step {self.progress.step}")
-        if any(self.newer.values()):  # --drop_newer_checkpoints: at the first save (newer.py)
-            newer.drop_all(self, self._ride)
+        newer.drop_all(self, self._ride)  # --drop_newer_checkpoints: at the first save
         sd = {}
         for component in [*self.shared, self.entry]:
             sd.update(component.state_dict())

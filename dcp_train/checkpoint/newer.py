@@ -32,13 +32,17 @@ from dcp_train.errors import ConfigError
 FLAG = "--drop_newer_checkpoints"
 
 
-def check_dir(directory: CheckpointDir, found: Optional[Found], drop: bool,
-              say) -> Optional[Found]:
-    """Rank 0, at the resume decision: `found` with `newer` set to the committed steps of
-    `directory` (--checkpoint_dir) newer than it; ConfigError naming them unless `drop`. A
-    fall-back of discovery (found.note) passed damaged dirs only: nothing is refused then."""
+def pick(directory: CheckpointDir, ck, say) -> Optional[Found]:
+    """Rank 0, the resume decision of --resume (ck.checkpoint_path) or --auto_resume: the
+    checkpoint (layout.py), with `newer` set to the committed steps of `directory`
+    (--checkpoint_dir) newer than it; ConfigError naming them unless
+    ck.drop_newer_checkpoints. A fall-back of discovery (found.note) passed damaged dirs
+    only: nothing is refused then."""
+    found = (directory.open(ck.checkpoint_path, defer=True) if ck.resume
+             else directory.find_latest(defer=True))
     if found is None or found.note:
         return found
+    drop = ck.drop_newer_checkpoints
     found.newer = tuple(check(committed_after(directory, found.step), found.step,
                               "--checkpoint_dir", directory.root, drop))
     if found.newer:
@@ -102,6 +106,8 @@ def drop_all(ckpt, ride) -> None:
     (CheckpointManager.save): the newer steps of both tiers deleted (`drop`), and said.
     ride: the manager's ride-out of a store outage (ride_out.py)."""
     durable, local = ckpt.newer.get("durable"), ckpt.newer.get("local")
+    if not durable and not local:
+        return
     ckpt.newer = {}
     if durable:
         names = ride(lambda: D.agree(guarded(lambda: drop(ckpt.writer, list(durable)))),

@@ -20,7 +20,7 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.manager import CheckpointManager, due
 from dcp_train.checkpoint.state import (LoaderState, ModelState, OptimizerState, Progress, RNGState,
                                         RankEntry)
-from dcp_train.config import Config, DataConfig, EvalConfig, grad_accum_steps, redacted_config
+from dcp_train.config import Config, DataConfig, EvalConfig, redacted_config
 from dcp_train.data import TokenShards, build_train_loader, find_shards, val_batches
 from dcp_train.data.fingerprint import data_fingerprint
 from dcp_train.data.prepare import ensure_default_data
@@ -246,3 +246,16 @@ def prepare_inputs(cfg: Config, info: D.DistInfo, metrics: Metrics):
     if cfg.eval.generate_interval > 0 or hellaswag_interval > 0:
         enc = get_tokenizer(cfg.eval.tokenizer_file)
     return train_files, val_files, enc, hellaswag_interval
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step so that total_batch_size tokens make one step."""
+    t = cfg.training
+    per_micro = t.batch_size * t.seq_len * world_size
+    if t.total_batch_size % per_micro:
+        raise ConfigError(
+            f"--total_batch_size {t.total_batch_size} is not divisible by batch_size*seq_len*"
+            f"world_size = {t.batch_size}*{t.seq_len}*{world_size} = {per_micro}; "
+            "change --batch_size or --total_batch_size")
+    return t.total_batch_size // per_micro
+

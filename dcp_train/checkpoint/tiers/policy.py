@@ -17,8 +17,16 @@ else the durable one. The reason goes to the console and the `resume` record.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 TIERS = ("durable", "local")
+
+
+class TierChoice(NamedTuple):
+    """With a local tier: the tier a resume loaded from, and why (the `resume` record)."""
+
+    tier: str  # "local" or "durable"
+    reason: str
 
 
 class Clock:
