@@ -154,6 +154,7 @@ def test_killed_peer_is_named_not_gloo(saved, tmp_path):
     (["--hellaswag_limit", "0"], "--hellaswag_limit must be -1 (all) or >= 1"),
     (["--log_dir", " "], "--log_dir is empty"),
     (["--resume", "maybe"], "argument --resume: expected true or false, got 'maybe'"),
+    (["--compile", "maybe"], "argument --compile: expected true, false or auto, got 'maybe'"),
 ])
 def test_flags_are_checked_at_parse_time(flags, says):
     with pytest.raises(ConfigError, match=re.escape(says)):

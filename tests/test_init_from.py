@@ -169,7 +169,8 @@ def test_dimension_flags_must_agree(hf_dir):
     cfg = parse_config(ARGS + ["--init_from", str(path), "--n_embd", "48"])
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.vocab_size,
             cfg.model.block_size) == (2, 3, 48, VOCAB, BLOCK)
-    with pytest.raises(ConfigError, match=r"--n_layer 3 \(its config.json: 2\)"):
+    with pytest.raises(ConfigError, match=r"--n_layer 3 \(its config.json: 2\); drop these "
+                       "flags: the model dimensions come from its config.json"):
         parse_config(ARGS + ["--init_from", str(path), "--n_layer", "3"])
 
 
