@@ -25,8 +25,10 @@ def _launch(tmp_path: Path, data: Path, ckpt: Path, *extra: str) -> subprocess.C
 def test_fresh_start_on_a_committed_run_is_refused_and_changes_nothing(tmp_path):
     data = write_shards(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
-    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
-                  "--checkpoint_dir", str(ckpt), "--stop_at_step", "2"])
+    first = run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                          "--checkpoint_dir", str(ckpt), "--stop_at_step", "2"])
+    assert ("stopped at step 2 (--stop_at_step), before --max_steps 4, with a checkpoint; "
+            "continue with --auto_resume") in first.stdout.splitlines()
     before = tree_bytes(ckpt)
     proc = _launch(tmp_path, data, ckpt)
     assert one_error(proc) == (f"dcp_train: error: checkpoint dir {ckpt} holds a run at step 2; "

@@ -48,7 +48,7 @@ from dcp_train.checkpoint.io import store_options, store_requests
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.protocol import Checkpointer
-from dcp_train.checkpoint.ride_out import Patience, StoreTrouble, guarded, ride_out, trouble
+from dcp_train.checkpoint.ride_out import FRESH, Patience, StoreTrouble, guarded, ride_out, trouble
 from dcp_train.checkpoint.state import OptimizerState
 from dcp_train.checkpoint.tiers.local import LocalTier
 from dcp_train.checkpoint.tiers.policy import Clock, TierChoice, choose, common_step
@@ -164,7 +164,8 @@ class CheckpointManager:
         (_choose_tier), and replication takes the lease once it answers (lease_due)."""
         attempt = lambda: D.agree(guarded(self._choose))  # noqa: E731
         if self.local is None or not self.ck.auto_resume:
-            return self._ride(attempt, "the resume (discovery)")
+            return self._ride(attempt, "the resume (discovery)" if self.ck.resume
+                              or self.ck.auto_resume else FRESH)
         try:
             return attempt()
         except StoreTrouble as e:
@@ -218,8 +219,8 @@ class CheckpointManager:
                                           "checkpoint; move the local dir away to start fresh")
                 self._check(found)
                 continue
-            if not found.discovered:
-                raise CheckpointError(unusable(self.ck.checkpoint_path, problem))
+            if not found.discovered:  # the step dir, also where --checkpoint_path is its dir
+                raise CheckpointError(unusable(found.path, problem))
             rejected[posixpath.basename(found.path)] = problem
             found = self._ride(lambda: D.agree(guarded(
                 lambda: self.dir.fall_back(found, rejected))), "the resume (discovery)")

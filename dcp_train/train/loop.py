@@ -119,6 +119,9 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                         f"{EXIT_PREEMPTED} (continue with --auto_resume)")
             break
     ckpt.close()  # waits for a save still in flight: the last step is always committed
+    if not stopping and final_step < t.max_steps:  # exit 0: --stop_at_step asked for it
+        metrics.say(f"stopped at step {final_step} (--stop_at_step), before --max_steps "
+                    f"{t.max_steps}, with a checkpoint; continue with --auto_resume")
     metrics.close()
     return EXIT_PREEMPTED if stopping else 0
 
