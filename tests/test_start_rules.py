@@ -189,3 +189,24 @@ def test_a_resume_behind_newer_steps_is_refused_unless_told(tmp_path):
     assert announced < first_step < dropped < saved  # the old step 4 lived until the save
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002", "step_00000004"]
     assert (ckpt / "latest").read_text() == "step_00000004\n"
+
+
+def test_a_fresh_run_giving_up_on_its_store_says_what_happened():
+    """A fresh run (no --resume/--auto_resume) whose store refuses past the budget: the line
+    names the start, not a resume, and says nothing was written (the manager's phase FRESH);
+    a resume's says the last committed checkpoint is intact."""
+    import pytest
+
+    from dcp_train.checkpoint.ride_out import FRESH, Patience, StoreTrouble, ride_out
+    from dcp_train.errors import StoreUnavailable
+
+    def refuse():
+        raise StoreTrouble("storage endpoint unreachable")
+    for what, then in ((FRESH, "nothing was written, relaunch once the store answers"),
+                       ("the resume (discovery)", "the last committed checkpoint is intact, "
+                        "relaunch with --auto_resume once the store answers")):
+        with pytest.raises(StoreUnavailable) as e:
+            ride_out(refuse, Patience(0.0, 30.0), "s3://b/ckpt", what, collective=False)
+        assert str(e.value).startswith(f"s3://b/ckpt refused requests for 0 s during {what}")
+        assert str(e.value).endswith(f"storage endpoint unreachable; {then}"), str(e.value)
+    assert "resume" not in FRESH
