@@ -64,7 +64,7 @@ class StepReport(NamedTuple):
     (`D.agree(ckpt.report, every_rank=True)`, then `ckpt.step(..., reports=...)`)."""
 
     sample_ids: list  # the step's sample ids on this rank (the `train` record's batch_digest)
-    stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
+    stop_requested: int  # the signal this rank got (SIGTERM, SIGUSR1, Ctrl-C), or 0
     due_by_time: tuple[bool, bool] | None  # rank 0: (durable, local) due by wall time
     replication: ReplicationReport | None  # this rank's view of the replication in flight
 
@@ -312,7 +312,7 @@ class CheckpointManager:
             self.metrics.say(note)
 
     # ------------------------------------------------------------------------ saving
-    def report(self, sample_ids: list = (), stop_requested: bool = False) -> StepReport:
+    def report(self, sample_ids: list = (), stop_requested: int = 0) -> StepReport:
         """This rank's StepReport: the loop's part (sample ids, a stop request), rank 0's
         wall-time intervals, the replication's state (replicate.py)."""
         return StepReport(list(sample_ids), stop_requested,

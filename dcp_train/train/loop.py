@@ -48,7 +48,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     metrics = Metrics(log.log_dir, info.is_main, tensorboard=log.tensorboard,
                       wandb_project=log.wandb_project if log.wandb else None, hold=True)
     metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
-    preempt = Preemption(cfg.checkpoint.preempt_timeout)
+    preempt = Preemption(cfg.checkpoint.preempt_timeout, speaker=info.is_main)
     if t.deterministic:  # a world size that does not divide the micro-batches: error here
         deterministic.setup(cfg, info.world_size, info.device_type)
     accum = grad_accum_steps(cfg, info.world_size)
@@ -98,9 +98,12 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         loss, norm, sample_ids = one_step(optimizer, batches, step, lr)
         # one small gather per step: the step's sample ids, whether a rank got a signal, and
         # what the checkpoint manager agrees on (wall-time intervals, replication)
-        reports = D.agree(lambda: ckpt.report(sample_ids, preempt.requested), every_rank=True)
+        reports = D.agree(lambda: ckpt.report(sample_ids, preempt.signum or 0),
+                          every_rank=True)
         all_ids = sorted(i for r in reports for i in r.sample_ids)
         stopping = any(r.stop_requested for r in reports)
+        if stopping:
+            preempt.agreed([r.stop_requested for r in reports])
         if info.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -114,16 +117,29 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                     f"elapsed {time.perf_counter() - t_start:7.1f}s")
         evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, progress, last)
         ckpt.step(step, last=last, stopping=stopping, reports=reports)
+        if not (stopping or last) and ckpt.local is None and ckpt.committed_step == step:
+            stopping = signal_during_save(preempt)  # stop at the save it interrupted
         if stopping:
-            metrics.say(f"preempted: stopped after step {step} with a checkpoint; exit code "
-                        f"{EXIT_PREEMPTED} (continue with --auto_resume)")
             break
     ckpt.close()  # waits for a save still in flight: the last step is always committed
+    if stopping:  # after close: the stop's `committed` line comes first
+        metrics.say(f"preempted: stopped after step {progress.step} with a checkpoint; exit "
+                    f"code {EXIT_PREEMPTED} (continue with --auto_resume)")
     if not stopping and final_step < t.max_steps:  # exit 0: --stop_at_step asked for it
         metrics.say(f"stopped at step {final_step} (--stop_at_step), before --max_steps "
                     f"{t.max_steps}, with a checkpoint; continue with --auto_resume")
     metrics.close()
     return EXIT_PREEMPTED if stopping else 0
+
+
+def signal_during_save(preempt: Preemption) -> bool:
+    """Every rank, after a save at a step the ranks had not agreed to stop at: whether any
+    rank got a signal meanwhile (then the run ends at that save, not one step later). With
+    a local tier the stop's save is the durable one, so the loop stops at the next step."""
+    signals = D.agree(lambda: preempt.signum or 0, every_rank=True)
+    if any(signals):
+        preempt.agreed(signals)
+    return any(signals)
 
 
 def begin_step(info: D.DistInfo, step: int) -> None:
