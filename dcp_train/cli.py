@@ -189,6 +189,9 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
     config_flag = _Parser(add_help=False, allow_abbrev=False)
     config_flag.add_argument("--config", default=None)
     config_file = config_flag.parse_known_args(argv)[0].config
+    if config_file is not None and not config_file.strip():
+        raise ConfigError("--config is empty; give the path of a TOML file (examples in "
+                          "configs/)")
     from_file = load_config_file(config_file) if config_file else {}
     parser.set_defaults(**from_file)
     args = vars(parser.parse_args(argv))

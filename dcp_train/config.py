@@ -247,9 +247,9 @@ def validate(cfg: Config) -> None:
     """Checks that need no torch.distributed (world-size checks: train/loop.grad_accum_steps and
     train/deterministic.py). Fills in seq_len (default: block_size)."""
     t, m, ck, ev = cfg.training, cfg.model, cfg.checkpoint, cfg.eval
+    check_ranges(cfg)  # before seq_len takes block_size: a bad block_size is named as such
     if t.seq_len is None:
         t.seq_len = m.block_size
-    check_ranges(cfg)
     if t.seq_len > m.block_size:
         raise ConfigError(f"--seq_len {t.seq_len} exceeds --block_size {m.block_size}")
     if m.n_embd % m.n_head:
@@ -295,7 +295,7 @@ _RANGES = [
     ("weight_decay", lambda v: v >= 0, "a number >= 0"),
     ("grad_clip", lambda v: v > 0, "a number > 0"),
     ("batch_size", lambda v: v >= 1, ">= 1"),
-    ("seq_len", lambda v: v >= 1, ">= 1"),
+    ("seq_len", lambda v: v is None or v >= 1, ">= 1"),
     ("total_batch_size", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
@@ -365,8 +365,9 @@ def _installed(module: str) -> bool:
 
 def validate_checkpoint(ck: CheckpointConfig) -> None:
     """Flag checks of the checkpoint section (both tiers); one-line ConfigErrors."""
-    if ck.checkpoint_interval < 0 or ck.local_checkpoint_interval < 0:
-        raise ConfigError("--checkpoint_interval and --local_checkpoint_interval must be >= 0")
+    for flag in ("checkpoint_interval", "local_checkpoint_interval"):
+        if getattr(ck, flag) < 0:
+            raise ConfigError(f"--{flag} must be >= 0 (0: off), got {getattr(ck, flag)}")
     for flag in ("keep_last_n_checkpoints", "keep_last_n_local_checkpoints"):
         if getattr(ck, flag) == 0 or getattr(ck, flag) < -1:
             raise ConfigError(f"--{flag} must be -1 (keep all) or >= 1")
