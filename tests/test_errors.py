@@ -137,8 +137,10 @@ def test_killed_peer_is_named_not_gloo(saved, tmp_path):
     out = proc.stdout + proc.stderr
     assert out.count("dcp_train: error") == 1, out[-6000:]
     line = next(l for l in out.splitlines() if l.startswith("dcp_train: error: "))
-    assert line.startswith("dcp_train: error: rank 1 died (signal 9) during the save of "
-                           "step 2; the last committed checkpoint is intact"), line
+    # the signal is named when rank 0 can still read the dead process's status; once torchrun
+    # has reaped it, "its process is gone": both are right, which one is a race (docs/errors.md)
+    assert re.match(r"dcp_train: error: rank 1 died \((signal 9|its process is gone)\) during "
+                    r"the save of step 2; the last committed checkpoint is intact", line), line
     assert "Connection closed by peer" not in out and "GLHF" not in out
     assert out.count("Traceback (most recent call last)") == 1  # torchrun's own only
     root = root_cause(out)

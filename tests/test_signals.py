@@ -120,9 +120,20 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, data):
     job, console, ranks = _start(tmp_path / "ranks", data, extra=["--total_batch_size", "8192"])
     for pid in ranks:
         os.kill(pid, signal.SIGINT)
-    time.sleep(0.2)  # two signals at once are one pending signal
-    for pid in ranks:
-        os.kill(pid, signal.SIGINT)
+    wait_for(lambda: any(l.startswith("dcp_train: got SIGINT") for l in console.lines),
+             timeout=120)  # rank 0 ran its handler: the next SIGINT is its second
+
+    def again() -> bool:
+        # two signals before a rank's handler runs are one: a rank still alive gets another
+        # until it is gone (any signal after the handled first one exits at once)
+        for pid in ranks:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        return job.poll() is not None
+    wait_for(again, timeout=120, interval=0.5)
     job.wait(timeout=60)
     console.join()
     out = "\n".join(console.lines)

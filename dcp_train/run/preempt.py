@@ -64,12 +64,14 @@ class Preemption:
         timer.daemon = True
         timer.start()
 
-    def agreed(self, signals: list[int]) -> None:
-        """After the ranks agreed to stop (signals: each rank's signal number, 0 for none):
-        the speaker says so if it got no signal itself (module docstring)."""
+    def agreed(self, signals: list[int]) -> bool:
+        """Whether the ranks stop, from every rank's signal number (0 for none) as gathered
+        after a step; if so the speaker says it, naming the rank when it got none itself
+        (module docstring)."""
         rank = next((r for r, s in enumerate(signals) if s), None)
         if self.speaker and rank is not None:
             self._announce(signals[rank], f" (rank {rank})")
+        return rank is not None
 
     def _announce(self, signum: int, who: str) -> None:
         if self.announced:

@@ -101,9 +101,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         reports = D.agree(lambda: ckpt.report(sample_ids, preempt.signum or 0),
                           every_rank=True)
         all_ids = sorted(i for r in reports for i in r.sample_ids)
-        stopping = any(r.stop_requested for r in reports)
-        if stopping:
-            preempt.agreed([r.stop_requested for r in reports])
+        stopping = preempt.agreed([r.stop_requested for r in reports])
         if info.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -121,13 +119,20 @@ def train(cfg: Config, info: D.DistInfo) -> int:
             stopping = signal_during_save(preempt)  # stop at the save it interrupted
         if stopping:
             break
-    ckpt.close()  # waits for a save still in flight: the last step is always committed
-    if stopping:  # after close: the stop's `committed` line comes first
-        metrics.say(f"preempted: stopped after step {progress.step} with a checkpoint; exit "
-                    f"code {EXIT_PREEMPTED} (continue with --auto_resume)")
-    if not stopping and final_step < t.max_steps:  # exit 0: --stop_at_step asked for it
-        metrics.say(f"stopped at step {final_step} (--stop_at_step), before --max_steps "
-                    f"{t.max_steps}, with a checkpoint; continue with --auto_resume")
+    return finish(ckpt, metrics, progress.step, stopping, t.max_steps)
+
+
+def finish(ckpt: CheckpointManager, metrics: Metrics, step: int, stopping: bool,
+           max_steps: int) -> int:
+    """The end of the loop after step `step`: the last save committed (close waits for one
+    in flight), then what ended the run, said after its `committed` line; the exit code."""
+    ckpt.close()
+    if stopping:
+        metrics.say(f"preempted: stopped after step {step} with a checkpoint; exit code "
+                    f"{EXIT_PREEMPTED} (continue with --auto_resume)")
+    elif step < max_steps:  # exit 0: --stop_at_step asked for it
+        metrics.say(f"stopped at step {step} (--stop_at_step), before --max_steps "
+                    f"{max_steps}, with a checkpoint; continue with --auto_resume")
     metrics.close()
     return EXIT_PREEMPTED if stopping else 0
 
@@ -136,10 +141,7 @@ def signal_during_save(preempt: Preemption) -> bool:
     """Every rank, after a save at a step the ranks had not agreed to stop at: whether any
     rank got a signal meanwhile (then the run ends at that save, not one step later). With
     a local tier the stop's save is the durable one, so the loop stops at the next step."""
-    signals = D.agree(lambda: preempt.signum or 0, every_rank=True)
-    if any(signals):
-        preempt.agreed(signals)
-    return any(signals)
+    return preempt.agreed(D.agree(lambda: preempt.signum or 0, every_rank=True))
 
 
 def begin_step(info: D.DistInfo, step: int) -> None:
