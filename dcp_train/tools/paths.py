@@ -30,23 +30,23 @@ def local(path: str) -> Optional[str]:
 
 def input_dir(path: str, what: str, give: str) -> None:
     """`path` (flag or argument `what`) must be an existing dir; give: what to give instead."""
-    p = local(path)
-    if p is None:
-        return
-    if not os.path.exists(p):
-        raise PathError(f"{what} {path} does not exist; give {give}")
-    if not os.path.isdir(p):
-        raise PathError(f"{what} {path} is a file, not a directory; give {give}")
+    existing(path, what, give, "dir")
 
 
 def input_file(path: str, what: str, give: str) -> None:
     """`path` must be an existing file (not a dir)."""
+    existing(path, what, give, "file")
+
+
+def existing(path: str, what: str, give: str, kind: str) -> None:
     p = local(path)
     if p is None:
         return
     if not os.path.exists(p):
         raise PathError(f"{what} {path} does not exist; give {give}")
-    if os.path.isdir(p):
+    if kind == "dir" and not os.path.isdir(p):
+        raise PathError(f"{what} {path} is a file, not a directory; give {give}")
+    if kind == "file" and os.path.isdir(p):
         raise PathError(f"{what} {path} is a directory, not a file; give {give}")
 
 
