@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, child_env, run_train
+from helpers import REPO, TINY, child_env, run_train, tree_bytes
 
 from dcp_train.cli import parse_config
 from dcp_train.errors import ConfigError
@@ -126,6 +126,25 @@ def test_resume_of_a_dir_whose_latest_names_a_missing_step(saved, tmp_path):
     one_failure(proc, f"--checkpoint_path {tmp_path / 'ckpt'} is not a usable checkpoint: "
                       "its `latest` names 'step_00000009', which does not exist")
     assert "resumed from" not in proc.stdout
+
+
+def test_a_damaged_step_named_through_its_dir_is_named(saved, tmp_path):
+    """--resume --checkpoint_path DIR whose `latest` step has a corrupt shard (found while
+    loading): the line names that step dir, not DIR; nothing written."""
+    ckpt, args = saved
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    step = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
+    shard = next(step.glob("__0_*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = tree_bytes(tmp_path / "ckpt")
+    proc = run_train(2, [*args, "--checkpoint_dir", str(tmp_path / "new"), "--max_steps", "3",
+                         "--resume", "--checkpoint_path", str(tmp_path / "ckpt")],
+                     check=False, timeout=300)
+    line = one_failure(proc, f"--checkpoint_path {step} is not a usable checkpoint: ")
+    assert shard.name in line, line
+    assert tree_bytes(tmp_path / "ckpt") == before and not (tmp_path / "new").exists()
 
 
 def test_killed_peer_is_named_not_gloo(saved, tmp_path):
