@@ -210,3 +210,30 @@ def test_a_fresh_run_giving_up_on_its_store_says_what_happened():
         assert str(e.value).startswith(f"s3://b/ckpt refused requests for 0 s during {what}")
         assert str(e.value).endswith(f"storage endpoint unreachable; {then}"), str(e.value)
     assert "resume" not in FRESH
+
+
+def test_two_tiers_the_local_tiers_newer_steps_are_refused_alike(tmp_path):
+    """--resume from step 2 with a --local_checkpoint_dir that holds steps 3 and 4: refused
+    naming the local tier's steps (a new durable dir holds none); --drop_newer_checkpoints
+    deletes them at the first save, and the run ends with the local tier at its own steps."""
+    data = write_shards(tmp_path / "data")
+    ckpt, local = tmp_path / "ckpt", tmp_path / "local"
+    tiers = ["--local_checkpoint_dir", str(local), "--local_checkpoint_interval", "1"]
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                  "--checkpoint_dir", str(ckpt), *tiers])
+    assert {"step_00000003", "step_00000004"} <= {p.name for p in local.glob("step_*")}
+    before = tree_bytes(local)
+    how = ["--resume", "--checkpoint_path", str(ckpt / "step_00000002"), *tiers]
+    proc = _launch(tmp_path, data, tmp_path / "new", *how)
+    assert one_error(proc) == (
+        f"dcp_train: error: --local_checkpoint_dir {local} holds committed steps newer than "
+        "step 2, which this run resumes from: 3, 4; its saves would replace them. Use another "
+        "--local_checkpoint_dir to keep them, or pass --drop_newer_checkpoints to delete them "
+        "at this run's first save")
+    assert tree_bytes(local) == before and not (tmp_path / "new").exists()
+
+    proc = _launch(tmp_path, data, tmp_path / "new", *how, "--drop_newer_checkpoints")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--drop_newer_checkpoints: deleted local steps 3, 4 from {local}" in proc.stdout
+    assert (local / "latest").read_text() == "step_00000004\n"
+    assert (tmp_path / "new" / "latest").read_text() == "step_00000004\n"
