@@ -100,8 +100,9 @@ def test_ls(run, tmp_path, capsys):
 
     (root / "latest").write_text("step_00000012\n")
     assert "not a committed checkpoint" in tool(capsys, "ls", root)[1]
-    assert tool(capsys, "ls", tmp_path / "nope") == (2, f"dcp-ckpt: error: {tmp_path / 'nope'} "
-                                                       "does not exist\n")
+    assert tool(capsys, "ls", tmp_path / "nope") == (
+        2, f"dcp-ckpt: error: DIR {tmp_path / 'nope'} does not exist; give a checkpoint dir (a "
+           "run's --checkpoint_dir or --local_checkpoint_dir)\n")
 
 
 def test_inspect(run, capsys):

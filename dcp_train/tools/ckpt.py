@@ -210,13 +210,14 @@ def cmd_export(args, opts) -> int:
     storage, path = _step_dir(args, opts)
     out, torch_ext = args.out, (".pt", ".pth", ".bin")
     fmt = args.format or ("torch" if out.endswith(torch_ext) else "safetensors")
-    if args.hf and not out.endswith((".safetensors", *torch_ext)):  # a dir for from_pretrained
+    hf_dir = args.hf and not out.endswith((".safetensors", *torch_ext))  # for from_pretrained
+    if hf_dir:
         name = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
-        paths.output_dir(out, "--out")
+        paths.output_dir(out, "--out")  # made by the export if it is not there yet
         out = os.path.join(out, name)
-    # before anything is read: an export takes minutes, its --out is checked first
-    paths.output_file(out, "--out", replace=False,
-                      dir_hint="or pass --hf to write a Hugging Face dir into it")
+    if not hf_dir or os.path.isdir(os.path.dirname(out)):  # before anything is read
+        paths.output_file(out, "--out", replace=False,
+                          dir_hint="or pass --hf to write a Hugging Face dir into it")
     with bar(desc="export", total=3, unit="stage") as shown:  # at a terminal only
         shown.set_postfix_str("reading the checkpoint")
         weights, meta = load_model_weights(storage, path)
