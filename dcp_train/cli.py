@@ -47,7 +47,12 @@ def _bool(text: str) -> bool:
 
 
 def _auto_bool(text: str) -> Optional[bool]:
-    return None if text.lower() == "auto" else _bool(text)
+    if text.lower() == "auto":
+        return None
+    try:
+        return _bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}") from None
 
 
 def _add_fields(parser, cls, defaults_from_preset: bool) -> None:
@@ -174,7 +179,7 @@ def init_from_dims(url: str, storage_options: str, explicit: dict) -> dict:
              if k in explicit and explicit[k] != v]
     if clash:
         raise ConfigError(f"--init_from {url} does not fit {'; '.join(clash)}; drop these "
-                          "flags: the model dimensions come from the checkpoint")
+                          "flags: the model dimensions come from its config.json")
     return dims
 
 
@@ -184,8 +189,11 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
     config_flag = _Parser(add_help=False, allow_abbrev=False)
     config_flag.add_argument("--config", default=None)
     config_file = config_flag.parse_known_args(argv)[0].config
-    if config_file:
-        parser.set_defaults(**load_config_file(config_file))
+    if config_file is not None and not config_file.strip():
+        raise ConfigError("--config is empty; give the path of a TOML file (examples in "
+                          "configs/)")
+    from_file = load_config_file(config_file) if config_file else {}
+    parser.set_defaults(**from_file)
     args = vars(parser.parse_args(argv))
     preset = args["preset"]
     if preset not in PRESETS:
@@ -206,6 +214,26 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
                 for name, cls in SECTIONS.items() if name != "model"}
     cfg = Config(preset=preset, model=model, storage_options=args["storage_options"],
                  **sections)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise in_file(e, config_file, from_file, sys.argv[1:] if argv is None else argv) from None
     redact.remember(cfg.storage_options_dict)  # scrubbed from every line printed or stored
     return cfg
+
+
+def in_file(error: ConfigError, path: Optional[str], from_file: dict,
+            argv: list[str]) -> ConfigError:
+    """`error` of a check that names its flag first (`--stall_timeout must be ...`), said of
+    the TOML file's key when the value came from the file (not overridden by the flag)."""
+    flag = (error.args[0].split() or [""])[0].removeprefix("--")
+    given = any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in argv)
+    if flag not in from_file or given:
+        return error
+    section = next((f"[{name}] " for name, cls in SECTIONS.items()
+                    if flag in {f.name for f in fields(cls)}), "")
+    text = error.args[0].removeprefix(f"--{flag}").replace(
+        "; quote the JSON object for your shell",
+        "; write a TOML table (storage_options = {key = \"value\"}) or a JSON object as a "
+        "TOML string")
+    return ConfigError(f"--config {path}: {section}{flag}{text}")

@@ -162,6 +162,9 @@ class CheckpointConfig:
     resume: bool = _help("resume from --checkpoint_path (an error if it is not a checkpoint)",
                          default=False)
     checkpoint_path: str = _help("checkpoint step dir to resume from, with --resume", default="")
+    drop_newer_checkpoints: bool = _help(
+        "let a resume from a step older than --checkpoint_dir's newest go on: the newer steps "
+        "are deleted just before this run's first save (else refused)", default=False)
     init_from: str = _help(
         "start a fresh run from a Hugging Face GPT-2 dir or fsspec URL (config.json + "
         "model.safetensors, as save_pretrained or dcp-ckpt export --hf write them): model "
@@ -241,12 +244,12 @@ def local_path(template: str, node: int) -> str:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no torch.distributed (world-size checks: grad_accum_steps and
+    """Checks that need no torch.distributed (world-size checks: train/loop.grad_accum_steps and
     train/deterministic.py). Fills in seq_len (default: block_size)."""
     t, m, ck, ev = cfg.training, cfg.model, cfg.checkpoint, cfg.eval
+    check_ranges(cfg)  # before seq_len takes block_size: a bad block_size is named as such
     if t.seq_len is None:
         t.seq_len = m.block_size
-    check_ranges(cfg)
     if t.seq_len > m.block_size:
         raise ConfigError(f"--seq_len {t.seq_len} exceeds --block_size {m.block_size}")
     if m.n_embd % m.n_head:
@@ -292,7 +295,7 @@ _RANGES = [
     ("weight_decay", lambda v: v >= 0, "a number >= 0"),
     ("grad_clip", lambda v: v > 0, "a number > 0"),
     ("batch_size", lambda v: v >= 1, ">= 1"),
-    ("seq_len", lambda v: v >= 1, ">= 1"),
+    ("seq_len", lambda v: v is None or v >= 1, ">= 1"),
     ("total_batch_size", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
@@ -362,8 +365,9 @@ def _installed(module: str) -> bool:
 
 def validate_checkpoint(ck: CheckpointConfig) -> None:
     """Flag checks of the checkpoint section (both tiers); one-line ConfigErrors."""
-    if ck.checkpoint_interval < 0 or ck.local_checkpoint_interval < 0:
-        raise ConfigError("--checkpoint_interval and --local_checkpoint_interval must be >= 0")
+    for flag in ("checkpoint_interval", "local_checkpoint_interval"):
+        if getattr(ck, flag) < 0:
+            raise ConfigError(f"--{flag} must be >= 0 (0: off), got {getattr(ck, flag)}")
     for flag in ("keep_last_n_checkpoints", "keep_last_n_local_checkpoints"):
         if getattr(ck, flag) == 0 or getattr(ck, flag) < -1:
             raise ConfigError(f"--{flag} must be -1 (keep all) or >= 1")
@@ -383,16 +387,4 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
     if "://" not in durable and local_path(local, 0) == os.path.abspath(durable):
         raise ConfigError("--local_checkpoint_dir is --checkpoint_dir; give the local tier "
                           "its own node-local dir")
-
-
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Micro-steps per optimizer step so that total_batch_size tokens make one step."""
-    t = cfg.training
-    per_micro = t.batch_size * t.seq_len * world_size
-    if t.total_batch_size % per_micro:
-        raise ConfigError(
-            f"--total_batch_size {t.total_batch_size} is not divisible by batch_size*seq_len*"
-            f"world_size = {t.batch_size}*{t.seq_len}*{world_size} = {per_micro}; "
-            "change --batch_size or --total_batch_size")
-    return t.total_batch_size // per_micro
 

@@ -68,6 +68,30 @@ def test_bad_files_name_the_key_and_the_file(tmp_path, text, words):
     assert "s3cr3t" not in str(e.value)
 
 
+@pytest.mark.parametrize("text, says", [
+    ("[checkpoint]\nstall_timeout = -3.0\n",
+     "[checkpoint] stall_timeout must be seconds >= 1, got -3.0"),
+    ("[training]\nmax_steps = 0\n", "[training] max_steps must be >= 1, got 0"),
+    ("[logging]\nlog_dir = \" \"\n", "[logging] log_dir is empty; give a path"),
+    ('storage_options = "{key: s3cr3t}"\n',
+     "storage_options is not valid JSON (Expecting property name enclosed in double quotes: "
+     "line 1 column 2 (char 1)); write a TOML table (storage_options = {key = \"value\"}) or "
+     "a JSON object as a TOML string"),
+])
+def test_range_errors_name_the_file_and_the_key(tmp_path, text, says):
+    """A value from the file that a check refuses is said of the file's key, with advice in
+    TOML's terms (not the shell's); the same value given as a flag is said of the flag."""
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--config", str(path)])
+    assert str(e.value) == f"--config {path}: {says}"
+    assert "s3cr3t" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--config", str(CONFIGS / "tiny.toml"), "--stall_timeout", "-3"])
+    assert str(e.value) == "--stall_timeout must be seconds >= 1, got -3.0"
+
+
 def test_one_error_line_and_exit_2(tmp_path):
     for path, words in [(tmp_path / "nope.toml", "cannot read it"),
                         (tmp_path / "bad.toml", "unknown key 'n_layers' in [model]")]:

@@ -442,7 +442,7 @@ def _resume_bit_exact(tmp_path, data, reference, stop: int) -> None:
 def test_sigterm_to_torchrun_checkpoints_and_resumes_bit_exact(tmp_path, data, reference):
     stop, out, code = _preempt(tmp_path, data, lambda job: os.kill(job.pid, signal.SIGTERM))
     assert code == 1 and "Received 15 death signal, shutting down workers" in out
-    assert out.count("dcp_train: got SIGTERM") == 2  # forwarded to both ranks
+    assert out.count("dcp_train: got SIGTERM") == 1  # forwarded to both ranks, said once
     assert "forcefully exiting" not in out  # both ranks exited by themselves (code 75)
     _resume_bit_exact(tmp_path, data, reference, stop)
 
@@ -456,7 +456,7 @@ def test_sigusr1_to_the_ranks_checkpoints_exits_75_and_resumes_bit_exact(tmp_pat
             os.kill(pid, signal.SIGUSR1)
 
     stop, out, code = _preempt(tmp_path, data, send)
-    assert code != 0 and out.count("dcp_train: got SIGUSR1") == 2
+    assert code != 0 and out.count("dcp_train: got SIGUSR1") == 1  # one line per job
     codes = exit_codes(out)
     assert codes and set(codes.values()) == {75}, codes  # torchrun's report: the ranks' codes
     _resume_bit_exact(tmp_path, data, reference, stop)

@@ -20,6 +20,7 @@ Run: .venv/bin/python -m pytest tests/test_init_from.py -q
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ from dcp_train.cli import parse_config
 from dcp_train.errors import ConfigError
 from dcp_train.tools import ckpt
 from helpers import (REPO, assert_same_tensors, child_env, free_port, load_checkpoint, losses,
-                     run_train, write_shards)
+                     one_error, run_train, write_shards)
 
 VOCAB, BLOCK = 509, 32
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -168,7 +169,8 @@ def test_dimension_flags_must_agree(hf_dir):
     cfg = parse_config(ARGS + ["--init_from", str(path), "--n_embd", "48"])
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.vocab_size,
             cfg.model.block_size) == (2, 3, 48, VOCAB, BLOCK)
-    with pytest.raises(ConfigError, match=r"--n_layer 3 \(its config.json: 2\)"):
+    with pytest.raises(ConfigError, match=r"--n_layer 3 \(its config.json: 2\); drop these "
+                       "flags: the model dimensions come from its config.json"):
         parse_config(ARGS + ["--init_from", str(path), "--n_layer", "3"])
 
 
@@ -181,3 +183,35 @@ def test_not_a_gpt2_config(hf_dir, tmp_path):
             parse_config(ARGS + ["--init_from", str(tmp_path)])
     with pytest.raises(ConfigError, match="has no config.json"):
         parse_config(ARGS + ["--init_from", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("damage", ["cut", "dims"])
+def test_bad_weights_refused_leaving_nothing(damage, hf_dir, tmp_path):
+    """model.safetensors cut in half, or a config.json whose dimensions its weights do not
+    have: one line naming the file, exit 2, and nothing created (no writer.lease, no
+    metrics.jsonl, no dirs): the weights are read before the writer lease (docs/errors.md)."""
+    src, _ = hf_dir
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    weights = (src / "model.safetensors").read_bytes()
+    config = json.loads((src / "config.json").read_text())
+    if damage == "cut":
+        (bad / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    else:
+        (bad / "model.safetensors").write_bytes(weights)
+        config["n_embd"] = 60  # the weights are 48 wide
+    (bad / "config.json").write_text(json.dumps(config))
+    data = write_shards(tmp_path / "data", vocab=VOCAB)
+    proc = run_train(2, ARGS + ["--init_from", str(bad), "--max_steps", "2",
+                                "--data_dir", str(data),
+                                "--checkpoint_dir", str(tmp_path / "ckpt"),
+                                "--log_dir", str(tmp_path / "log")], check=False)
+    line = one_error(proc)
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)) == {"2"}, proc.stderr
+    assert proc.stderr.count("Traceback (most recent call last)") == 1  # torchrun's own
+    assert "terminate called" not in proc.stderr and "SafetensorError" not in proc.stdout
+    if damage == "cut":
+        assert f"{bad / 'model.safetensors'} is not a readable safetensors file" in line
+    else:
+        assert re.search(f"--init_from {bad}: \\S+ has shape .*, the model needs", line), line
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "log").exists()

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from dcp_train.cli import parse_config
-from dcp_train.config import grad_accum_steps
+from dcp_train.train.loop import grad_accum_steps
 from helpers import REPO
 
 MANIFEST = REPO / "launch" / "k8s" / "pytorchjob.yaml"

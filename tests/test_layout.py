@@ -33,6 +33,7 @@ LAYERS = [
     ("async saves", ["dcp_train.checkpoint.async_save"]),
     ("save protocol", ["dcp_train.checkpoint.protocol"]),
     ("checkpoint view, load, resume rules", ["dcp_train.checkpoint.layout",
+                                             "dcp_train.checkpoint.newer",
                                              "dcp_train.checkpoint.restore",
                                              "dcp_train.checkpoint.resume_rules"]),
     ("checkpoint state", ["dcp_train.checkpoint"]),  # state.py, rng.py, ride_out.py

@@ -25,8 +25,10 @@ def _launch(tmp_path: Path, data: Path, ckpt: Path, *extra: str) -> subprocess.C
 def test_fresh_start_on_a_committed_run_is_refused_and_changes_nothing(tmp_path):
     data = write_shards(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
-    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
-                  "--checkpoint_dir", str(ckpt), "--stop_at_step", "2"])
+    first = run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                          "--checkpoint_dir", str(ckpt), "--stop_at_step", "2"])
+    assert ("stopped at step 2 (--stop_at_step), before --max_steps 4, with a checkpoint; "
+            "continue with --auto_resume") in first.stdout.splitlines()
     before = tree_bytes(ckpt)
     proc = _launch(tmp_path, data, ckpt)
     assert one_error(proc) == (f"dcp_train: error: checkpoint dir {ckpt} holds a run at step 2; "
@@ -148,3 +150,90 @@ def test_accepted_changes_are_reported_and_an_extended_run_keeps_its_schedule(tm
     new = {r["step"]: r["lr"] for r in metrics(log, "train") if r["step"] > 4}
     assert new == {5: 3e-3 * 0.1, 6: 3e-3 * 0.1}  # the saved cosine ended at step 4
     assert lrs[4] > new[5]
+
+
+def test_a_resume_behind_newer_steps_is_refused_unless_told(tmp_path):
+    """Resuming from step 2 of a dir whose newest step is 4 would replace step 4: refused in
+    one line naming step 4 and the two ways on, nothing created (no log dir either); with
+    --auto_resume and a `latest` set back alike; --drop_newer_checkpoints goes on, says
+    which steps go, and deletes them only at its first save (checkpoint/newer.py)."""
+    data = write_shards(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                  "--checkpoint_dir", str(ckpt)])
+    step_2 = ckpt / "step_00000002"
+    refusal = (f"dcp_train: error: --checkpoint_dir {ckpt} holds committed steps newer than "
+               "step 2, which this run resumes from: 4; its saves would replace them. Use "
+               "another --checkpoint_dir to keep them, or pass --drop_newer_checkpoints to "
+               "delete them at this run's first save")
+    before = tree_bytes(ckpt)
+    for how in (["--resume", "--checkpoint_path", str(step_2)], ["--auto_resume"]):
+        if how == ["--auto_resume"]:
+            (ckpt / "latest").write_text("step_00000002\n")
+            before = tree_bytes(ckpt)
+        proc = _launch(tmp_path, data, ckpt, *how)
+        assert one_error(proc) == refusal
+        assert tree_bytes(ckpt) == before
+        assert not (tmp_path / "log2").exists()
+
+    (ckpt / "latest").write_text("step_00000004\n")
+    proc = _launch(tmp_path, data, ckpt, "--resume", "--checkpoint_path", str(step_2),
+                   "--drop_newer_checkpoints")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    announced = lines.index(f"--drop_newer_checkpoints: steps 4 of {ckpt} will be deleted at "
+                            "this run's first save (resuming from step 2)")
+    dropped = lines.index(f"--drop_newer_checkpoints: deleted step_00000004 from {ckpt}")
+    first_step = next(i for i, l in enumerate(lines) if l.startswith("step      3 |"))
+    saved = next(i for i, l in enumerate(lines) if "checkpoint" in l and "committed" in l)
+    assert announced < first_step < dropped < saved  # the old step 4 lived until the save
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (ckpt / "latest").read_text() == "step_00000004\n"
+
+
+def test_a_fresh_run_giving_up_on_its_store_says_what_happened():
+    """A fresh run (no --resume/--auto_resume) whose store refuses past the budget: the line
+    names the start, not a resume, and says nothing was written (the manager's phase FRESH);
+    a resume's says the last committed checkpoint is intact."""
+    import pytest
+
+    from dcp_train.checkpoint.ride_out import FRESH, Patience, StoreTrouble, ride_out
+    from dcp_train.errors import StoreUnavailable
+
+    def refuse():
+        raise StoreTrouble("storage endpoint unreachable")
+    for what, then in ((FRESH, "nothing was written, relaunch once the store answers"),
+                       ("the resume (discovery)", "the last committed checkpoint is intact, "
+                        "relaunch with --auto_resume once the store answers")):
+        with pytest.raises(StoreUnavailable) as e:
+            ride_out(refuse, Patience(0.0, 30.0), "s3://b/ckpt", what, collective=False)
+        assert str(e.value).startswith(f"s3://b/ckpt refused requests for 0 s during {what}")
+        assert str(e.value).endswith(f"storage endpoint unreachable; {then}"), str(e.value)
+    assert "resume" not in FRESH
+
+
+def test_two_tiers_the_local_tiers_newer_steps_are_refused_alike(tmp_path):
+    """--resume from step 2 with a --local_checkpoint_dir that holds steps 3 and 4: refused
+    naming the local tier's steps (a new durable dir holds none); --drop_newer_checkpoints
+    deletes them at the first save, and the run ends with the local tier at its own steps."""
+    data = write_shards(tmp_path / "data")
+    ckpt, local = tmp_path / "ckpt", tmp_path / "local"
+    tiers = ["--local_checkpoint_dir", str(local), "--local_checkpoint_interval", "1"]
+    run_train(2, [*ARGS, "--data_dir", str(data), "--log_dir", str(tmp_path / "log"),
+                  "--checkpoint_dir", str(ckpt), *tiers])
+    assert {"step_00000003", "step_00000004"} <= {p.name for p in local.glob("step_*")}
+    before = tree_bytes(local)
+    how = ["--resume", "--checkpoint_path", str(ckpt / "step_00000002"), *tiers]
+    proc = _launch(tmp_path, data, tmp_path / "new", *how)
+    assert one_error(proc) == (
+        f"dcp_train: error: --local_checkpoint_dir {local} holds committed steps newer than "
+        "step 2, which this run resumes from: 3, 4; its saves would replace them. Use another "
+        "--local_checkpoint_dir to keep them, or pass --drop_newer_checkpoints to delete them "
+        "at this run's first save")
+    assert tree_bytes(local) == before and not (tmp_path / "new").exists()
+
+    proc = _launch(tmp_path, data, tmp_path / "new", *how, "--drop_newer_checkpoints")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--drop_newer_checkpoints: deleted local steps 3, 4 from {local}" in proc.stdout
+    assert (local / "latest").read_text() == "step_00000004\n"
+    assert (tmp_path / "new" / "latest").read_text() == "step_00000004\n"

@@ -100,8 +100,9 @@ def test_ls(run, tmp_path, capsys):
 
     (root / "latest").write_text("step_00000012\n")
     assert "not a committed checkpoint" in tool(capsys, "ls", root)[1]
-    assert tool(capsys, "ls", tmp_path / "nope") == (2, f"dcp-ckpt: error: {tmp_path / 'nope'} "
-                                                       "does not exist\n")
+    assert tool(capsys, "ls", tmp_path / "nope") == (
+        2, f"dcp-ckpt: error: DIR {tmp_path / 'nope'} does not exist; give a checkpoint dir (a "
+           "run's --checkpoint_dir or --local_checkpoint_dir)\n")
 
 
 def test_inspect(run, capsys):
@@ -124,7 +125,8 @@ def test_inspect(run, capsys):
     rc, out = tool(capsys, "inspect", run / "ckpt" / STEP3)
     assert rc == 0 and out.startswith(f"checkpoint {run / 'ckpt' / STEP3}\nstep 3 |")
     for text in ("model: 28 entries", "per-rank: 4 entries", "rank_00001.torch_cpu",
-                 "tied to model.transformer.wte.weight", "config:", '"max_steps": 6'):
+                 "tied to model.transformer.wte.weight", "config:", '"max_steps": 6',
+                 "| checkpoint format 1\n", "manifest.json: format 2, checksums crc32c\n"):
         assert text in out
 
 
@@ -302,3 +304,62 @@ def test_s3_checkpoint(run, reference, s3, tmp_path, capsys):
     fs.pipe_file(key, flip_byte(fs.cat_file(key), 123))
     rc, out = tool(capsys, *opts, "verify", f"{url}/{STEP6}")
     assert rc == 1 and "file __0_0.distcp is corrupt" in out
+
+
+def test_every_tool_checks_its_paths_before_the_work(run, tmp_path, capsys):
+    """A file where a dir is expected and the reverse, a missing parent, an existing output:
+    one line, exit 2, no traceback, no errno text, nothing written (tools/paths.py)."""
+    from dcp_train.tools import plot
+    from dcp_train.train import hellaswag
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    log = run / "log"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (tmp_path / "taken.pt").write_bytes(b"old")
+    ckpt_dir = run / "ckpt"
+    cases = [
+        (ckpt.main, ["inspect", a_file], f"dcp-ckpt: error: CKPT {a_file} is a file, not a "
+                                         "directory; give a step dir or a checkpoint dir"),
+        (ckpt.main, ["verify", a_file], f"dcp-ckpt: error: CKPT {a_file} is a file"),
+        (ckpt.main, ["ls", a_file], f"dcp-ckpt: error: DIR {a_file} is a file"),
+        (ckpt.main, ["ls", ckpt_dir, "--local", a_file], f"dcp-ckpt: error: --local {a_file} "
+                                                        "is a file"),
+        (ckpt.main, ["export", ckpt_dir, "--out", out_dir], f"dcp-ckpt: error: --out {out_dir} "
+         "is a directory; give a file path, or pass --hf to write a Hugging Face dir into it"),
+        (ckpt.main, ["export", ckpt_dir, "--out", tmp_path / "taken.pt"],
+         f"dcp-ckpt: error: --out {tmp_path / 'taken.pt'} already exists; remove it or give "
+         "another path"),
+        (ckpt.main, ["export", ckpt_dir, "--out", tmp_path / "no" / "m.pt"],
+         f"dcp-ckpt: error: --out {tmp_path / 'no' / 'm.pt'}: its directory {tmp_path / 'no'} "
+         "does not exist; create it first or give another path"),
+        (ckpt.main, ["export", ckpt_dir, "--out", a_file, "--hf"],
+         f"dcp-ckpt: error: --out {a_file} is a file, not a directory; give a directory"),
+        (plot.main, [log / "metrics.jsonl"], f"dcp_train.plot: error: LOG_DIR "
+         f"{log / 'metrics.jsonl'} is a file, not a directory; give the run's --log_dir"),
+        (plot.main, [log, "-o", tmp_path / "no" / "x.png"], "dcp_train.plot: error: --out "
+         f"{tmp_path / 'no' / 'x.png'}: its directory {tmp_path / 'no'} does not exist"),
+        (plot.main, [log, "-o", out_dir], f"dcp_train.plot: error: --out {out_dir} is a "
+                                          "directory; give a file path"),
+        (plot.main, [tmp_path], f"dcp_train.plot: error: no metrics.jsonl in {tmp_path}"),
+        (sample.main, ["--checkpoint", a_file], f"dcp_train.sample: error: --checkpoint "
+                                                f"{a_file} is a file, not a directory"),
+        (sample.main, ["--checkpoint", ckpt_dir, "--tokenizer_file", out_dir],
+         f"dcp_train.sample: error: --tokenizer_file {out_dir} is a directory, not a file"),
+        (hellaswag.main, ["--download", a_file], f"dcp_train.hellaswag: error: --download "
+                                                 f"{a_file} is a file, not a directory"),
+        (hellaswag.main, ["--download", tmp_path / "no" / "hs"], "dcp_train.hellaswag: error: "
+         f"--download {tmp_path / 'no' / 'hs'}: its directory {tmp_path / 'no'} does not "
+         "exist"),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for main, argv, says in cases:
+        rc = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        assert rc == 2, (argv, out)
+        assert out.out == "" and out.err.count("\n") == 1, (argv, out)
+        assert out.err.startswith(says), (argv, out.err)
+        assert "Errno" not in out.err and "Traceback" not in out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "taken.pt").read_bytes() == b"old" and not any(out_dir.iterdir())

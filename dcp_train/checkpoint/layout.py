@@ -56,6 +56,7 @@ class Found:
     note: str = ""  # why this one was chosen, when it was not simply `latest`
     discovered: bool = True  # chosen by discovery (so it may fall back), not named by the user
     metadata: Optional[bytes] = None  # `.metadata`'s bytes, checked against the manifest
+    newer: tuple = ()  # committed steps of --checkpoint_dir newer than this one (newer.py)
 
     @property
     def sizes(self) -> dict[str, int]:

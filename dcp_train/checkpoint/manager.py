@@ -23,9 +23,11 @@ Two tiers (--local_checkpoint_dir): saves go to the local tier (tiers/local.py; 
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 from dcp_train import distributed as D
+from dcp_train.checkpoint import newer
 from dcp_train.checkpoint.async_save.save_process import SaveProcess
 from dcp_train.checkpoint.io.lease import WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir
@@ -49,7 +51,7 @@ class StepReport(NamedTuple):
     (`D.agree(ckpt.report, every_rank=True)`, then `ckpt.step(..., reports=...)`)."""
 
     sample_ids: list  # the step's sample ids on this rank (the `train` record's batch_digest)
-    stop_requested: bool  # this rank got SIGTERM, SIGUSR1 or Ctrl-C
+    stop_requested: int  # the signal this rank got (SIGTERM, SIGUSR1, Ctrl-C), or 0
     due_by_time: tuple[bool, bool] | None  # rank 0: (durable, local) due by wall time
     replication: ReplicationReport | None  # this rank's view of the replication in flight
 
@@ -76,6 +78,7 @@ class CheckpointManager:
         checkpointer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,  # the durable tier's
                                     on_commit=self.lease.refresh, save_process=SaveProcess)
         checkpointer.patience = self.patience
+        self.durable = checkpointer  # the durable tier's (newer.drop_all)
         self.committed_step = None  # the step whose state is committed in our dir(s)
         self.local = None
         self.replicator = None
@@ -91,17 +94,20 @@ class CheckpointManager:
                 component.optimizer.register_step_pre_hook(lambda *_: self.checkpointer.staged())
         self.clock = Clock(cfg)  # the _minutes intervals (rank 0's decides)
         self.tier: TierChoice | None = None  # the resume's choice of tier (resume.py)
+        self.newer = {}  # {tier: [steps]} --drop_newer_checkpoints deletes (newer.py)
 
     # ----------------------------------------------------------------------- resume
-    def resume(self) -> None:
+    def resume(self, at_fresh_start=lambda: None) -> None:
         """Collective, once before the first step: resume.py's steps 1-5, then the save
-        process, this rank's entry (fresh unless restored), the `resume` record."""
+        process, this rank's entry (fresh unless restored), the `resume` record.
+        at_fresh_start() runs (every rank) at a fresh start before the lease (--init_from),
+        so that a refusal there leaves nothing written."""
         failure.set_activity("the resume")
         resuming = Resume(self.cfg, self.info, self.metrics, self.progress, self.shared,
                           self.entry, self.dir, self.lease, self.patience, self.local,
                           self.replicator)
-        found = resuming.run()
-        self.lease_due, self.tier = resuming.lease_due, resuming.tier
+        found = resuming.run(at_fresh_start)
+        self.lease_due, self.tier, self.newer = resuming.lease_due, resuming.tier, resuming.newer
         if self.ck.async_checkpoint:  # its start-up (seconds) overlaps the first steps
             self.checkpointer.start_save_process(self.info.rank, self.info.world_size)
         self.clock.start()
@@ -128,7 +134,7 @@ class CheckpointManager:
             self.lease_due = False
 
     # ------------------------------------------------------------------------ saving
-    def report(self, sample_ids: list = (), stop_requested: bool = False) -> StepReport:
+    def report(self, sample_ids: list = (), stop_requested: int = 0) -> StepReport:
         """This rank's StepReport: the loop's part (sample ids, a stop request), rank 0's
         wall-time intervals, the replication's state (replicate.py)."""
         return StepReport(list(sample_ids), stop_requested,
@@ -159,6 +165,9 @@ class CheckpointManager:
     def save(self, durable: bool = True) -> None:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
         failure.set_activity(f"the save of step {self.progress.step}")
+        if self.newer:  # --drop_newer_checkpoints: at the first save (newer.py)
+            newer.drop_all(self.newer, self.durable, self.local, self.patience, self.metrics.say)
+            self.newer = {}
         t0 = time.perf_counter()  # the save's clock: the loop is blocked from here (blocked_s)
         sd = {}
         for component in [*self.shared, self.entry]:

@@ -37,11 +37,12 @@ import time
 from typing import NamedTuple
 
 from dcp_train import distributed as D
-from dcp_train.checkpoint import restore
+from dcp_train.checkpoint import newer, restore
 from dcp_train.checkpoint.io.lease import LeaseError, WriterLease
 from dcp_train.checkpoint.layout import CheckpointDir, Found, reading, unusable
 from dcp_train.checkpoint.resume_rules import change_lines, check_resume, end_note
-from dcp_train.checkpoint.ride_out import Patience, StoreTrouble, agreed_phase, guarded, ride_out
+from dcp_train.checkpoint.ride_out import (FRESH, Patience, StoreTrouble, agreed_phase, guarded,
+                                           ride_out)
 from dcp_train.checkpoint.tiers.policy import choose, common_step
 from dcp_train.config import Config
 from dcp_train.errors import CheckpointError, ConfigError, describe
@@ -85,24 +86,30 @@ class Resume:
         self.tier: TierChoice | None = None
         self.changes = {}  # {flag: [saved, now]} of what this resume changed (resume_rules.py)
         self.requests: dict = {}  # store requests of steps 1-5, every rank summed
+        self.newer = {}  # {tier: [steps]} --drop_newer_checkpoints deletes (newer.py)
         self._t0 = time.perf_counter()
 
     @property
     def root(self) -> str:  # named by layout.reading's errors
         return self.dir.root
 
-    def run(self) -> Found | None:
-        """Steps 1-5 of the module docstring: the loaded checkpoint, or None (a fresh start)."""
+    def run(self, at_fresh_start=lambda: None) -> Found | None:
+        """Steps 1-5 of the module docstring: the loaded checkpoint, or None (a fresh start);
+        at_fresh_start() runs at a fresh start before the lease (a refusal there, e.g.
+        --init_from's weights, leaves nothing written)."""
         self._t0, mark = time.perf_counter(), store_requests.snapshot()
         if self.local is not None:
             self.local.setup()
         time.sleep(D.agree(self.lease.expiry_wait))  # a dead job's lease on another host
         found = self._discover()
+        self.newer = {"durable": found.newer} if found is not None and found.newer else {}
         if self.local is not None:
             found = self._choose_tier(found)
         if found is not None:
             self._check(found)
             found = self._load(found)
+        else:
+            at_fresh_start()
         self.requests = store_requests.total(*self._take_lease(mark))
         return found
 
@@ -121,7 +128,7 @@ class Resume:
         local tier and --auto_resume one try: if the store is down, the local tier's
         (_choose_tier), and replication takes the lease once it answers (lease_due)."""
         if self.local is None or not self.ck.auto_resume:
-            return self._phase(self._choose)
+            return self._phase(self._choose, DISCOVERY if self.ck.resume or self.ck.auto_resume else FRESH)
         try:
             return D.agree(guarded(self._choose))  # one try, not ridden out
         except StoreTrouble as e:
@@ -136,10 +143,8 @@ class Resume:
         loading), or None."""
         self.dir.probe()  # an unreachable endpoint or a missing bucket fails here
         self.lease.check()  # another live run writes here: refuse before reading its dirs
-        if self.ck.resume:
-            return self.dir.open(self.ck.checkpoint_path, defer=True)
-        if self.ck.auto_resume:
-            return self.dir.find_latest(defer=True)
+        if self.ck.resume or self.ck.auto_resume:  # never behind newer steps (newer.py)
+            return newer.pick(self.dir, self.ck, self.metrics.say)
         committed, _ = self.dir.scan()
         if committed:  # a fresh start would overwrite that run's step dirs and `latest`
             raise ConfigError(f"checkpoint dir {self.dir.root} holds a run at step "
@@ -170,8 +175,8 @@ class Resume:
                                           "checkpoint; move the local dir away to start fresh")
                 self._check(found)
                 continue
-            if not found.discovered:
-                raise CheckpointError(unusable(self.ck.checkpoint_path, problem))
+            if not found.discovered:  # the step dir, also where --checkpoint_path is its dir
+                raise CheckpointError(unusable(found.path, problem))
             rejected[posixpath.basename(found.path)] = problem
             # discovered checkpoints are this dir's: the same view offers the next one
             found = self._phase(lambda: self.dir.find_latest(defer=True, rejected=rejected))
@@ -186,6 +191,11 @@ class Resume:
                 raise ConfigError(f"--local_checkpoint_dir {self.local.root} holds a run at "
                                   f"step {max(s for u in usable for s in u)}; pass "
                                   "--auto_resume to continue it or use another dir")
+            if durable is not None:  # the local tier's steps newer than --checkpoint_path's
+                local_newer = newer.check_local(self.local.root, usable, durable.step,
+                                                self.ck.drop_newer_checkpoints)
+                if local_newer:
+                    self.newer["local"] = local_newer
             self.tier = TierChoice("durable", "--checkpoint_path names it") if durable else None
             return durable
         self.replicator.durable_step = durable.step if durable is not None else -1

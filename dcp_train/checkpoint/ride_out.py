@@ -104,6 +104,10 @@ def guarded(fn):
     return run
 
 
+# the phase of a fresh start (no --resume/--auto_resume) looking at its checkpoint dir: no
+# checkpoint of it is at stake, so giving up says so
+FRESH = "the start of a fresh run (checking --checkpoint_dir)"
+
 class _Clock:
     """Rank 0's account of one phase's failures (module docstring)."""
 
@@ -120,16 +124,16 @@ class _Clock:
         self.silent_s = self.silent_s + since_last_s if e.silent else 0.0
         self.tries += 1
         budget, stall = self.patience
+        then = ("nothing was written, relaunch once the store answers" if self.what == FRESH
+                else "the last committed checkpoint is intact, relaunch with --auto_resume "
+                     "once the store answers")
         if e.silent and self.silent_s + attempt_s > stall:
             return (f"{self.store} did not answer for {self.silent_s:.0f} s during {self.what} "
-                    f"(--stall_timeout {stall:g}): {e}; the last committed checkpoint is "
-                    "intact, relaunch with --auto_resume once the store answers")
+                    f"(--stall_timeout {stall:g}): {e}; {then}")
         left = budget - (now - self.first)
         if left <= 0:
             return (f"{self.store} refused requests for {now - self.first:.0f} s during "
-                    f"{self.what}, past --store_retry_budget {budget:g} s: {e}; the last "
-                    "committed checkpoint is intact, relaunch with --auto_resume once the "
-                    "store answers")
+                    f"{self.what}, past --store_retry_budget {budget:g} s: {e}; {then}")
         delay = min(MAX_DELAY_S, 2.0 ** (self.tries - 1)) * _JITTER.uniform(0.5, 1.0)
         delay = max(0.1, min(delay, left))
         print(f"WARNING: {self.store} failed during {self.what} (attempt {self.tries}): {e}; "

@@ -1,10 +1,11 @@
 """Test-only fault injection: SIGKILL a chosen rank at a named point of the save protocol.
 
 Off unless the environment variable DCP_TRAIN_FAULT is set, as
-`POINT[:RANK[:STEP[:pause|stop]]]` (RANK and STEP default to any). With `pause` the process
-stops at the point instead (sleeps until something kills it): for tests that deliver the
+`POINT[:RANK[:STEP[:pause|stop|sigint]]]` (RANK and STEP default to any). With `pause` the
+process stops at the point instead (sleeps until something kills it): for tests that deliver the
 SIGKILL from outside at a known point. With `stop` it sends itself SIGSTOP there, every thread
-frozen as on a hung node (tests/test_stalls.py). The process kills itself with SIGKILL, exactly like an OOM
+frozen as on a hung node (tests/test_stalls.py). With `sigint` it sends itself SIGINT and goes
+on: a Ctrl-C arriving at that point (tests/test_signals.py). The process kills itself with SIGKILL, exactly like an OOM
 killer or a lost node would: no cleanup, no flushing. Points, in protocol order:
 
     mid_shard            this rank has written part of one of its DCP files (dcp_io.py)
@@ -84,6 +85,9 @@ def fault_point(point: str, rank: int | None = None, step: int | None = None) ->
         return
     if action == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    if action == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
         return
     if _kill_parent:
         os.kill(os.getppid(), signal.SIGKILL)

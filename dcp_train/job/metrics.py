@@ -10,6 +10,10 @@ goes to a SummaryWriter in <log_dir>/tensorboard as scalar "<kind>/<field>" at t
 With `wandb_project` (--wandb) every record also goes to a Weights & Biases run
 (wandb_log.py); `start_run(id)`, called once the run's id is known (after the resume
 decision), opens it and sends what was logged before.
+
+With `hold=True` (the trainer) nothing is created before `start_run`: records are held in
+memory and the log dir, metrics.jsonl and the TensorBoard files are made there, so a start
+refused before it (a flag, --init_from, a resume check) leaves nothing in the log dir.
 """
 
 from __future__ import annotations
@@ -25,18 +29,18 @@ from dcp_train.config import redacted_config
 
 class Metrics:
     def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = False,
-                 wandb_project: str | None = None):
+                 wandb_project: str | None = None, hold: bool = False):
         self.enabled = enabled
+        self.log_dir = log_dir
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self._file = None
         self._tb = None
+        self._tensorboard = None
         self._wandb = None
+        self._held: list | None = [] if hold and enabled else None  # records before start_run
         if enabled and wandb_project is not None:
             from dcp_train.job.wandb_log import WandbSink
             self._wandb = WandbSink(wandb_project, log_dir)
-        if enabled:
-            os.makedirs(log_dir, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,10 +48,21 @@ class Metrics:
                 from dcp_train.errors import ConfigError
                 raise ConfigError("--tensorboard needs the tensorboard package: "
                                   "pip install 'dcp_train[tensorboard]'") from None
-            self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+            self._tensorboard = SummaryWriter
+        if enabled and not hold:
+            self._open()
+
+    def _open(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self._tensorboard is not None:
+            self._tb = self._tensorboard(os.path.join(self.log_dir, "tensorboard"))
 
     def log(self, kind: str, **fields) -> None:
         if not self.enabled:
+            return
+        if self._held is not None:
+            self._held.append((kind, fields))
             return
         self._file.write(redact.scrub(json.dumps({"kind": kind, **fields})) + "\n")
         self._file.flush()
@@ -65,8 +80,14 @@ class Metrics:
             print(redact.scrub(text), file=sys.stdout, flush=True)
 
     def start_run(self, run_id: str) -> None:
-        """The run's id is known (the checkpoint's, or a new one at step 0): open the wandb
-        run of --wandb under it. Nothing without --wandb."""
+        """The run's id is known (the checkpoint's, or a new one at step 0; after the resume
+        decision): open the log files if held (hold=True) and write what was held, and
+        the wandb run of --wandb under that id."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._open()
+            for kind, fields in held:
+                self.log(kind, **fields)
         if self._wandb is not None:
             self._wandb.start(run_id)
 

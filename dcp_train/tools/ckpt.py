@@ -42,6 +42,7 @@ from dcp_train.errors import CheckpointError
 from dcp_train.job.progress import bar
 from dcp_train.tools.export import (DTYPES, ExportError, export_tensors, hf_config,
                                     load_model_weights, write_export)
+from dcp_train.tools import paths
 from dcp_train.tools.show import print_inspect, print_listing, print_tiers
 
 
@@ -169,11 +170,15 @@ def _show(info: dict, args, printer) -> int:
 
 def _step_dir(args, opts) -> tuple[Storage, str]:
     """(storage, step dir) that the CKPT argument names (CheckpointDir.resolve)."""
+    paths.input_dir(args.ckpt, "CKPT", "a step dir or a checkpoint dir")
     directory = CheckpointDir(args.ckpt, opts)
     return directory.storage, directory.resolve()
 
 
 def cmd_ls(args, opts) -> int:
+    for path in [args.dir, *args.local]:
+        paths.input_dir(path, "DIR" if path == args.dir else "--local",
+                        "a checkpoint dir (a run's --checkpoint_dir or --local_checkpoint_dir)")
     if args.local:
         return _show(list_tiers(CheckpointDir(args.dir, opts), args.local), args,
                      print_tiers)
@@ -201,9 +206,14 @@ def cmd_export(args, opts) -> int:
     storage, path = _step_dir(args, opts)
     out, torch_ext = args.out, (".pt", ".pth", ".bin")
     fmt = args.format or ("torch" if out.endswith(torch_ext) else "safetensors")
-    if args.hf and not out.endswith((".safetensors", *torch_ext)):  # a dir for from_pretrained
+    hf_dir = args.hf and not out.endswith((".safetensors", *torch_ext))  # for from_pretrained
+    if hf_dir:
         name = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+        paths.output_dir(out, "--out")  # made by the export if it is not there yet
         out = os.path.join(out, name)
+    if not hf_dir or os.path.isdir(os.path.dirname(out)):  # before anything is read
+        paths.output_file(out, "--out", replace=False,
+                          dir_hint="or pass --hf to write a Hugging Face dir into it")
     with bar(desc="export", total=3, unit="stage") as shown:  # at a terminal only
         shown.set_postfix_str("reading the checkpoint")
         weights, meta = load_model_weights(storage, path)
@@ -288,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         # stdout goes to /dev/null so that the flush at interpreter exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except (ToolError, CheckpointError, ExportError, ManifestError, OSError) as e:
+    except (ToolError, paths.PathError, CheckpointError, ExportError, ManifestError,
+            OSError) as e:
         print(redact.scrub(f"dcp-ckpt: error: {e}"), file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ import os
 import sys
 
 from dcp_train.job.metrics import of_kind, read_metrics
+from dcp_train.tools import paths
 
 
 def plot_metrics(records: list[dict], out: str, title: str = "", size=(10, 5), dpi: int = 100):
@@ -67,10 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default="", help="(default: LOG_DIR)")
     p.add_argument("--dpi", type=int, default=100, help="pixels per inch of the 10x5 in figure")
     args = p.parse_args(argv)
-    try:
+    out = args.out or os.path.join(args.log_dir, "loss.png")
+    try:  # the paths first: a PNG is a view of the log, replaced when drawn again
+        paths.input_dir(args.log_dir, "LOG_DIR", "the run's --log_dir (the dir that holds "
+                        "metrics.jsonl)")
+        if not os.path.isfile(os.path.join(args.log_dir, "metrics.jsonl")):
+            raise paths.PathError(f"no metrics.jsonl in {args.log_dir}; give the run's "
+                                  "--log_dir")
+        paths.output_file(out, "--out", replace=True)
         records = read_metrics(args.log_dir)
-    except FileNotFoundError:
-        print(f"dcp_train.plot: error: no metrics.jsonl in {args.log_dir}", file=sys.stderr)
+    except (paths.PathError, ValueError, OSError) as e:  # ValueError: a line that is not JSON
+        print(f"dcp_train.plot: error: {e}", file=sys.stderr)
         return 2
     try:
         import matplotlib  # noqa: F401
@@ -78,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         print("dcp_train.plot: error: needs matplotlib: pip install 'dcp_train[plot]'",
               file=sys.stderr)
         return 2
-    out = args.out or os.path.join(args.log_dir, "loss.png")
     plot_metrics(records, out, args.title or args.log_dir, dpi=args.dpi)
     print(f"wrote {out}")
     return 0

@@ -18,6 +18,7 @@ import torch
 from dcp_train.checkpoint.layout import CheckpointDir
 from dcp_train.data.tokenizer import EOT, TokenizerError, get_tokenizer
 from dcp_train.errors import CheckpointError
+from dcp_train.tools import paths
 from dcp_train.tools.ckpt import ToolError
 from dcp_train.tools.export import ExportError, load_model_weights, model_from_weights
 from dcp_train.train.generate import generate
@@ -44,6 +45,9 @@ def sample(args) -> list[str]:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths.input_dir(args.checkpoint, "--checkpoint", "a step dir or a checkpoint dir")
+    if args.tokenizer_file:
+        paths.input_file(args.tokenizer_file, "--tokenizer_file", "a tiktoken BPE file")
     directory = CheckpointDir(args.checkpoint, json.loads(args.storage_options))
     storage, path = directory.storage, directory.resolve()
     weights, meta = load_model_weights(storage, path)
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         texts = sample(args)
-    except (ToolError, CheckpointError, ExportError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (ToolError, paths.PathError, CheckpointError, ExportError, TokenizerError,
+            FileNotFoundError, ValueError) as e:
         print(f"dcp_train.sample: error: {e}", file=sys.stderr)
         return 2
     for text in texts:

@@ -64,12 +64,14 @@ def print_inspect(info: dict) -> None:
     print(f"checkpoint {info['path']}")
     print(f"step {meta.get('step')} | tokens {meta.get('tokens')} | val loss "
           f"{_fmt_loss(meta.get('val_loss'))} | saved at world size {meta.get('world_size')} | "
-          f"format {meta.get('format_version')}")
+          f"checkpoint format {meta.get('format_version')}")
     if manifest is None:
         print("manifest.json: missing (never committed)")
     elif "error" in manifest:
         print(manifest["error"])
-    else:
+    else:  # the manifest's own format (its checksum) is not the checkpoint's (its state)
+        print(f"manifest.json: format {manifest.get('format_version', 1)}, checksums "
+              f"{manifest.get('checksum', 'crc32')}")
         files = manifest["files"].items()
         print("files: " + ", ".join(f"{n} {human(f['size'])}" for n, f in files))
     sections = {"model": [], "optim": [], "per-rank": [], "other": []}

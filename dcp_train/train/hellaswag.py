@@ -183,6 +183,21 @@ def download(dest_dir: str, url: str = HELLASWAG_VAL_URL, timeout: float = 60.0)
     return path
 
 
+def check_download_dir(dest_dir: str) -> None:
+    """Before downloading: DIR is a dir (or will be made, in an existing dir) that does not
+    hold the file yet; else one HellaSwagError line (the tools' rule, tools/paths.py)."""
+    dest = os.path.abspath(dest_dir)
+    parent, path = os.path.dirname(dest), os.path.join(dest, VAL_FILENAME)
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise HellaSwagError(f"--download {dest_dir} is a file, not a directory; give a "
+                             "directory")
+    if not os.path.isdir(parent):
+        raise HellaSwagError(f"--download {dest_dir}: its directory {parent} does not exist "
+                             "(or is a file); create it first or give another path")
+    if os.path.exists(path):
+        raise HellaSwagError(f"{path} already exists; remove it to download it again")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcp_train.hellaswag",
                                      description="Get the HellaSwag validation set.",
@@ -191,10 +206,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"folder to write {VAL_FILENAME} into")
     args = parser.parse_args(argv)
     try:
+        check_download_dir(args.download)
         path = download(args.download)
     except HellaSwagError as e:
         print(f"dcp_train.hellaswag: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {path}")
     return 0
 

@@ -72,16 +72,30 @@ def weight_files(directory: str) -> dict[str, str]:
     """{tensor name in the files: file path} of a HF directory."""
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--init_from: {index} is not a safetensors index "
+                              f"({one_line(e)}); copy or export it again") from None
         return {k: os.path.join(directory, v) for k, v in weight_map.items()}
     single = os.path.join(directory, SINGLE)
     if not os.path.isfile(single):
         raise ConfigError(f"--init_from {directory} has neither {SINGLE} nor {INDEX}; save "
                           "the model with save_pretrained(..., safe_serialization=True)")
-    from safetensors import safe_open
-    with safe_open(single, framework="pt") as f:
+    with open_safetensors(single) as f:
         return {k: single for k in f.keys()}
+
+
+def open_safetensors(path: str):
+    """safetensors' safe_open of `path`; a cut, empty or corrupt file (SafetensorError) is
+    one ConfigError naming it."""
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError ("incomplete metadata", ...), OSError
+        raise ConfigError(f"--init_from: {path} is not a readable safetensors file "
+                          f"({one_line(e)}); copy or export it again") from None
 
 
 def _our_name(key: str) -> str:
@@ -102,8 +116,6 @@ def _own_rows(param: torch.Tensor) -> tuple[int, torch.Tensor]:
 def load_hf_weights(model: torch.nn.Module, directory: str) -> None:
     """Copy the HF GPT-2 weights of `directory` into `model` (sharded or not), each rank only
     its own rows. ConfigError if the tensors do not fit the model one for one."""
-    from safetensors import safe_open
-
     files = weight_files(directory)
     keys = {_our_name(k): k for k in files if k != TIED and not k.endswith(MASKS)}
     params = dict(model.named_parameters())  # the tied lm_head.weight appears once, as wte
@@ -112,7 +124,7 @@ def load_hf_weights(model: torch.nn.Module, directory: str) -> None:
         raise ConfigError(f"--init_from {directory} does not fit the GPT-2 model: missing "
                           f"{missing or 'none'}, unexpected {extra or 'none'}")
     with ExitStack() as stack, torch.no_grad():
-        handles = {path: stack.enter_context(safe_open(path, framework="pt"))
+        handles = {path: stack.enter_context(open_safetensors(path))
                    for path in set(files.values())}
         for name, param in params.items():
             key = keys[name]

@@ -20,7 +20,7 @@ from dcp_train import distributed as D
 from dcp_train.checkpoint.manager import CheckpointManager
 from dcp_train.checkpoint.state import (LoaderState, ModelState, OptimizerState, Progress, RNGState,
                                         RankEntry)
-from dcp_train.config import Config, DataConfig, EvalConfig, grad_accum_steps, redacted_config
+from dcp_train.config import Config, DataConfig, EvalConfig, redacted_config
 from dcp_train.data import TokenShards, build_train_loader, find_shards, val_batches
 from dcp_train.data.fingerprint import data_fingerprint
 from dcp_train.data.prepare import ensure_default_data
@@ -47,9 +47,9 @@ def train(cfg: Config, info: D.DistInfo) -> int:
     after a stop with a checkpoint on SIGTERM/SIGUSR1."""
     t, workers, log = cfg.training, cfg.data.num_workers, cfg.logging
     metrics = Metrics(log.log_dir, info.is_main, tensorboard=log.tensorboard,
-                      wandb_project=log.wandb_project if log.wandb else None)
+                      wandb_project=log.wandb_project if log.wandb else None, hold=True)
     metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
-    preempt = Preemption(cfg.checkpoint.preempt_timeout)
+    preempt = Preemption(cfg.checkpoint.preempt_timeout, speaker=info.is_main)
     if t.deterministic:  # a world size that does not divide the micro-batches: error here
         deterministic.setup(cfg, info.world_size, info.device_type)
     accum = grad_accum_steps(cfg, info.world_size)
@@ -73,7 +73,7 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                                      progress],
                              entry=RankEntry(info.rank, rng=RNGState(t.seed, info.rank,
                                                                      progress), loader=loader))
-    ckpt.resume()
+    ckpt.resume(at_fresh_start=lambda: init_from_hf(cfg, info, model, progress, metrics))
     after_resume(cfg, info, model, progress, metrics)
     progress.lr_schedule = schedule_for_launch(
         saved_schedule(progress.saved) if progress.saved else None, t.max_lr,
@@ -99,9 +99,10 @@ def train(cfg: Config, info: D.DistInfo) -> int:
         loss, norm, sample_ids = one_step(optimizer, batches, step, lr)
         # one small gather per step: the step's sample ids, whether a rank got a signal, and
         # what the checkpoint manager agrees on (wall-time intervals, replication)
-        reports = D.agree(lambda: ckpt.report(sample_ids, preempt.requested), every_rank=True)
+        reports = D.agree(lambda: ckpt.report(sample_ids, preempt.signum or 0),
+                          every_rank=True)
         all_ids = sorted(i for r in reports for i in r.sample_ids)
-        stopping = any(r.stop_requested for r in reports)
+        stopping = preempt.agreed([r.stop_requested for r in reports])
         if info.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -115,13 +116,33 @@ def train(cfg: Config, info: D.DistInfo) -> int:
                     f"elapsed {time.perf_counter() - t_start:7.1f}s")
         evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, progress, last)
         ckpt.step(step, last=last, stopping=stopping, reports=reports)
+        if not (stopping or last) and ckpt.local is None and ckpt.committed_step == step:
+            stopping = signal_during_save(preempt)  # stop at the save it interrupted
         if stopping:
-            metrics.say(f"preempted: stopped after step {step} with a checkpoint; exit code "
-                        f"{EXIT_PREEMPTED} (continue with --auto_resume)")
             break
-    ckpt.close()  # waits for a save still in flight: the last step is always committed
+    return finish(ckpt, metrics, progress.step, stopping, t.max_steps)
+
+
+def finish(ckpt: CheckpointManager, metrics: Metrics, step: int, stopping: bool,
+           max_steps: int) -> int:
+    """The end of the loop after step `step`: the last save committed (close waits for one
+    in flight), then what ended the run, said after its `committed` line; the exit code."""
+    ckpt.close()
+    if stopping:
+        metrics.say(f"preempted: stopped after step {step} with a checkpoint; exit code "
+                    f"{EXIT_PREEMPTED} (continue with --auto_resume)")
+    elif step < max_steps:  # exit 0: --stop_at_step asked for it
+        metrics.say(f"stopped at step {step} (--stop_at_step), before --max_steps "
+                    f"{max_steps}, with a checkpoint; continue with --auto_resume")
     metrics.close()
     return EXIT_PREEMPTED if stopping else 0
+
+
+def signal_during_save(preempt: Preemption) -> bool:
+    """Every rank, after a save at a step the ranks had not agreed to stop at: whether any
+    rank got a signal meanwhile (then the run ends at that save, not one step later). With
+    a local tier the stop's save is the durable one, so the loop stops at the next step."""
+    return preempt.agreed(D.agree(lambda: preempt.signum or 0, every_rank=True))
 
 
 def begin_step(info: D.DistInfo, step: int) -> None:
@@ -188,10 +209,12 @@ def evaluate(cfg, info, metrics, model, enc, val_files, hellaswag_interval, prog
 
 def after_resume(cfg: Config, info: D.DistInfo, model, progress: Progress,
                  metrics: Metrics) -> None:
-    """Once the resume decision is made: --init_from's weights (at step 0 only), then the
-    run's id (the checkpoint's; a new one at step 0) opens the --wandb run."""
-    if cfg.checkpoint.init_from:
-        init_from_hf(cfg, info, model, progress, metrics)
+    """Once the resume decision is made (and at step 0 --init_from's weights loaded, before
+    the writer lease: ckpt.resume's at_fresh_start): the run's id (the checkpoint's; a new
+    one at step 0) opens the metrics files and the --wandb run (Metrics hold=True)."""
+    if cfg.checkpoint.init_from and progress.saved is not None:
+        metrics.say(f"--init_from {cfg.checkpoint.init_from} ignored: resumed from the "
+                    f"checkpoint at step {progress.step}, which holds the weights")
     if progress.wandb_id is None:  # step 0, or a checkpoint older than the field
         progress.wandb_id = D.agree(lambda: uuid.uuid4().hex[:12])
     metrics.start_run(progress.wandb_id)
@@ -199,11 +222,9 @@ def after_resume(cfg: Config, info: D.DistInfo, model, progress: Progress,
 
 def init_from_hf(cfg: Config, info: D.DistInfo, model, progress: Progress,
                  metrics: Metrics) -> None:
-    """--init_from: the HF GPT-2 weights onto the sharded model, each rank its own shards; a
-    run that resumed a checkpoint keeps the checkpoint's weights and says so."""
-    if progress.saved is not None:
-        metrics.say(f"--init_from {cfg.checkpoint.init_from} ignored: resumed from the checkpoint at "
-                    f"step {progress.step}, which holds the weights")
+    """--init_from (if given): the HF GPT-2 weights onto the sharded model, each rank its own
+    shards; at a fresh start only (a resumed run keeps the checkpoint's weights)."""
+    if not cfg.checkpoint.init_from or progress.saved is not None:
         return
     fetch = lambda: local_init_dir(cfg.checkpoint.init_from, cfg.storage_options_dict)  # noqa: E731
     directory = D.agree(fetch if info.local_rank == 0 else lambda: None, every_rank=True)
@@ -247,3 +268,16 @@ def prepare_inputs(cfg: Config, info: D.DistInfo, metrics: Metrics):
     if cfg.eval.generate_interval > 0 or hellaswag_interval > 0:
         enc = get_tokenizer(cfg.eval.tokenizer_file)
     return train_files, val_files, enc, hellaswag_interval
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step so that total_batch_size tokens make one step."""
+    t = cfg.training
+    per_micro = t.batch_size * t.seq_len * world_size
+    if t.total_batch_size % per_micro:
+        raise ConfigError(
+            f"--total_batch_size {t.total_batch_size} is not divisible by batch_size*seq_len*"
+            f"world_size = {t.batch_size}*{t.seq_len}*{world_size} = {per_micro}; "
+            "change --batch_size or --total_batch_size")
+    return t.total_batch_size // per_micro
+
