@@ -124,6 +124,13 @@ def failure_text(cmd: list[str], rc, output: str) -> str:
     return "\n".join([f"exit {rc}: {' '.join(cmd)[:300]}", *cause, *tb, "--- tail:", *tail])
 
 
+def run_records(run: Path, kind: str | None = None) -> list[dict]:
+    """A run's metrics records (rank 0's `<run>/log/metrics.jsonl`), only `kind`'s if given."""
+    with open(Path(run) / "log" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return recs if kind is None else of_kind(recs, kind)
+
+
 def read_json(path: str | os.PathLike) -> dict:
     with open(path) as f:
         return json.load(f)

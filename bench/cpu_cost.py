@@ -16,7 +16,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.distributed.checkpoint as dcp

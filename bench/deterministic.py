@@ -20,7 +20,6 @@ written to bench/results_deterministic.md:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -30,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, model_flags, run_child, torchrun
-from dcp_train.job.metrics import of_kind
+from bench.common import REPO, model_flags, run_child, run_records, torchrun
 
 OUT = REPO / "bench" / "results_deterministic.md"
 
@@ -59,8 +57,7 @@ def train(work: Path, data: Path, mode: str, steps: int, stop: int, a) -> float:
 
 
 def records(work: Path, mode: str, kind: str) -> dict[int, dict]:
-    lines = (work / mode / "log" / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in of_kind(list(map(json.loads, lines)), kind)}
+    return {r["step"]: r for r in run_records(work / mode, kind)}
 
 
 def summarize(work: Path, cpu: dict, a) -> str:

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import model_flags, read_json
+from bench.common import model_flags, read_json, run_records
 from bench.gpu_child import CheckFailed
-from bench.gpu_parts import quiet_flags, records, trainer, write_tokens
+from bench.gpu_parts import quiet_flags, trainer, write_tokens
 from dcp_train.tools.export import load_full_state
 
 EXACT_STEPS, RESUME_AT = 8, 4
@@ -56,7 +56,7 @@ def exact_run(p, name: str, extra: list[str] = ()) -> Path:
 
 
 def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run) if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in run_records(run, "train")}
 
 
 def compare(ref: Path, other: Path, tmp: Path) -> dict:
@@ -85,7 +85,7 @@ def part_exact(p) -> None:
     shutil.copytree(ref / "ckpt" / step, resumed / "ckpt" / step)
     (resumed / "ckpt" / "latest").write_text(step + "\n")
     exact_run(p, "resumed", ["--auto_resume"])
-    recs = records(resumed)
+    recs = run_records(resumed)
     out.update(compare(ref, resumed, p.work),
                resumed_at=[r["step"] for r in recs if r["kind"] == "resume"],
                async_saves=all(r.get("async") for r in recs if r["kind"] == "checkpoint"))

@@ -36,7 +36,6 @@ failed part. In the rehearsal (CPU, tiny models) every figure is what the CPU gi
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from bench.common import (MODELS, describe_model, model_config, model_flags, read_json,
-                          torchrun)
+                          run_records, torchrun)
 from bench.gpu_child import ALLOC_CONF, CheckFailed, ChildOOM
 from dcp_train.model import GPT
 from dcp_train.train.flops import model_flops_per_token, peak_flops
@@ -72,12 +71,6 @@ def quiet_flags(device: str, data: Path, run: Path) -> list[str]:
     return ["--eval_interval", "0", "--hellaswag_interval", "0", "--generate_interval", "0",
             "--device", device, "--data_dir", str(data), "--log_dir", str(run / "log"),
             "--checkpoint_dir", str(run / "ckpt")]
-
-
-def records(run: Path) -> list[dict]:
-    """The run's metrics records (rank 0's metrics.jsonl)."""
-    with open(run / "log" / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def device_name(device: str) -> str:
@@ -129,7 +122,7 @@ def ours(p, data: Path, batch: int, name: str, extra: list[str]) -> tuple[float,
         "--batch_size", str(batch), "--total_batch_size", str(s["speed_total"]),
         "--max_steps", str(s["speed_steps"]), "--warmup_steps", "2",
         "--compile", str(s["compile"]).lower(), *quiet_flags(p.a.device, data, run), *extra]))
-    recs = records(run)
+    recs = run_records(run)
     elapsed = {r["step"]: r["elapsed_s"] for r in recs if r["kind"] == "train"}
     return loop_tokens_per_s(elapsed, s["skip"], s["speed_total"]), recs
 
