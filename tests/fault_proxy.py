@@ -190,10 +190,7 @@ class FaultProxy:
             self._reset(h)
         else:
             status, headers, data = self._forward(h, body)
-            if mode == "short":
-                self._short(h, status, headers, data)
-            else:
-                self._answer(h, status, headers, data)
+            self._answer(h, status, headers, data, short=mode == "short")
             now = time.monotonic()
             with self._lock:
                 for f in later:
@@ -221,7 +218,9 @@ class FaultProxy:
                     raise
 
     @staticmethod
-    def _answer(h, status: int, headers: list, data: bytes) -> None:
+    def _answer(h, status: int, headers: list, data: bytes, short: bool = False) -> None:
+        """Send an answer; `short`: its headers (its full Content-Length) and half its body,
+        then the connection closed (a short read)."""
         h.send_response_only(status)
         for k, v in headers:
             h.send_header(k, v)
@@ -229,22 +228,10 @@ class FaultProxy:
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         if h.command != "HEAD" and data:
-            h.wfile.write(data)
+            h.wfile.write(data[:len(data) // 2] if short else data)
         h.wfile.flush()
-
-    @staticmethod
-    def _short(h, status: int, headers: list, data: bytes) -> None:
-        """The answer's headers (its full Content-Length) and half its body, then closed."""
-        h.send_response_only(status)
-        for k, v in headers:
-            h.send_header(k, v)
-        if not any(k.lower() == "content-length" for k, _ in headers):
-            h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        if h.command != "HEAD":
-            h.wfile.write(data[:len(data) // 2])
-        h.wfile.flush()
-        FaultProxy._reset(h)
+        if short:
+            FaultProxy._reset(h)
 
     @staticmethod
     def _reset(h) -> None:

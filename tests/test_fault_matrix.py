@@ -65,20 +65,17 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def proxy(s3):
+def proxied(s3):
+    """(the fault proxy in front of the S3 server, the environment that sends jobs to it)"""
     p = FaultProxy(s3.endpoint, flavour="s3")
-    yield p
+    yield p, {**s3.env, "AWS_ENDPOINT_URL": p.endpoint}
     p.close()
 
 
-@pytest.fixture(scope="module")
-def env(s3, proxy) -> dict:
-    return {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint}
-
-
-def train(args, env, log, url, check=True):
-    return run_train(2, [*ARGS, "--log_dir", str(log), "--checkpoint_dir", url, *args],
-                     env=env, check=check, timeout=400)
+def train(args: list, env: dict, log: Path, url: str, check: bool = True):
+    """A 2-rank job of ARGS + args, logging to `log`, checkpointing to `url`."""
+    args = [*ARGS, "--log_dir", str(log), "--checkpoint_dir", url, *args]
+    return run_train(2, args, env=env, check=check, timeout=400)
 
 
 def arm(proxy: FaultProxy, faults: list) -> None:
@@ -86,9 +83,8 @@ def arm(proxy: FaultProxy, faults: list) -> None:
         proxy.fault(mode, FAULT_S, when=when, after=after, nth=nth, answer=answer)
 
 
-def test_s3_schedule_of_transient_faults_is_ridden_out_bit_exact(s3, proxy, env, data,
-                                                                  tmp_path):
-    fs = s3fs_of(s3)
+def test_s3_schedule_of_transient_faults_is_ridden_out_bit_exact(s3, proxied, data, tmp_path):
+    (proxy, env), fs = proxied, s3fs_of(s3)
     ref_log = tmp_path / "ref" / "log"
     train(["--data_dir", str(data)], env, ref_log, "s3://ckpt/mref")
     leg1, leg2 = schedule("matrix")
@@ -118,8 +114,8 @@ def test_s3_schedule_of_transient_faults_is_ridden_out_bit_exact(s3, proxy, env,
 
 
 @pytest.mark.parametrize("answer", ["AccessDenied", "NoSuchBucket", "BadRequest"])
-def test_s3_permanent_answer_is_one_line_exit_2_at_once(s3, proxy, env, data, tmp_path,
-                                                       answer):
+def test_s3_permanent_answer_is_one_line_exit_2_at_once(proxied, data, tmp_path, answer):
+    proxy, env = proxied
     url = f"s3://ckpt/perm-{answer.lower()}"
     proxy.fault("answer", None, when=rf"PUT /ckpt/perm-{answer.lower()}/step_00000002/__",
                 answer=answer)

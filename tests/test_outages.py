@@ -65,6 +65,15 @@ def error_lines(text: str) -> list[str]:
     return [x for x in text.splitlines() if x.startswith("dcp_train: error:")]
 
 
+def workers_stderr(text: str) -> list[str]:
+    """The lines of a failed job's stderr that are not torchrun's own report (its logging
+    lines, the ChildFailedError traceback and the failure summary): what the ranks wrote."""
+    report = text.find("Traceback (most recent call last)")
+    lines = text[:report if report >= 0 else len(text)].splitlines()
+    return [x for x in lines if x.strip() and not re.match(r"^[WIE]\d{4} |^\[[WIE]\d{4}|^\*+$|"
+                                                          r"^Setting OMP_NUM_THREADS", x)]
+
+
 def exit_codes(text: str) -> set[str]:
     """The ranks' exit codes in torchrun's report (torchrun itself exits 1)."""
     return set(re.findall(r"exitcode\s*:\s*(-?\d+)", text))
@@ -121,6 +130,7 @@ def test_refusing_past_the_budget_is_one_line_exit_69_then_resumes(s3, proxy, en
     assert exit_codes(failed.stderr) == {"69"} and len(lines) == 1, failed.stderr[-4000:]
     for words in (url, "the save of step 4 (commit)", "--store_retry_budget 10", "SlowDown"):
         assert words in lines[0], lines[0]
+    assert workers_stderr(failed.stderr) == lines, failed.stderr[-6000:]  # no asyncio noise
     assert read_latest(fs, "ckpt/budget") == step(2)
     assert not fs.exists(f"ckpt/budget/{step(4)}/manifest.json")  # never committed
     run(["--data_dir", str(data), "--auto_resume"], env, log, url)

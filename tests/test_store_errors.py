@@ -184,3 +184,35 @@ def test_what_is_no_store_failure_is_left_alone():
     for e in (FileNotFoundError(errno.ENOENT, "no such key"), ValueError("bad value"),
               RuntimeError("a bug"), OSError(errno.ENOSPC, "No space left on device")):
         assert classify(e) is None, e
+
+
+def test_unretrieved_store_failures_stay_off_stderr(caplog):
+    """fsspec's event loop (where every s3fs/gcsfs request runs) reports a task that failed
+    and was never awaited on stderr (`Task exception was never retrieved`); with the handler
+    store_options installs, a store failure among those is dropped, anything else is not."""
+    import gc
+
+    import aiohttp
+    import fsspec
+    from fsspec.asyn import get_loop
+
+    from dcp_train.checkpoint.io.store_options import configure
+    configure(fsspec.filesystem("s3", anon=True))  # installs it, as for every async store
+    loop = get_loop()
+
+    async def fails(exc):
+        raise exc
+
+    def abandon(exc) -> None:
+        async def start():
+            loop.create_task(fails(exc))  # nobody keeps it, nobody awaits it
+        asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), loop).result(10)
+        gc.collect()
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), loop).result(10)
+
+    said = lambda: [r for r in caplog.records if "never retrieved" in r.getMessage()]  # noqa
+    abandon(aiohttp.ClientConnectionResetError("Cannot write to closing transport"))
+    assert said() == []  # asyncio logs it (to stderr, in a run): dropped
+    abandon(ZeroDivisionError("a bug"))
+    assert len(said()) == 1

@@ -155,3 +155,30 @@ def at_source(store: str):
         if typed is None:
             raise
         raise typed from e
+
+
+_quieted: list = []  # the event loops whose handler is installed
+
+
+def quiet_loop() -> None:
+    """Keep the store failures nobody waits for off stderr: fsspec's event loop (the thread
+    every s3fs/gcsfs request runs on) reports a task that failed and was never awaited (an
+    upload cut off when the store stopped answering, a connection the store reset while it
+    was closed) as `Task exception was never retrieved ... ClientConnectionResetError('Cannot
+    write to closing transport')`, beside the job's one line. Such an exception is a store
+    failure classify() recognises, already ridden out or reported by the request that waited
+    for it: dropped. Anything else goes to asyncio's default handler. Idempotent."""
+    from fsspec.asyn import get_loop
+
+    loop = get_loop()
+    if any(known is loop for known in _quieted):
+        return
+
+    def handler(loop, context) -> None:
+        exc = context.get("exception")
+        if exc is not None and classify(exc) is not None:
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    _quieted.append(loop)
