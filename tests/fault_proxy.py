@@ -78,7 +78,7 @@ class _Fault:
                  nth: int = 1, answer: str | None = None):
         self.mode, self.seconds, self.after, self.nth = mode, seconds, after, nth
         self.answer = answer
-        self.when = re.compile(when) if when else None
+        self.when = re.compile(when, re.S) if when else None
         self.start = None if when else time.monotonic()
 
     def active(self, now: float) -> bool:

@@ -300,8 +300,12 @@ def test_two_tiers_a_silent_bucket_costs_training_nothing(s3, proxy, env, data, 
     print(f"\nsilent bucket for {silent_s}s: {rate_before:.2f} steps/s before, "
           f"{rate_during:.2f} during; {proxy.refused} requests held")
     assert rate_during >= 0.8 * rate_before, (rate_before, rate_during)
-    assert out.count("WARNING: replicating step") == 1, out[-6000:]
-    assert "replication to s3://ckpt/silent works again after" in out, out[-6000:]
+    # said when it starts and when it ends, not per retry: one WARNING and one line back per
+    # stretch of failures (a phase whose requests were answered just before the silence can
+    # succeed in its first second and split it in two)
+    started = [x for x in out.splitlines() if "WARNING: replicating step" in x]
+    ended = [x for x in out.splitlines() if "replication to s3://ckpt/silent works again" in x]
+    assert 1 <= len(started) == len(ended) <= 2, "\n".join(started + ended)
     assert out.count("WARNING: renewing the writer lease") <= 1, out[-6000:]
     fs = s3fs_of(s3)
     assert read_latest(fs, "ckpt/silent") == step(steps)

@@ -72,9 +72,13 @@ def worker_of_rank(rank: int, *agents: subprocess.Popen) -> int | None:
 
 
 def recovery_s(log: Path, killed_at: float) -> float:
-    """Seconds from the kill to the first optimizer step logged after it."""
-    after = [r["time"] for r in metrics(log) if r["kind"] == "train" and r["time"] > killed_at]
-    return min(after) - killed_at
+    """Seconds from the kill to the first optimizer step of the restarted attempt (the first
+    train record after its resume record; a step the survivors finished just before they
+    noticed the kill does not count)."""
+    records = metrics(log)
+    resumed = next(i for i, r in enumerate(records)
+                   if r["kind"] == "resume" and r["time"] > killed_at)
+    return next(r["time"] for r in records[resumed:] if r["kind"] == "train") - killed_at
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
