@@ -305,9 +305,11 @@ def test_two_tiers_a_silent_bucket_costs_training_nothing(s3, proxy, env, data, 
     # succeed in its first second and split it in two)
     started = [x for x in out.splitlines() if "WARNING: replicating step" in x]
     ended = [x for x in out.splitlines() if "replication to s3://ckpt/silent works again" in x]
-    assert 1 <= len(started) == len(ended) <= 2, "\n".join(started + ended)
+    (base / "silent.out").write_text(out)  # kept for a look after a failure
+    assert 1 <= len(started) == len(ended) <= 2, (len(started), len(ended), out[-6000:])
     assert out.count("WARNING: renewing the writer lease") <= 1, out[-6000:]
     fs = s3fs_of(s3)
-    assert read_latest(fs, "ckpt/silent") == step(steps)
+    assert read_latest(fs, "ckpt/silent") == step(steps), (read_latest(fs, "ckpt/silent"),
+                                                           out[-6000:])
     storage = Storage(url, s3.storage_options)
     assert ckpt.verify(storage, f"{url}/{step(steps)}") == []
