@@ -1,7 +1,11 @@
 """metrics.jsonl (docs/design.md, "Metrics") and the console line, written by rank 0 only.
 
 One JSON object per line, appended and flushed per record. Floats go through json's float
-repr, which is Python's `repr`: the full precision, so two runs compare bit for bit.
+repr, which is Python's `repr`: the full precision, so two runs compare bit for bit. Every
+record carries `time`, the Unix time (seconds, a float: time.time()) at which it was logged,
+so that wall-clock figures (goodput, the seconds from a failure to the next step) can be
+computed from the log; it is the one field two identical runs never share, so comparisons of
+runs name the fields they compare (tests/helpers.py: losses, digests), never `time`.
 
 With `tensorboard=True` (--tensorboard) every numeric field of a record except `step` also
 goes to a SummaryWriter in <log_dir>/tensorboard as scalar "<kind>/<field>" at that step
@@ -22,6 +26,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 from dcp_train import redact
 from dcp_train.config import redacted_config
@@ -59,12 +64,15 @@ class Metrics:
             self._tb = self._tensorboard(os.path.join(self.log_dir, "tensorboard"))
 
     def log(self, kind: str, **fields) -> None:
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._write(kind, fields, time.time())
+
+    def _write(self, kind: str, fields: dict, when: float) -> None:
+        """One record, `time` being `when` it was logged (held ones keep theirs)."""
         if self._held is not None:
-            self._held.append((kind, fields))
+            self._held.append((kind, fields, when))
             return
-        self._file.write(redact.scrub(json.dumps({"kind": kind, **fields})) + "\n")
+        self._file.write(redact.scrub(json.dumps({"kind": kind, **fields, "time": when})) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(kind, **fields)
@@ -86,8 +94,8 @@ class Metrics:
         if self._held is not None:
             held, self._held = self._held, None
             self._open()
-            for kind, fields in held:
-                self.log(kind, **fields)
+            for kind, fields, when in held:
+                self._write(kind, fields, when)
         if self._wandb is not None:
             self._wandb.start(run_id)
 

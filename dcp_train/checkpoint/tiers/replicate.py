@@ -14,8 +14,10 @@ then the durable retention. One job runs in three phases, each on a background t
 
 Ranks agree on phase changes at step boundaries, through the one small gather train/loop.py
 already does per step (`report()` goes into it, `advance()` reads every rank's report), so
-replication adds no collective to a step. A failed phase (bucket unreachable, ...) is a
-WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. Each request
+replication adds no collective to a step. A failed phase (bucket unreachable, ...) is
+retried after 2, 4, ... 60 s by rank 0's clock; training goes on. An outage is said twice: one
+WARNING at its first failure, one line when a replication is committed again (not a line
+per retry, per superseded or per skipped step). Each request
 has timeouts (store/options.py), so a store that does not answer fails a phase too. A phase
 still failing --store_retry_budget seconds after its first failure (rank 0's clock) is given
 up with a WARNING: the step stays on the local tier, the next save's job tries again. A newer job
@@ -86,6 +88,7 @@ class Replicator:
         self.future: Future | None = None
         self.durable_step = -1  # the durable tier's newest committed step
         self.retry_at = 0.0  # rank 0's clock
+        self.outage_since = None  # monotonic time of the first failure of an outage
 
     # ------------------------------------------------------------------ the step boundary
     def submit(self, step: int, src: str, per_rank: list, checksum: str = C.CHECKSUM) -> None:
@@ -95,7 +98,7 @@ class Replicator:
         if self.job is None:
             self._start(job)
         else:
-            if self.waiting is not None:
+            if self.waiting is not None and self.outage_since is None:  # quiet in an outage
                 self.say(f"WARNING: replication of step {self.waiting.step} skipped: step "
                          f"{step} is newer")
             self.waiting = job
@@ -134,8 +137,8 @@ class Replicator:
         if job.error is None and not errors:
             self._next_phase(job, reports[0].answer)
         elif self.waiting is not None and job.phase != "commit":  # a commit is retried
-            self.say(f"WARNING: replication of step {job.step} given up "
-                     f"({job.error or errors[0]}): step {self.waiting.step} is newer")
+            self._outage(job, job.error or errors[0],
+                         f"; step {self.waiting.step} is newer and replicated instead")
             self._start(self.waiting)
         elif job.error is None:
             self._failed(job, errors[0])
@@ -155,13 +158,19 @@ class Replicator:
 
     def _failed(self, job: Job, error: str) -> None:
         delay = min(60.0, 2.0 * 2 ** (job.attempts - 1))
-        self.say(f"WARNING: replicating step {job.step} to {self.storage.root} failed "
-                 f"({job.phase}, attempt {job.attempts}): {error}; training goes on, "
-                 f"retrying in {delay:.0f}s; the step is safe on the local tier")
+        self._outage(job, error, "")
         job.error, self.future = error, None
         self.retry_at = time.monotonic() + delay
         if job.failing_since is None:
             job.failing_since = time.monotonic()
+
+    def _outage(self, job: Job, error: str, then: str) -> None:
+        """A failed phase: said once, when the failures start (module docstring)."""
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            self.say(f"WARNING: replicating step {job.step} to {self.storage.root} failed "
+                     f"({job.phase}): {error}{then}; training goes on, retrying with backoff "
+                     "(2 s up to 60 s) until it answers; the step is safe on the local tier")
 
     def _next_phase(self, job: Job, answer) -> None:
         if job.phase == "prepare":
@@ -175,6 +184,11 @@ class Replicator:
         self._run(job)
 
     def _done(self, job: Job, size: int) -> None:
+        if self.outage_since is not None:  # ...and once when they end: a step committed
+            self.say(f"replication to {self.storage.root} works again after "
+                     f"{time.monotonic() - self.outage_since:.0f}s of failures "
+                     f"(step {job.step} committed there)")
+            self.outage_since = None
         self.durable_step = max(self.durable_step, job.step)
         seconds = time.perf_counter() - job.t0
         self.log("replication", step=job.step, path=self.checkpointer.dir.step_path(job.step),
