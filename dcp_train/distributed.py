@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -84,10 +86,81 @@ def setup(device: str = "auto", timeout_s: float = 300) -> DistInfo:
     else:
         dev, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                            store=attempt_store(rank, world_size, timeout_s),
+                            rank=rank, world_size=world_size,
                             device_id=dev if dev.type == "cuda" else None)
     _TIMEOUT[0] = timedelta(seconds=timeout_s)
     mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
     return DistInfo(rank, world_size, local_rank, dev, mesh)
+
+
+ATTEMPTS_KEY = "dcp_train/attempts"
+
+
+def attempt_store(rank: int, world_size: int, timeout_s: float):
+    """The store the process group is built on: torch's own env:// store (the one torchrun
+    shares with its workers, or rank 0's own), under a prefix of this attempt of the job,
+    `dcp_train/attempt_<n>/`.
+
+    Why: torch 2.13's torchrun keeps one TCPStore for every attempt (the static rendezvous's
+    store; with c10d rendezvous the store its agents share with the workers unless
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and the process group's keys (gloo's and NCCL's
+    addresses, the init barrier) are the same words in every attempt: a restarted attempt
+    reads the dead attempt's addresses and fails ("Gloo connectFullMesh failed ... Connection
+    refused") or hangs. TORCHELASTIC_RESTART_COUNT cannot name the attempt: it counts the
+    restarts of one agent, and a relaunched node's agent starts again from 0.
+
+    `n` is agreed through the store itself (`_agree_attempt`), so every rank of this attempt
+    has the same one whatever the store holds from earlier attempts; the heartbeats and
+    failure keys of run/ live under the same prefix (the default store), so they are per
+    attempt too. Bounded: a rank that does not arrive within timeout_s (--stall_timeout) is a
+    RuntimeError naming it."""
+    base, _, _ = next(dist.rendezvous("env://", rank, world_size,
+                                      timeout=timedelta(seconds=timeout_s)))
+    base.set_timeout(timedelta(seconds=timeout_s))
+    n = _agree_attempt(base, rank, world_size, time.monotonic() + timeout_s, timeout_s)
+    return dist.PrefixStore(f"dcp_train/attempt_{n}", base)
+
+
+def _agree_attempt(store, rank: int, world_size: int, deadline: float, timeout_s: float) -> int:
+    """This attempt's number, the same on every rank. Rank 0 takes a new number (an atomic
+    add: no two attempts share one); every other rank posts a fresh nonce, and accepts the
+    number only from an answer that carries its own nonce (so never a dead attempt's);
+    rank 0 answers every nonce it sees until each rank has confirmed under the new number."""
+    if rank == 0:
+        n = int(store.add(ATTEMPTS_KEY, 1))
+        pending, answered = set(range(1, world_size)), {}
+        while pending:
+            for r in sorted(pending):
+                if store.check([f"{ATTEMPTS_KEY}/{n}/joined/{r}"]):
+                    pending.discard(r)
+                elif store.check([f"{ATTEMPTS_KEY}/hello/{r}"]):
+                    nonce = store.get(f"{ATTEMPTS_KEY}/hello/{r}").decode()
+                    if answered.get(r) != nonce:
+                        store.set(f"{ATTEMPTS_KEY}/answer/{r}", f"{nonce} {n}")
+                        answered[r] = nonce
+            _wait_or_fail(deadline, timeout_s, sorted(pending) if pending else None)
+        return n
+    nonce = uuid.uuid4().hex
+    store.set(f"{ATTEMPTS_KEY}/hello/{rank}", nonce)
+    key = f"{ATTEMPTS_KEY}/answer/{rank}"
+    while True:
+        if store.check([key]):
+            got, n = store.get(key).decode().split()
+            if got == nonce:
+                store.set(f"{ATTEMPTS_KEY}/{n}/joined/{rank}", "1")
+                return int(n)
+        _wait_or_fail(deadline, timeout_s, [0])
+
+
+def _wait_or_fail(deadline: float, timeout_s: float, missing: list[int] | None) -> None:
+    if missing is None:
+        return
+    if time.monotonic() > deadline:
+        who = ", ".join(f"rank {r}" for r in missing)
+        raise RuntimeError(f"{who} did not join the process group within {timeout_s:g} s "
+                           "(--stall_timeout)")
+    time.sleep(0.01)
 
 
 def device_name(info: DistInfo) -> str:

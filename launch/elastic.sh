@@ -20,10 +20,12 @@
 # batch_size * seq_len * every world size the job may run at.
 set -euo pipefail
 MIN_NODES=${MIN_NODES:-1}
-# torch 2.13 shares the c10d rendezvous TCPStore with the workers; after a restart a worker can
-# read a dead worker's gloo/NCCL address from the previous attempt and fail to connect
-# ("Gloo connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712). Without the
-# sharing, every attempt gets a fresh store. Set it to 0 to get torch's default back.
+# torchrun's own restarts of the workers work under torch's defaults (dcp_train gives each attempt
+# its own prefix in the store torch 2.13 shares with the workers). A node whose *agent* is
+# relaunched under c10d rendezvous does not: the surviving leader agent never publishes its
+# shared store's address to the new round and both agents time out in torch's rendezvous.
+# Without the sharing (1, the default here) rank 0 of each attempt hosts a fresh store, which
+# avoids it; harmless otherwise (docs/launch.md).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 if [ -z "${NPROC:-}" ]; then
   NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

@@ -50,6 +50,9 @@ def test_tiny_preset_learns_on_two_ranks(tmp_path):
     ckpts = [r for r in records if r["kind"] == "checkpoint"]
     assert [c["step"] for c in ckpts] == [25, 50]
     assert all({"path", "seconds", "bytes"} <= set(c) for c in ckpts)
+    times = [r["time"] for r in records]  # every kind carries the Unix time it was logged at
+    assert all(isinstance(t, float) for t in times) and times == sorted(times)
+    assert {r["kind"] for r in records} >= {"config", "train", "val", "checkpoint"}
 
 
 def test_loss_does_not_depend_on_world_size(tmp_path):

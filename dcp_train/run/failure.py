@@ -308,8 +308,9 @@ def _store():
 
 
 def _key(kind: str, rank: int) -> str:
-    """A store key of this attempt of the job (torchrun restarts keep the store)."""
-    return f"dcp_train/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{kind}/{rank}"
+    """A key in the process group's store, which is this attempt's own (torchrun restarts keep
+    the store underneath: distributed.attempt_store gives each attempt a prefix of its own)."""
+    return f"dcp_train/{kind}/{rank}"
 
 
 def _first_alike(message: str, rank: int, silent=()) -> int:

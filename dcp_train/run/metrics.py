@@ -1,7 +1,11 @@
 """metrics.jsonl (docs/design.md, "Metrics") and the console line, written by rank 0 only.
 
 One JSON object per line, appended and flushed per record. Floats go through json's float
-repr, which is Python's `repr`: the full precision, so two runs compare bit for bit.
+repr, which is Python's `repr`: the full precision, so two runs compare bit for bit. Every
+record carries `time`, the Unix time (seconds, a float: time.time()) at which it was logged,
+so that wall-clock figures (goodput, the seconds from a failure to the next step) can be
+computed from the log; it is the one field two identical runs never share, so comparisons of
+runs name the fields they compare (tests/helpers.py: losses, digests), never `time`.
 
 With `tensorboard=True` (--tensorboard) every numeric field of a record except `step` also
 goes to a SummaryWriter in <log_dir>/tensorboard as scalar "<kind>/<field>" at that step
@@ -18,6 +22,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 from dcp_train import redact
 from dcp_train.config import redacted_config
@@ -49,7 +54,8 @@ class Metrics:
     def log(self, kind: str, **fields) -> None:
         if not self.enabled:
             return
-        self._file.write(redact.scrub(json.dumps({"kind": kind, **fields})) + "\n")
+        record = {"kind": kind, **fields, "time": time.time()}
+        self._file.write(redact.scrub(json.dumps(record)) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(kind, **fields)
