@@ -15,8 +15,8 @@ tests/fault_proxy.py, the local tier on a tmpfs of its own):
 3. `reference`: the failure-free run of ours' flags to ours' final step (--stop_at_step), for
    the failure-free median step time and for `final_equal` (model and optimizer tensors of the
    two final checkpoints, torch.equal).
-4. `bare`: one bare launch, torchrun + `import torch` + a gloo process group
-   (bench/bare_worker.py): the floor's cost of a relaunch, measured.
+4. `bare`: a bare launch, torchrun + `import torch` + a gloo process group
+   (bench/bare_worker.py), measured before each run: the floor's cost of a relaunch (median).
 
 ettr = final step x the reference's median step time / wall time (first launch to the last
 exit); floor_ettr = 1 - (1 + k) x bare / wall, k = the failures that end a process (every other
@@ -145,10 +145,11 @@ def relaunch_or_end(job: Job, ended: dict, stopping: bool, inj: Injector, plan, 
     return ended["end"]
 
 
-def bare_relaunch(work: Path) -> dict:
+def bare_relaunch(work: Path, i: int) -> dict:
     """One bare launch: torchrun + `import torch` + a gloo process group + a barrier, timed from
-    the launch to the last rank's barrier (bench/bare_worker.py prints its times)."""
-    out = work / "bare.json"
+    the launch to the last rank's barrier (bench/bare_worker.py prints its times). Measured
+    before each of the three runs, under the same load; the floor takes the median."""
+    out = work / f"bare-{i}.json"
     cmd = torchrun(2, [str(REPO / "bench" / "bare_worker.py"), str(out)])
     cmd[cmd.index("--master_port") + 1] = str(free_port())
     t0 = time.time()
@@ -203,13 +204,16 @@ def run(minutes: float, seed: int, log) -> dict:
     try:
         bucket = s3.make_bucket("goodput")
         env = {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint}
-        bare = bare_relaunch(work)
-        log(f"bare relaunch {bare['seconds']:.2f} s; tmpfs for the local tier: {on_tmpfs}")
+        bare = [bare_relaunch(work, 0)]
+        log(f"bare relaunch {bare[0]['seconds']:.2f} s; tmpfs for the local tier: {on_tmpfs}")
         ours = storm("ours", work, flags(f"{bucket}/ours", str(local)), env,
                      schedule(**plan_args), proxy, str(local), minutes, log)
+        bare.append(bare_relaunch(work, 1))
         base = storm("baseline", work, flags(f"{bucket}/baseline", None), env,
                      schedule(**plan_args), proxy, None, minutes, log)
         final = max(report.committed_steps(local), default=0)  # the stop's checkpoint
+        bare.append(bare_relaunch(work, 2))
+        log("bare relaunches (s): " + ", ".join(f"{b['seconds']:.2f}" for b in bare))
         ref = reference(work, flags(str(work / "reference-ckpt"), None), env, final)
         equal = report.final_equal(local / report.step_name(final),
                                    work / "reference-ckpt" / report.step_name(final), work)
@@ -231,14 +235,15 @@ def main(argv=None) -> None:
     p.add_argument("--json", default="", help="write the results here (and a .md beside it)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the clean-up below runs
-    started, load0 = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()
+    started, load0 = datetime.datetime.now(), os.getloadavg()  # the machine's clock is UTC
     log = lambda text: print(text, flush=True)  # noqa: E731
     result = run(a.minutes, a.seed, log)
     result["meta"] = report.meta(started, load0, argv if argv is not None else sys.argv[1:])
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
     text = report.render(result, a.minutes, a.seed)
     print(text)
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
         Path(a.json).with_suffix(".md").write_text(text)
 
 

@@ -102,6 +102,7 @@ def analyse(run: dict, f, median_s: float) -> dict:
     new = [w["start"] for w in run["workers"].values() if t < w["start"] <= cfg["time"]]
     gone = max((w["gone"] for w in old if w["gone"] is not None), default=t)
     started = max(new) if new else gone
+    gone = min(gone, started)  # seen by a poll, so late; a new worker's start is exact
     res = next((r for r in recs if r["kind"] == "resume" and cfg["time"] <= r["time"]
                 <= first["time"]), None)
     res_start = res["time"] - res["seconds"] if res else first["time"]
@@ -139,8 +140,10 @@ def by_kind(rows: list[dict]) -> dict:
     return out
 
 
-def summarize(ours: dict, base: dict, ref: dict, bare: dict, equal: dict, on_tmpfs: bool) -> dict:
+def summarize(ours: dict, base: dict, ref: dict, bares: list[dict], equal: dict,
+              on_tmpfs: bool) -> dict:
     step_s = median_step_s(ref)
+    bare = {"seconds": statistics.median(b["seconds"] for b in bares), "each": bares}
     rows, base_rows = failures(ours, step_s), failures(base, step_s)
     injected = [f for f in ours["failures"] if f.injected is not None]
     k = sum(f.kind in PROCESS_KINDS for f in injected)
@@ -189,14 +192,15 @@ def render(r: dict, minutes: float, seed: int) -> str:
               f"final_equal: {r['final_equal']} ({r['final_state']['tensors']} tensors); "
               f"median failure-free step {r['median_step_s'] * 1000:.0f} ms; restart median "
               f"{_f(r['restart_s_median'])} s; record times: {r['record_time']}.", "",
-              "| at s | kind | what | lost steps | s to next step | " + " | ".join(PHASES) + " |",
-              "| " + " | ".join(["---"] * (5 + len(PHASES))) + " |"]
+              "| at s | kind | what | lost steps | s to next step | slowdown s | "
+              + " | ".join(PHASES) + " |", "| " + " | ".join(["---"] * (6 + len(PHASES))) + " |"]
     for row in r["failures"]:
         if row.get("reached") is False:
-            lines.append(f"| - | {row['kind']} | not reached | | |" + " |" * len(PHASES))
+            lines.append(f"| - | {row['kind']} | not reached | | | |" + " |" * len(PHASES))
             continue
         ph = row.get("phases", {})
         lines.append(f"| {_f(row.get('at_s'), '.0f')} | {row['kind']} | {row.get('effect', '')} "
                      f"| {row.get('lost_steps')} | {_f(row.get('seconds'))} | "
+                     f"{_f(row.get('slowdown_s'))} | "
                      + " | ".join(_f(ph.get(p)) for p in PHASES) + " |")
     return "\n".join(lines) + "\n"

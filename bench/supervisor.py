@@ -131,8 +131,9 @@ class Job:
             return None
         for pid in _children(self.proc.pid):
             if pid not in self.workers:
-                self.workers[pid] = {"rank": _rank_of(pid), "start": start_time(pid) or now,
-                                     "gone": None}
+                self.workers[pid] = {"rank": None, "start": start_time(pid) or now, "gone": None}
+            if self.workers[pid]["rank"] is None:  # seen between fork and exec: not yet known
+                self.workers[pid]["rank"] = _rank_of(pid)
         for pid, w in self.workers.items():
             if w["gone"] is None and not os.path.exists(f"/proc/{pid}/stat"):
                 w["gone"] = now
