@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package: the test ser
 from fault_proxy import SLOW_DOWN, FaultProxy  # noqa: E402
 
 KINDS = ("rank_kill", "node_loss", "bucket", "rank_stop", "disk_full")
-BUCKET_ANSWERS = {  # S3 error code -> HTTP status (docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html)
+# S3 error code -> HTTP status (docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html)
+BUCKET_ANSWERS = {
     "SlowDown": 503, "ServiceUnavailable": 503, "InternalError": 500}
 FAILURES_PER_MINUTE = 1.25
 BUCKET_SECONDS = 20.0

@@ -104,7 +104,7 @@ class Job:
         return alive[-1] if alive else None
 
     def kill_node(self) -> None:
-        """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
+        """SIGKILL torchrun and every process under it (its workers have sessions of their own)."""
         if self.proc is None:
             return
         for pid in [*descendants(self.proc.pid), self.proc.pid]:
