@@ -52,6 +52,7 @@ STALL_TIMEOUT = 10.0
 STORE_RETRY_BUDGET = 30.0
 MAX_STEPS = 1_000_000  # never reached: the storm stops the job; the LR schedule is the same
 TMPFS_SIZE = "400m"
+MAX_OVERRUN = 3  # a storm whose failures are not all over by --minutes goes on, up to 3x
 COMMON = ["--preset", "tiny", "--max_steps", str(MAX_STEPS), "--eval_interval", "0",
           "--hellaswag_interval", "0", "--generate_interval", "0",
           "--stall_timeout", str(STALL_TIMEOUT), "--store_retry_budget", str(STORE_RETRY_BUDGET),
@@ -70,7 +71,10 @@ def flags(checkpoint_dir: str, local_dir: str | None) -> list[str]:
 
 def storm(name: str, work: Path, trainer_flags: list[str], env: dict, plan, proxy,
           local_dir: str | None, minutes: float, log) -> dict:
-    """Run one supervised job through the storm for `minutes`; returns what was observed."""
+    """Run one supervised job through the storm; returns what was observed. It is stopped
+    (SIGTERM: exit 75 with a checkpoint) once `minutes` have passed, every failure of the plan
+    was injected, and the job trains again after the last one (at the latest at
+    MAX_OVERRUN x `minutes`): each run gets the whole storm, and its wall time counts it."""
     workdir = work / name
     workdir.mkdir()
     job = Job(workdir, trainer_flags, env)
@@ -87,13 +91,13 @@ def storm(name: str, work: Path, trainer_flags: list[str], env: dict, plan, prox
             if ended is not None:
                 end = relaunch_or_end(job, ended, stopping, inj, plan, log)
                 continue
-            if not stopping and now - t0 >= minutes * 60 and not inj.busy(now) and \
-                    training_since(job, recovery_start(plan, job)):  # not amid a failure
+            ready = not inj.busy(now) and training_since(job, recovery_start(plan, job))
+            if not stopping and (now - t0 >= minutes * 60 * MAX_OVERRUN or (
+                    now - t0 >= minutes * 60 and ready and not pending)):
                 log(f"  [{name}] {now - t0:6.1f}s stop (SIGTERM)")
                 job.stop()
                 stopping = True
-            elif not stopping and pending and now - t0 >= pending[0].at and \
-                    training_since(job, recovery_start(plan, job)) and not inj.busy(now):
+            elif not stopping and pending and now - t0 >= pending[0].at and ready:
                 f = pending.pop(0)
                 inj.inject(f, job, now)
                 log(f"  [{name}] {now - t0:6.1f}s {f.kind}: {f.effect}")

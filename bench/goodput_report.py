@@ -82,17 +82,22 @@ def final_equal(step_dir, ref_step_dir, tmp) -> dict:
     return {"equal": bool(keys) and not differ, "tensors": len(keys), "differ": differ[:5]}
 
 
-def analyse(run: dict, f, median_s: float) -> dict:
-    """The measurements of one injected failure of `run` (see the module's docstring)."""
+def analyse(run: dict, f, median_s: float, until: float) -> dict:
+    """The measurements of one injected failure of `run` (see the module's docstring); `until`:
+    when the next failure was injected (or the run ended)."""
     t = f.injected
     recs = run["records"]
     after = [r for r in recs if r["kind"] == "train" and r["time"] > t]
     if not after:
         return {"kind": f.kind, "reached": True, "next_step": None}
+    # a failure that ends processes may do so a while later (a full disk at the next save)
+    configs = [r for r in recs if r["kind"] == "config" and t < r["time"] < until]
+    if configs:
+        after = [r for r in after if r["time"] > configs[0]["time"]] or after
     first = after[0]
     out = {"kind": f.kind, "detail": f.detail, "effect": f.effect, "at_s": t - run["start"],
            "seconds": first["time"] - t, "lost_steps": 0, **f.info}
-    configs = [r for r in recs if r["kind"] == "config" and t < r["time"] < first["time"]]
+    configs = [r for r in configs if r["time"] < first["time"]]
     if not configs:
         window = [r for r in after if r["time"] <= t + f.seconds]
         out["slowdown_s"] = f.seconds - len(window) * median_s if f.seconds else 0.0
@@ -121,8 +126,11 @@ def analyse(run: dict, f, median_s: float) -> dict:
 
 
 def failures(run: dict, median_s: float) -> list[dict]:
-    return [analyse(run, f, median_s) if f.injected is not None else
-            {"kind": f.kind, "reached": False} for f in run["failures"]]
+    injected = sorted(f.injected for f in run["failures"] if f.injected is not None)
+    return [analyse(run, f, median_s, until=min([x for x in injected if x > f.injected],
+                                                default=run["end"]))
+            if f.injected is not None else {"kind": f.kind, "reached": False}
+            for f in run["failures"]]
 
 
 def by_kind(rows: list[dict]) -> dict:
@@ -166,6 +174,8 @@ def summarize(ours: dict, base: dict, ref: dict, bares: list[dict], equal: dict,
         "record_time": "program" if all(not r.get("time_observed") for r in ours["records"])
         else "observed by the supervisor's poll (the records carry no `time`)",
         "local_tier_on_tmpfs": on_tmpfs,
+        "raw": {name: {k: r.get(k) for k in ("start", "end", "records", "launches", "workers")}
+                for name, r in (("ours", ours), ("baseline", base), ("reference", ref))},
     }
 
 

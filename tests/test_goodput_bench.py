@@ -36,7 +36,7 @@ def test_a_restart_split_into_phases():
                3: {"rank": 0, "start": 102.0, "gone": None}}
     f = Failure(at=10, kind="rank_kill", rank=1, injected=100.0)
     run = {"records": recs, "workers": workers, "start": 90.0, "failures": [f]}
-    row = report.analyse(run, f, median_s=0.5)
+    row = report.analyse(run, f, median_s=0.5, until=200.0)
     assert row["lost_steps"] == 2 and row["resumed_from"] == 10
     assert abs(row["seconds"] - 8.3) < 1e-9
     ph = row["phases"]
