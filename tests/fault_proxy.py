@@ -7,6 +7,8 @@
                                               # when a matching request arrives (that one too)
     proxy.fault("hang", None, when=...)       # accept, read the request, never answer
     proxy.fault("reset")                      # close every connection with RST, no answer
+    proxy.fault("answer", 20, answer="ServiceUnavailable")  # a documented error answer
+    proxy.fault("short")                      # the upstream's answer, its body cut in half
     proxy.heal()                              # everything forwarded again (armed faults too)
     proxy.refused                             # how many requests got a fault so far
     proxy.close()
@@ -29,6 +31,41 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
+# Error answers as S3 and GCS document them: name -> (HTTP status, S3 error code, GCS reason).
+# S3's body is its XML <Error>; GCS's the JSON API's {"error": {"code", "message", "errors":
+# [{"reason", ...}]}}; the proxy's `flavour` picks one.
+ANSWERS = {
+    "InternalError": (500, "InternalError", "internalError"),
+    "ServiceUnavailable": (503, "ServiceUnavailable", "backendError"),
+    "SlowDown": (503, "SlowDown", "rateLimitExceeded"),
+    "RequestTimeout": (400, "RequestTimeout", None),
+    "408": (408, "RequestTimeout", "requestTimeout"),
+    "429": (429, "TooManyRequests", "rateLimitExceeded"),
+    "502": (502, "BadGateway", "backendError"),
+    "504": (504, "GatewayTimeout", "backendError"),
+    "AccessDenied": (403, "AccessDenied", "forbidden"),
+    "InvalidAccessKeyId": (403, "InvalidAccessKeyId", "forbidden"),
+    "SignatureDoesNotMatch": (403, "SignatureDoesNotMatch", "forbidden"),
+    "NoSuchBucket": (404, "NoSuchBucket", "notFound"),
+    "BadRequest": (400, "InvalidArgument", "invalid"),
+}
+
+
+def error_body(name: str, flavour: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of the error answer `name` (ANSWERS) as `flavour`
+    ('s3' or 'gcs') sends it."""
+    import json
+    status, code, reason = ANSWERS[name]
+    message = f"fault proxy: {name}"
+    if flavour == "gcs":
+        errors = [{"domain": "global", "reason": reason, "message": message}] if reason else []
+        body = {"error": {"code": status, "message": message, "errors": errors}}
+        return status, "application/json; charset=UTF-8", json.dumps(body).encode()
+    return status, "application/xml", (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>'
+        f"{message}</Message><RequestId>fault-proxy</RequestId></Error>").encode()
+
+
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message>"
              b"<RequestId>fault-proxy</RequestId></Error>")
@@ -38,8 +75,9 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
 
 class _Fault:
     def __init__(self, mode: str, seconds: float | None, when: str | None, after: bool,
-                 nth: int = 1):
+                 nth: int = 1, answer: str | None = None):
         self.mode, self.seconds, self.after, self.nth = mode, seconds, after, nth
+        self.answer = answer
         self.when = re.compile(when) if when else None
         self.start = None if when else time.monotonic()
 
@@ -49,7 +87,8 @@ class _Fault:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, flavour: str = "s3"):
+        self.flavour = flavour  # how error answers look: 's3' (XML) or 'gcs' (JSON)
         up = urlparse(upstream)
         self.upstream = (up.hostname, up.port)
         self._lock = threading.Lock()
@@ -78,15 +117,18 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ control
     def fault(self, mode: str, seconds: float | None = None, when: str | None = None,
-              after: bool = False, nth: int = 1) -> None:
-        """mode: 'refuse' (503 SlowDown), 'reset' (RST, no answer) or 'hang' (no answer, the
-        connection held until healed); seconds: how long (None: until heal()); when: a regex
-        on "METHOD path?query" that starts it (None: now); after: start right after the
-        matching request was answered (that one is forwarded); nth: at the nth matching
-        request (the earlier ones are forwarded)."""
-        assert mode in ("refuse", "reset", "hang"), mode
+              after: bool = False, nth: int = 1, answer: str | None = None) -> None:
+        """mode: 'refuse' (503 SlowDown), 'answer' (the error answer `answer`, a key of
+        ANSWERS, in the proxy's flavour), 'short' (the upstream's answer with its full
+        Content-Length but half its body, then the connection closed), 'reset' (RST, no
+        answer) or 'hang' (no answer, the connection held until healed); seconds: how long
+        (None: until heal()); when: a regex on "METHOD path?query" that starts it (None:
+        now); after: start right after the matching request was answered (that one is
+        forwarded); nth: at the nth matching request (the earlier ones are forwarded)."""
+        assert mode in ("refuse", "answer", "short", "reset", "hang"), mode
+        assert (mode == "answer") == (answer in ANSWERS), (mode, answer)
         with self._lock:
-            self._faults.append(_Fault(mode, seconds, when, after, nth))
+            self._faults.append(_Fault(mode, seconds, when, after, nth, answer))
 
     def heal(self) -> None:
         with self._lock:
@@ -104,7 +146,7 @@ class FaultProxy:
         self._server.server_close()
 
     # ------------------------------------------------------------------ serving
-    def _mode(self, line: str) -> tuple[str | None, list[_Fault]]:
+    def _mode(self, line: str) -> tuple[_Fault | None, list[_Fault]]:
         """The fault for a request arriving now, and the faults it arms after its answer."""
         now = time.monotonic()
         later = []
@@ -122,29 +164,33 @@ class FaultProxy:
                             if f.start is None or f.seconds is None or now < f.start + f.seconds]
             for f in self._faults:
                 if f.active(now):
-                    return f.mode, later
+                    return f, later
         return None, later
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         line = f"{h.command} {h.path}"
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
-        mode, later = self._mode(line)
+        fault, later = self._mode(line)
+        mode = fault.mode if fault is not None else None
         self.log.append((time.monotonic(), line, mode or "ok"))
         if mode is not None:
             with self._lock:
                 self.refused += 1
         if mode == "refuse":
             self._answer(h, 503, [("Content-Type", "application/xml")], SLOW_DOWN)
+        elif mode == "answer":
+            status, kind, data = error_body(fault.answer, self.flavour)
+            self._answer(h, status, [("Content-Type", kind)], data)
         elif mode == "reset":
             self._reset(h)
         elif mode == "hang":
-            while self._mode(line)[0] == "hang":
+            while (now_fault := self._mode(line)[0]) is not None and now_fault.mode == "hang":
                 time.sleep(0.1)
             self._reset(h)
         else:
             status, headers, data = self._forward(h, body)
-            self._answer(h, status, headers, data)
+            self._answer(h, status, headers, data, short=mode == "short")
             now = time.monotonic()
             with self._lock:
                 for f in later:
@@ -172,7 +218,9 @@ class FaultProxy:
                     raise
 
     @staticmethod
-    def _answer(h, status: int, headers: list, data: bytes) -> None:
+    def _answer(h, status: int, headers: list, data: bytes, short: bool = False) -> None:
+        """Send an answer; `short`: its headers (its full Content-Length) and half its body,
+        then the connection closed (a short read)."""
         h.send_response_only(status)
         for k, v in headers:
             h.send_header(k, v)
@@ -180,8 +228,10 @@ class FaultProxy:
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         if h.command != "HEAD" and data:
-            h.wfile.write(data)
+            h.wfile.write(data[:len(data) // 2] if short else data)
         h.wfile.flush()
+        if short:
+            FaultProxy._reset(h)
 
     @staticmethod
     def _reset(h) -> None:

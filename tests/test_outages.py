@@ -65,6 +65,15 @@ def error_lines(text: str) -> list[str]:
     return [x for x in text.splitlines() if x.startswith("dcp_train: error:")]
 
 
+def workers_stderr(text: str) -> list[str]:
+    """The lines of a failed job's stderr that are not torchrun's own report (its logging
+    lines, the ChildFailedError traceback and the failure summary): what the ranks wrote."""
+    report = text.find("Traceback (most recent call last)")
+    lines = text[:report if report >= 0 else len(text)].splitlines()
+    return [x for x in lines if x.strip() and not re.match(r"^[WIE]\d{4} |^\[[WIE]\d{4}|^\*+$|"
+                                                          r"^Setting OMP_NUM_THREADS", x)]
+
+
 def exit_codes(text: str) -> set[str]:
     """The ranks' exit codes in torchrun's report (torchrun itself exits 1)."""
     return set(re.findall(r"exitcode\s*:\s*(-?\d+)", text))
@@ -121,6 +130,7 @@ def test_refusing_past_the_budget_is_one_line_exit_69_then_resumes(s3, proxy, en
     assert exit_codes(failed.stderr) == {"69"} and len(lines) == 1, failed.stderr[-4000:]
     for words in (url, "the save of step 4 (commit)", "--store_retry_budget 10", "SlowDown"):
         assert words in lines[0], lines[0]
+    assert workers_stderr(failed.stderr) == lines, failed.stderr[-6000:]  # no asyncio noise
     assert read_latest(fs, "ckpt/budget") == step(2)
     assert not fs.exists(f"ckpt/budget/{step(4)}/manifest.json")  # never committed
     run(["--data_dir", str(data), "--auto_resume"], env, log, url)
@@ -178,12 +188,13 @@ def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, 
             time.sleep(0.05)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    try:  # refusing until a replication failed loudly, then silent until one more did
+    try:  # refusing until a replication failed loudly, then silent for two more requests
         wait_for(lambda: "WARNING: replicating step" in text() or job.poll() is not None,
                  timeout=200)
         proxy.heal()
+        hung = len([1 for _, _, mode in proxy.log if mode == "hang"])
         proxy.fault("hang", None)
-        wait_for(lambda: text().count("WARNING: replicating step") >= 2
+        wait_for(lambda: len([1 for _, _, mode in proxy.log if mode == "hang"]) >= hung + 2
                  or job.poll() is not None, timeout=200)
         silent_until = max(local_steps(run_dir / "local"), default=0)
         proxy.heal()
@@ -202,6 +213,9 @@ def test_two_tiers_bucket_down_at_start_resumes_local_and_catches_up(s3, proxy, 
     assert max(held) <= 1 + 2 + 1, held
     assert read_latest(fs, "ckpt/tiers") == step(MAX_STEPS)
     assert losses(log) == losses(ref)
+    # the outage said twice: one WARNING when it started, one line when it ended
+    assert out.count("WARNING: replicating step") == 1, out[-4000:]
+    assert "works again after" in out, out[-4000:]
     print(f"\ntwo tiers: local checkpoints held at most {max(held)} (keep 1); the bucket "
           f"refused, then was silent until local step {silent_until}")
 
@@ -237,3 +251,59 @@ def test_server_errors_are_ridden_out_other_errors_are_not():
                          "GetObject")
     for e in (FileNotFoundError(errno.ENOENT, "no such key"), denied):
         assert trouble(e) is None, e
+
+
+SILENT_STALL = 8  # --stall_timeout of the silent-bucket test; the bucket is silent 3x that
+
+
+def test_two_tiers_a_silent_bucket_costs_training_nothing(s3, proxy, env, data, base):
+    """Two tiers; once step 40 is logged the bucket accepts connections and answers nothing
+    for 3 x --stall_timeout (the proxy holds every request), then heals by itself. Training
+    never waits for it: exit 0, steps/s during the silence >= 0.8 x before (from the train
+    records' `time`), the outage said once when it starts and once when it ends, and the
+    bucket catches up: its `latest` is the final step and `dcp-ckpt verify` passes."""
+    from dcp_train.checkpoint.io.storage import Storage
+    from dcp_train.tools import ckpt
+    from helpers import metrics
+
+    steps, url = 400, "s3://ckpt/silent"
+    run_dir = base / "silent"
+    log, out_path = run_dir / "log", run_dir / "silent.out"
+    run_dir.mkdir()
+    args = [*ARGS, "--max_steps", str(steps), "--checkpoint_interval", "20",
+            "--local_checkpoint_dir", str(run_dir / "local"), "--local_checkpoint_interval",
+            "10", "--keep_last_n_local_checkpoints", "2", "--stall_timeout", str(SILENT_STALL),
+            "--data_dir", str(data), "--log_dir", str(log), "--checkpoint_dir", url]
+    with open(out_path, "w") as out:
+        job = subprocess.Popen(torchrun_cmd(2, args), cwd=REPO, env=child_env(env), stdout=out,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    train = lambda: [r for r in metrics(log) if r["kind"] == "train"]  # noqa: E731
+    try:
+        wait_for(lambda: any(r["step"] >= 40 for r in train()) or job.poll() is not None,
+                 timeout=240)
+        silent_s = 3 * SILENT_STALL
+        t0 = time.time()
+        proxy.fault("hang", silent_s)  # starts now, heals by itself
+        job.wait(timeout=400)
+    finally:
+        proxy.heal()
+        kill_job(job)
+    out = out_path.read_text()
+    assert job.returncode == 0, out[-4000:]
+    records = train()
+    assert records[-1]["step"] == steps and records[-1]["time"] > t0 + silent_s, \
+        "the run ended before the silence did: give it more steps"
+    before = [r for r in records if r["step"] > 10 and r["time"] <= t0]
+    during = [r for r in records if t0 < r["time"] <= t0 + silent_s]
+    rate_before = (len(before) - 1) / (before[-1]["time"] - before[0]["time"])
+    rate_during = len(during) / silent_s
+    print(f"\nsilent bucket for {silent_s}s: {rate_before:.2f} steps/s before, "
+          f"{rate_during:.2f} during; {proxy.refused} requests held")
+    assert rate_during >= 0.8 * rate_before, (rate_before, rate_during)
+    assert out.count("WARNING: replicating step") == 1, out[-6000:]
+    assert "replication to s3://ckpt/silent works again after" in out, out[-6000:]
+    assert out.count("WARNING: renewing the writer lease") <= 1, out[-6000:]
+    fs = s3fs_of(s3)
+    assert read_latest(fs, "ckpt/silent") == step(steps)
+    storage = Storage(url, s3.storage_options)
+    assert ckpt.verify(storage, f"{url}/{step(steps)}") == []

@@ -75,30 +75,27 @@ def recovery_s(log: Path, killed_at: float) -> float:
     return min(after) - killed_at
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait for a torchrun agent, which must end with exit 0 (killed if it does not end)."""
     try:
         out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-8000:]}"
     finally:
         if proc.poll() is None:
             kill_job(proc)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-8000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_shards(tmp_path_factory.mktemp("data"))
+    """Synthetic shards, and the uninterrupted run every restarted one must equal."""
+    shards = write_shards(tmp_path_factory.mktemp("data"))
+    reference = tmp_path_factory.mktemp("reference")
+    run_train(2, ARGS + dirs(reference, shards))
+    return shards, reference
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data) -> Path:
-    root = tmp_path_factory.mktemp("reference")
-    run_train(2, ARGS + dirs(root, data))
-    return root
-
-
-def test_one_node_rank_killed_torchrun_restarts(tmp_path, data, reference):
-    run = tmp_path / "run"
+def test_one_node_rank_killed_torchrun_restarts(tmp_path, data):
+    (data, reference), run = data, tmp_path / "run"
     job = agent(["--nproc_per_node=2", "--max-restarts=1", "--master_addr=127.0.0.1",
                  f"--master_port={free_port()}"], ARGS + dirs(run, data))
     try:
@@ -116,10 +113,10 @@ def test_one_node_rank_killed_torchrun_restarts(tmp_path, data, reference):
     assert_same_run(run, reference, tmp_path, MAX_STEPS)
 
 
-def test_two_nodes_worker_killed_torchrun_restarts(tmp_path, data, reference):
+def test_two_nodes_worker_killed_torchrun_restarts(tmp_path, data):
     """Two agents, torch's defaults: node 2's worker is SIGKILLed; both agents restart their
     workers into a new rendezvous round, on the store the agents share with them."""
-    run = tmp_path / "run"
+    (data, reference), run = data, tmp_path / "run"
     with two_agents(run, data, {}) as (host, other):
         killed_at = time.time()
         os.kill(worker_of_rank(1), signal.SIGKILL)
@@ -131,13 +128,13 @@ def test_two_nodes_worker_killed_torchrun_restarts(tmp_path, data, reference):
     assert_same_run(run, reference, tmp_path, MAX_STEPS)
 
 
-def test_two_nodes_one_agent_killed_and_relaunched(tmp_path, data, reference):
+def test_two_nodes_one_agent_killed_and_relaunched(tmp_path, data):
     """Node 2's agent and worker are SIGKILLed and the agent relaunched. This needs
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the agents (launch/elastic.sh sets it): under
     torch 2.13's default the surviving leader agent keeps the store address of its first
     round and never publishes it to the new round, so the relaunched agent waits for it in
     torch's own rendezvous and both agents give up (docs/launch.md)."""
-    run = tmp_path / "run"
+    (data, reference), run = data, tmp_path / "run"
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     with two_agents(run, data, env) as (host, other):
         killed_at = time.time()

@@ -16,9 +16,11 @@ down or silent) is run again here, after an exponential backoff with jitter, unt
   the next attempt ends (one attempt takes about as long as the last one did):
   StoreUnavailable "<store> did not answer for N s during <what>".
 
-`guarded(fn)` turns a transient store failure raised by fn (errors.classify: 'unreachable' or
-'throttled', or an answer cut short, anywhere in its chain) into StoreTrouble, which survives
-distributed.agree (pickled with whether it was silence); other errors pass through unchanged,
+`guarded(fn)` turns a transient store failure raised by fn (io/store_errors.py classifies it
+where it is raised, by the store's answer or the exception's type; a few words are the last
+resort for what arrives untyped) into StoreTrouble, which survives distributed.agree (pickled
+with whether it was silence), and a permanent one (denied, no such bucket, a bad request) into
+its StoreError, one line naming the store (exit 2); other errors pass through unchanged,
 and are never retried. Collective (the default): every rank calls ride_out at the same point
 around an attempt whose failures are agreed (distributed.agree), and rank 0's clock decides
 for all whether to retry or give up, so no rank retries or waits alone. collective=False: a
@@ -32,21 +34,17 @@ idempotent. With budget_s == 0 there is no retry: the first failure gives up.
 from __future__ import annotations
 
 import random
-import socket
 import time
 from typing import NamedTuple
 
 from dcp_train import distributed as D
+from dcp_train.checkpoint.io import store_errors
 from dcp_train.errors import CheckpointError, StoreUnavailable, chain, classify, describe
 
 MAX_DELAY_S = 30.0  # the longest backoff between two attempts
 _JITTER = random.Random()  # its own generator: the global one is checkpointed state (rng.py)
-_SILENT_NAMES = {"ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError",
-                 "FSTimeoutError", "TimeoutError", "timeout", "ReadTimeout", "ConnectTimeout"}
-_SHORT_READS = {"IncompleteRead", "ClientPayloadError", "ResponseStreamingError",
-                "ContentLengthError", "ResponseParserError"}  # an answer cut short: a refusal
-# What is left of them once pickled without their cause (DCP gathers every rank's failure
-# through all_gather_object; s3fs's OSError(EBUSY) for SlowDown keeps its words only)
+# Last resort (store_errors.classify types failures where they are raised): words of a
+# store failure that reached here untyped, pickled without its cause
 _REFUSED_TEXT = ("reduce your request rate", "SlowDown", "Could not connect to the endpoint",
                  "Connection was closed before we received a valid response",
                  # a server error (500, 502, 504), retryable by S3's and GCS's documentation;
@@ -73,24 +71,31 @@ class StoreTrouble(CheckpointError):
 
 
 def trouble(exc: BaseException) -> StoreTrouble | None:
-    """StoreTrouble for a transient store failure (anywhere in exc's chain), else None."""
+    """StoreTrouble for a transient store failure (anywhere in exc's chain), else None.
+    Judged by store_errors.classify (the store's answer or the exception's type, where it
+    was raised); the words below only for what reaches here untyped (last resort)."""
     if isinstance(exc, StoreTrouble):
         return exc
+    typed = store_errors.classify(exc)
+    if typed is not None:
+        return StoreTrouble(_text(exc), typed.silent) if typed.transient else None
     kind, _ = classify(exc)
     found = chain(exc)
     words = " ".join(str(e) for e in found)
-    silent = any(isinstance(e, socket.timeout) or type(e).__name__ in _SILENT_NAMES
-                 for e in found) or any(t in words for t in _SILENT_TEXT)
+    silent = any(t in words for t in _SILENT_TEXT)
     if kind not in ("unreachable", "throttled") and not silent and not any(
-            type(e).__name__ in _SHORT_READS for e in found) and not any(
             t in words for t in _REFUSED_TEXT):
         return None
-    text = str(exc) if isinstance(exc, CheckpointError) else describe(exc)
-    return StoreTrouble(text, silent)
+    return StoreTrouble(_text(exc), silent)
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, CheckpointError) else describe(exc)
 
 
 def guarded(fn):
-    """fn, raising StoreTrouble instead of a transient store failure."""
+    """fn, raising StoreTrouble instead of a transient store failure, and the StoreError
+    (exit 2, one line naming the store) for a permanent one."""
     def run():
         try:
             return fn()
@@ -98,9 +103,12 @@ def guarded(fn):
             raise
         except Exception as e:
             found = trouble(e)
-            if found is None:
-                raise
-            raise found from e
+            if found is not None:
+                raise found from e
+            typed = store_errors.classify(e)
+            if typed is not None and not typed.transient and typed is not e:
+                raise typed from e
+            raise
     return run
 
 

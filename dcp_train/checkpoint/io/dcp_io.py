@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION  # noqa:
 from torch.distributed.checkpoint.filesystem import FileSystem as _LocalFS  # noqa: E402
 
 from dcp_train.checkpoint.io import checksum as C  # noqa: E402
+from dcp_train.checkpoint.io.store_errors import at_source  # noqa: E402
 from dcp_train.checkpoint.io.ranged_read import (  # noqa: E402
     SpanFile, open_sized, read_ranges, read_spans)
 from dcp_train.checkpoint.io.checked_streams import (  # noqa: E402
@@ -151,10 +152,11 @@ class _CheckedWriter:
         return self.fs.checksums
 
     def write_data(self, plan, planner):
-        future = super().write_data(plan, planner)
-        if self.fs.errors:
-            raise self.fs.errors[0]
-        written = len(future.wait())
+        with at_source(str(self.path)):  # a store failure typed before DCP pickles it
+            future = super().write_data(plan, planner)
+            if self.fs.errors:
+                raise self.fs.errors[0]
+            written = len(future.wait())
         if written != len(plan.items):
             raise OSError(f"DCP wrote {written} of {len(plan.items)} items of {self.path}: "
                           "a writer thread failed")
@@ -289,7 +291,8 @@ class _RemoteWriter(_CheckedWriter, FsspecWriter):
         metadata.version = CURRENT_DCP_VERSION
         metadata.storage_data = {wr.index: wr.storage_data for wrs in results for wr in wrs}
         metadata.storage_meta = self.storage_meta()
-        with self.fs.create_stream(self._get_metadata_path(), "wb") as f:
+        with at_source(str(self.path)), self.fs.create_stream(self._get_metadata_path(),
+                                                              "wb") as f:
             pickle.dump(metadata, f)
 
 
@@ -355,11 +358,12 @@ class _RemoteReader(_VerifyingReader, SafeMetadataReader, FsspecReader):
             if info.relative_path not in self.fs.verify and info.relative_path in self.fs.sizes:
                 spans.setdefault(self.fs.concat_path(self.path, info.relative_path), []).append(
                     (info.offset, info.length))
-        self.fs.prefetch([self.fs.concat_path(self.path, name) for name in fetched], spans)
         nbytes = sum(info.length for info in self.storage_data.values()
                      if info.relative_path in self.fs.verify)
-        with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
-            return super().read_data(plan, planner)
+        with at_source(str(self.path)):  # a store failure typed before DCP pickles it
+            self.fs.prefetch([self.fs.concat_path(self.path, name) for name in fetched], spans)
+            with received_bytes("checkpoint download", nbytes, int(os.environ.get("RANK", 0))):
+                return super().read_data(plan, planner)
 
 
 FETCH_CONCURRENCY = 8  # concurrent ranged GETs of one file of unknown size (gcsfs)

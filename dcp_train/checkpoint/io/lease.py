@@ -20,6 +20,13 @@ The lease file is replaced atomically, but neither local files nor fsspec object
 a compare-and-swap here, so two runs started at the same instant could both win: the lease
 guards against mistakes (a second job on the same directory), not against a deliberate race.
 
+On an object store the renewal runs on a thread of its own (`_keep`), started by `acquire`:
+the training thread never waits for the bucket (a silent or refusing bucket used to stop the
+loop inside `refresh`). Every renewal is one PUT with the store's timeouts
+(io/store_options.py); a renewal that fails is one WARNING when the failures start and one line
+when a renewal succeeds again, and `refresh` (called every step and at commits) only wakes the
+thread. `release` stops it (waiting at most one read timeout's worth, `STOP_WAIT_S`) first.
+
 Requests on an object store: `check` one GET (a missing lease is a 404, no HEAD first),
 `acquire` one PUT (and a GET unless `check` ran within timeout/4 seconds; `expiry_wait`'s
 GET serves the `check` after it unless it waited), `refresh` one PUT
@@ -31,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -38,6 +46,7 @@ from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.errors import CheckpointError
 
 LEASE = "writer.lease"
+STOP_WAIT_S = 5.0  # how long `release` waits for a renewal in flight
 
 
 class LeaseError(CheckpointError):
@@ -64,6 +73,8 @@ class WriterLease:
         self._last_refresh = 0.0
         self._checked_at = None  # time.monotonic() of the last check()
         self._peeked = []  # [the lease expiry_wait read], for the check right after it
+        self._keeper: threading.Thread | None = None  # object stores: renews (module doc)
+        self._wake, self._stop = threading.Event(), threading.Event()
 
     def acquire(self) -> None:
         """Take the lease: LeaseError if another live run holds it. Reads it again unless
@@ -72,6 +83,10 @@ class WriterLease:
                 time.monotonic() - self._checked_at > self.timeout_s / 4:
             self.check()
         self._write()
+        if not self.storage.is_local and self._keeper is None:
+            self._keeper = threading.Thread(target=self._keep, daemon=True,
+                                            name="dcp_train-lease")
+            self._keeper.start()
 
     def check(self) -> None:
         """LeaseError if another run that is alive holds the lease (reads only)."""
@@ -85,11 +100,43 @@ class WriterLease:
                 f"--checkpoint_dir, or if that run is dead delete {self.path}")
 
     def refresh(self) -> None:
-        """Renew the heartbeat, at most every timeout/4 seconds (cheap to call every step)."""
+        """Renew the heartbeat, at most every timeout/4 seconds (cheap to call every step);
+        on an object store only a nudge to the renewing thread, which never blocks."""
         if time.time() - self._last_refresh > self.timeout_s / 4:
-            self._write()
+            if self._keeper is not None:
+                self._wake.set()
+            else:
+                self._write()
+
+    def _keep(self) -> None:
+        """The renewing thread: a PUT every timeout/4 seconds (or when nudged), its failures
+        said once when they start and once when they end."""
+        from dcp_train.errors import describe
+        failing_since = None
+        while not self._stop.is_set():
+            self._wake.wait(self.timeout_s / 4)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._write()
+            except Exception as e:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    self.say(f"WARNING: renewing the writer lease {self.path} failed: "
+                             f"{describe(e)}; training goes on, the lease is renewed again "
+                             f"every {self.timeout_s / 4:g}s")
+                continue
+            if failing_since is not None:
+                self.say(f"the writer lease {self.path} is renewed again, after "
+                         f"{time.monotonic() - failing_since:.0f}s of failures")
+                failing_since = None
 
     def release(self) -> None:
+        if self._keeper is not None:
+            self._stop.set()
+            self._wake.set()
+            self._keeper.join(STOP_WAIT_S)
         holder = self._read()
         if holder is not None and all(holder.get(k) == v for k, v in self.mine.items()):
             self.storage.rm_file(self.path)

@@ -78,9 +78,14 @@ def merged(url: str, options: dict | None, stall_timeout: float = DEFAULT_STALL_
 
 
 def configure(fs) -> None:
-    """What cannot be passed as an option: s3fs's own retries (module docstring)."""
+    """What cannot be passed as an option: s3fs's own retries (module docstring), and the
+    event loop of fsspec's async stores kept quiet about store failures nobody waits for
+    (store_errors.quiet_loop)."""
     if type(fs).__module__.startswith("s3fs"):
         fs.retries = S3FS_RETRIES
+    if getattr(fs, "async_impl", False):
+        from dcp_train.checkpoint.io.store_errors import quiet_loop
+        quiet_loop()
 
 
 def url_to_fs(url: str, options: dict | None, stall_timeout: float = DEFAULT_STALL_S):

@@ -14,8 +14,9 @@ then the durable retention. One job runs in three phases, each on a background t
 
 Ranks agree on phase changes at step boundaries, through the one small gather train/loop.py
 already does per step (`report()` goes into it, `advance()` reads every rank's report), so
-replication adds no collective to a step. A failed phase (bucket unreachable, ...) is a
-WARNING line, retried after 2, 4, ... 60 s by rank 0's clock; training goes on. Each request
+replication adds no collective to a step. A failed phase (bucket unreachable, ...) is
+retried after 2, 4, ... 60 s by rank 0's clock; training goes on. An outage is said twice: one
+WARNING at its first failure, one line when a phase succeeds again (not a line per retry). Each request
 has timeouts (io/store_options.py), so a store that does not answer fails a phase too. A phase
 still failing --store_retry_budget seconds after its first failure (rank 0's clock) is given
 up with a WARNING: the step stays on the local tier, the next save's job tries again. A newer job
@@ -86,6 +87,7 @@ class Replicator:
         self.future: Future | None = None
         self.durable_step = -1  # the durable tier's newest committed step
         self.retry_at = 0.0  # rank 0's clock
+        self.outage_since = None  # monotonic time of the first failure of an outage
 
     # ------------------------------------------------------------------ the step boundary
     def submit(self, step: int, src: str, per_rank: list, checksum: str = C.CHECKSUM) -> None:
@@ -155,15 +157,22 @@ class Replicator:
 
     def _failed(self, job: Job, error: str) -> None:
         delay = min(60.0, 2.0 * 2 ** (job.attempts - 1))
-        self.say(f"WARNING: replicating step {job.step} to {self.storage.root} failed "
-                 f"({job.phase}, attempt {job.attempts}): {error}; training goes on, "
-                 f"retrying in {delay:.0f}s; the step is safe on the local tier")
+        if self.outage_since is None:  # said once when the failures start (module doc)
+            self.outage_since = time.monotonic()
+            self.say(f"WARNING: replicating step {job.step} to {self.storage.root} failed "
+                     f"({job.phase}): {error}; training goes on, retrying with backoff "
+                     "(2 s up to 60 s) until it answers; the step is safe on the local tier")
         job.error, self.future = error, None
         self.retry_at = time.monotonic() + delay
         if job.failing_since is None:
             job.failing_since = time.monotonic()
 
     def _next_phase(self, job: Job, answer) -> None:
+        if self.outage_since is not None:  # ...and once when they end
+            self.say(f"replication to {self.storage.root} works again after "
+                     f"{time.monotonic() - self.outage_since:.0f}s of failures "
+                     f"(step {job.step}, {job.phase} done)")
+            self.outage_since = None
         if job.phase == "prepare":
             job.target, job.phase = answer, "upload"
         elif job.phase == "upload":
