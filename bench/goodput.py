@@ -40,10 +40,11 @@ from pathlib import Path
 
 from bench import goodput_report as report
 from bench.common import REPO, child_env, free_port, torchrun
-from bench.storm import Injector, StormProxy, schedule
+from bench.storm import Injector, schedule
 from bench.supervisor import POLL, RELAUNCH_CODES, Job
 
 sys.path.insert(0, str(REPO / "tests"))
+from fault_proxy import FaultProxy  # noqa: E402
 from servers import start_s3_server  # noqa: E402
 
 LOCAL_INTERVAL = 5
@@ -202,7 +203,7 @@ def run(minutes: float, seed: int, log) -> dict:
     plan_args = dict(seed=seed, minutes=minutes, stall_timeout=STALL_TIMEOUT)
     work = Path(tempfile.mkdtemp(prefix="goodput-"))
     s3 = start_s3_server()
-    proxy = StormProxy(s3.endpoint)
+    proxy = FaultProxy(s3.endpoint)
     local = work / "local"
     on_tmpfs = mount_tmpfs(local)
     try:

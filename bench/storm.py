@@ -11,7 +11,8 @@ Kinds (KINDS):
 - `node_loss`: the whole "node" lost: the torchrun agent and every worker SIGKILLed, its local tier
   wiped (its disk is gone with it); the supervisor relaunches, as a SLURM requeue would.
 - `bucket`: the bucket behind the fault proxy answers every request with `detail` (503 SlowDown,
-  503 ServiceUnavailable, 500 InternalError: S3's documented retryable answers) for
+  503 ServiceUnavailable, 500 InternalError, 400 RequestTimeout: S3's documented retryable
+  answers) for
   `seconds`, or (`detail` "silent") accepts requests and never answers, for 1.5 x
   `--stall_timeout` (longer than one request's share of the retry budget).
 - `rank_stop`: SIGSTOP of one worker (a hung rank); ended by `--stall_timeout` -> exit 69.
@@ -35,12 +36,13 @@ from dataclasses import asdict, dataclass, field
 from bench.common import REPO
 
 sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package: the test servers by name
-from fault_proxy import SLOW_DOWN, FaultProxy  # noqa: E402
+from fault_proxy import ANSWERS  # noqa: E402
 
 KINDS = ("rank_kill", "node_loss", "bucket", "rank_stop", "disk_full")
-# S3 error code -> HTTP status (docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html)
-BUCKET_ANSWERS = {
-    "SlowDown": 503, "ServiceUnavailable": 503, "InternalError": 500}
+# S3's retryable answers (docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html),
+# as tests/fault_proxy.py sends them
+BUCKET_ANSWERS = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+assert all(a in ANSWERS for a in BUCKET_ANSWERS)
 FAILURES_PER_MINUTE = 1.25
 BUCKET_SECONDS = 20.0
 DISK_FULL_SECONDS = 15.0
@@ -84,23 +86,6 @@ def schedule(seed: int, minutes: float, stall_timeout: float) -> list[Failure]:
     return out
 
 
-def error_body(code: str) -> bytes:
-    return SLOW_DOWN.replace(b"<Code>SlowDown</Code>", f"<Code>{code}</Code>".encode()).replace(
-        b"Please reduce your request rate.", f"Injected {code}.".encode())
-
-
-class StormProxy(FaultProxy):
-    """tests/fault_proxy.FaultProxy whose 'refuse' answers with `self.answer` (an S3 error code
-    of BUCKET_ANSWERS) instead of always 503 SlowDown."""
-
-    answer = "SlowDown"
-
-    def _answer(self, h, status, headers, data):  # noqa: D102 (the base's, one status swapped)
-        if data is SLOW_DOWN and self.answer != "SlowDown":
-            status, data = BUCKET_ANSWERS[self.answer], error_body(self.answer)
-        FaultProxy._answer(h, status, headers, data)
-
-
 def _kill(pid: int, sig: int) -> bool:
     try:
         os.kill(pid, sig)
@@ -122,7 +107,7 @@ def wipe(directory: str) -> None:
 class Injector:
     """Makes a Failure happen to a job (bench/supervisor.Job) and undoes the timed ones."""
 
-    def __init__(self, proxy: StormProxy, local_dir: str | None):
+    def __init__(self, proxy, local_dir: str | None):
         self.proxy, self.local_dir = proxy, local_dir
         self.filler = None
         self.until = 0.0  # time.time() when the timed failure in force ends
@@ -145,8 +130,7 @@ class Injector:
             if f.detail == "silent":
                 self.proxy.fault("hang", f.seconds)
             else:
-                self.proxy.answer = f.detail
-                self.proxy.fault("refuse", f.seconds)
+                self.proxy.fault("answer", f.seconds, answer=f.detail)
             self.until = now + f.seconds
             f.effect = f"bucket {f.detail} for {f.seconds:.0f} s"
         elif f.kind == "disk_full":

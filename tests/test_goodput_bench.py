@@ -16,7 +16,8 @@ def test_schedule_is_seeded_and_varied():
     assert all(0 < f.at < 4 * 60 for f in a) and a == sorted(a, key=lambda f: f.at)
     for f in schedule(3, 20, 10):
         if f.kind == "bucket":
-            assert f.detail in ("SlowDown", "ServiceUnavailable", "InternalError", "silent")
+            assert f.detail in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                                "silent")
             assert f.seconds == (15.0 if f.detail == "silent" else 20.0)
 
 
