@@ -138,9 +138,8 @@ def relaunch_or_end(job: Job, ended: dict, stopping: bool, inj: Injector, plan, 
         job.launch()
         return None
     if 2 in codes and inj.filler:  # the local tier's disk full: relaunch once it is freed
-        for f in plan:
-            if f.kind == "disk_full" and f.injected is not None:
-                f.info["exit_2_relaunched"] = True
+        full = [f for f in plan if f.kind == "disk_full" and f.injected is not None]
+        max(full, key=lambda f: f.injected).info["exit_2_relaunched"] = True
         while inj.filler:
             time.sleep(POLL)
             inj.heal(time.time())
