@@ -237,12 +237,21 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, default=4.0, help="wall time of each storm")
     p.add_argument("--seed", type=int, default=1, help="seed of the failure schedule")
     p.add_argument("--json", default="", help="write the results here (and a .md beside it)")
+    p.add_argument("--rerender", action="store_true",
+                   help="no storm: recompute the load figures and the .md from --json's raw records")
     a = p.parse_args(argv)
+    if a.rerender:
+        result = json.loads(Path(a.json).read_text())
+        report.load_figures(result)
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+        Path(a.json).with_suffix(".md").write_text(report.render(result, a.minutes, a.seed))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the clean-up below runs
     started, load0 = datetime.datetime.now(), os.getloadavg()  # the machine's clock is UTC
     log = lambda text: print(text, flush=True)  # noqa: E731
     result = run(a.minutes, a.seed, log)
     result["meta"] = report.meta(started, load0, argv if argv is not None else sys.argv[1:])
+    report.load_figures(result)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
     text = report.render(result, a.minutes, a.seed)

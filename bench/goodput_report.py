@@ -170,13 +170,28 @@ def summarize(ours: dict, base: dict, ref: dict, bares: list[dict], equal: dict,
                         "launches": len(r.get("launches", [])),
                         "attempts": sum(x["kind"] == "config" for x in r["records"])}
                  for name, r in (("ours", ours), ("baseline", base), ("reference", ref))},
-        "final_saved": final_step(ours) == final_step(ref),
         "record_time": "program" if all(not r.get("time_observed") for r in ours["records"])
         else "observed by the supervisor's poll (the records carry no `time`)",
         "local_tier_on_tmpfs": on_tmpfs,
         "raw": {name: {k: r.get(k) for k in ("start", "end", "records", "launches", "workers")}
                 for name, r in (("ours", ours), ("baseline", base), ("reference", ref))},
     }
+
+
+def load_figures(result: dict) -> dict:
+    """Figures that tell the failures' cost from the machine's load, from the raw records:
+    per run its own median step time, and ETTR at it (the load of the run's own minutes in
+    both numerator and denominator); `final_saved`: ours' last step is its final checkpoint."""
+    out = {}
+    for name, run in result["runs"].items():
+        raw = result["raw"][name]
+        own = median_step_s(raw)
+        run["median_step_s"] = own
+        run["ettr_at_own_step"] = ettr(run["final_committed"], own, run["wall_s"])
+        out[name] = own
+    last = [r for r in result["raw"]["ours"]["records"] if r["kind"] == "train"][-1]
+    result["final_saved"] = last["step"] == result["runs"]["ours"]["final_committed"]
+    return out
 
 
 def meta(started, load0, argv) -> dict:
@@ -192,16 +207,19 @@ def render(r: dict, minutes: float, seed: int) -> str:
     lines = [f"# Goodput under a failure storm (bench/goodput.py)", "",
              f"`python -m bench.goodput --minutes {minutes:g} --seed {seed}`, {m.get('date')}, "
              f"{m.get('machine')}, load average {m.get('load')} (start, end).", "",
-             "| run | ETTR | final checkpoint | wall s |", "| --- | --- | --- | --- |"]
+             "| run | ETTR | final checkpoint | wall s | its median step ms | ETTR at its own "
+             "step time |", "| --- | --- | --- | --- | --- | --- |"]
     for name, key in (("ours (two tiers)", "ours"), ("baseline (bucket only, sync)", "baseline")):
         e = r["ettr"] if key == "ours" else r["baseline_ettr"]
         run = r["runs"][key]
-        lines.append(f"| {name} | {e:.3f} | {run['final_committed']} | {run['wall_s']:.0f} |")
+        lines.append(f"| {name} | {e:.3f} | {run['final_committed']} | {run['wall_s']:.0f} | "
+                     f"{run['median_step_s'] * 1000:.0f} | {run['ettr_at_own_step']:.3f} |")
     lines += [f"| floor (bare relaunch {r['bare_relaunch_s']:.2f} s per failure) | "
-              f"{r['floor_ettr']:.3f} | | |", "",
+              f"{r['floor_ettr']:.3f} | | | | |", "",
               f"final_equal: {r['final_equal']} ({r['final_state']['tensors']} tensors); "
               f"median failure-free step {r['median_step_s'] * 1000:.0f} ms; restart median "
-              f"{_f(r['restart_s_median'])} s; record times: {r['record_time']}.", "",
+              f"{_f(r['restart_s_median'])} s; record times: {r['record_time']}; ours' last "
+              f"step is its final checkpoint: {r['final_saved']}.", "",
               "| at s | kind | what | lost steps | s to next step | slowdown s | "
               + " | ".join(PHASES) + " |", "| " + " | ".join(["---"] * (6 + len(PHASES))) + " |"]
     for row in r["failures"]:
