@@ -122,8 +122,8 @@ class FaultProxy:
         ANSWERS, in the proxy's flavour), 'short' (the upstream's answer with its full
         Content-Length but half its body, then the connection closed), 'reset' (RST, no
         answer) or 'hang' (no answer, the connection held until healed); seconds: how long
-        (None: until heal()); when: a regex on "METHOD path?query" that starts it (None:
-        now); after: start right after the matching request was answered (that one is
+        (None: until heal()); when: a regex on "METHOD path?query <the body's first KiB>"
+        that starts it (None: now); after: start right after the matching request was answered (that one is
         forwarded); nth: at the nth matching request (the earlier ones are forwarded)."""
         assert mode in ("refuse", "answer", "short", "reset", "hang"), mode
         assert (mode == "answer") == (answer in ANSWERS), (mode, answer)
@@ -171,7 +171,9 @@ class FaultProxy:
         line = f"{h.command} {h.path}"
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
-        fault, later = self._mode(line)
+        # what `when` is matched against: the request line, and the head of its body (a GCS
+        # upload names its object in the body's JSON part, not in the URL)
+        fault, later = self._mode(f"{line} {body[:1024].decode('latin-1')}")
         mode = fault.mode if fault is not None else None
         self.log.append((time.monotonic(), line, mode or "ok"))
         if mode is not None:

@@ -113,6 +113,60 @@ def test_s3_schedule_of_transient_faults_is_ridden_out_bit_exact(s3, proxied, da
           f"{refused} requests refused, both legs in {seconds:.0f}s; phases {sorted(phases)}")
 
 
+def gcs_schedule(run: str) -> tuple[list, list]:
+    """schedule() for GCS: its uploads name the object in the body, its reads and deletes in
+    the URL (`/` as %2F); each transient kind in GCS's JSON form."""
+    up, o = r"POST /upload/storage/v1/b/ckpt/o\S* .*", f"/storage/v1/b/ckpt/o/{run}%2F"
+    leg1 = [
+        ("answer", "ServiceUnavailable", rf"{up}{run}/step_00000002/__0_0", False, 1),
+        ("answer", "429", rf"{up}{run}/step_00000002/manifest\.json", False, 1),
+        ("answer", "InternalError", rf"{up}{run}/step_00000002/manifest\.json", True, 1),
+        ("reset", None, rf"{up}{run}/step_00000004/__1_0", False, 1),
+        ("answer", "SlowDown", rf"{up}{run}/latest", False, 2),
+        ("answer", "502", rf"DELETE {o}step_00000002", False, 1),  # retention
+        ("hang", None, rf"{up}{run}/step_00000006/manifest\.json", False, 1),
+        ("answer", "504", rf"{up}{run}/writer\.lease", False, 2),
+    ]
+    leg2 = [
+        ("answer", "408", rf"GET /storage/v1/b/ckpt/o\?\S*prefix={run}", False, 1),
+        ("short", None, rf"GET /download{o}step_00000006%2F__", False, 2),
+        ("answer", "504", rf"GET /download{o}step_00000006%2F__", False, 3),
+    ]
+    return leg1, leg2
+
+
+def test_gcs_schedule_of_transient_faults_is_ridden_out_bit_exact(gcs, data, tmp_path):
+    import fsspec
+    proxy = FaultProxy(gcs.endpoint, flavour="gcs")
+    env = {**gcs.env, "STORAGE_EMULATOR_HOST": proxy.endpoint}
+    try:
+        ref_log, log, url = tmp_path / "ref" / "log", tmp_path / "g" / "log", "gs://ckpt/gmatrix"
+        train(["--data_dir", str(data)], env, ref_log, "gs://ckpt/gref")
+        leg1, leg2 = gcs_schedule("gmatrix")
+        arm(proxy, leg1)
+        t0 = time.monotonic()
+        first = train(["--data_dir", str(data), "--stop_at_step", "6"], env, log, url)
+        assert not proxy.faulty(), [(f.mode, f.when.pattern) for f in proxy._faults]
+        arm(proxy, leg2)
+        second = train(["--data_dir", str(data), "--auto_resume"], env, log, url)
+        assert not proxy.faulty(), [(f.mode, f.when.pattern) for f in proxy._faults]
+        seconds = time.monotonic() - t0
+    finally:
+        proxy.close()
+    out = first.stdout + second.stdout
+    phases = set(re.findall(rf"WARNING: {url} failed during (.*?) \(attempt \d+\)", out))
+    assert losses(log) == losses(ref_log)  # bit for bit
+    fs = fsspec.filesystem("gcs", skip_instance_cache=True, **gcs.storage_options)
+    assert read_latest(fs, "ckpt/gmatrix") == step(MAX_STEPS)
+    final = {name: download_step(fs, f"gs://ckpt/{name}/{step(MAX_STEPS)}",
+                                 tmp_path / name / "final", tmp_path)
+             for name in ("gref", "gmatrix")}
+    assert_same_tensors(final["gref"], final["gmatrix"])
+    print(f"\nGCS fault schedule ({len(leg1) + len(leg2)} faults of {FAULT_S}s): "
+          f"{proxy.refused} requests refused, both legs in {seconds:.0f}s; "
+          f"phases {sorted(phases)}")
+
+
 @pytest.mark.parametrize("answer", ["AccessDenied", "NoSuchBucket", "BadRequest"])
 def test_s3_permanent_answer_is_one_line_exit_2_at_once(proxied, data, tmp_path, answer):
     proxy, env = proxied

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (REPO, TINY, assert_same_run, child_env, free_port, kill_job, metrics,
-                     run_train, wait_for, write_shards)
+from helpers import (REPO, TINY, assert_same_run, child_env, descendants, free_port, kill_job,
+                     metrics, run_train, wait_for, write_shards)
 
 MAX_STEPS, KILL_AT = 16, 10
 ARGS = TINY + ["--dropout", "0", "--batch_size", "4", "--total_batch_size", "256",
@@ -57,13 +57,15 @@ def logged_step(log: Path, step: int) -> bool:
     return any(r["kind"] == "train" and r["step"] >= step for r in metrics(log))
 
 
-def worker_of_rank(rank: int) -> int | None:
-    """The pid of the dcp_train.main process with RANK=rank (from /proc), or None."""
-    for d in Path("/proc").iterdir():
+def worker_of_rank(rank: int, *agents: subprocess.Popen) -> int | None:
+    """The pid of the dcp_train.main process with RANK=rank below one of `agents` (from
+    /proc; never a process of another job on this machine), or None."""
+    for pid in [p for a in agents for p in descendants(a.pid)]:
+        d = Path(f"/proc/{pid}")
         try:
-            if d.name.isdigit() and b"dcp_train.main" in (d / "cmdline").read_bytes() and \
+            if b"dcp_train.main" in (d / "cmdline").read_bytes() and \
                     f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
-                return int(d.name)
+                return pid
         except OSError:
             continue
     return None
@@ -100,7 +102,7 @@ def test_one_node_rank_killed_torchrun_restarts(tmp_path, data):
                  f"--master_port={free_port()}"], ARGS + dirs(run, data))
     try:
         wait_for(lambda: logged_step(run / 'log', KILL_AT) or job.poll() is not None, 240)
-        victim = worker_of_rank(1)
+        victim = worker_of_rank(1, job)
         assert victim is not None and job.poll() is None
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
@@ -119,7 +121,7 @@ def test_two_nodes_worker_killed_torchrun_restarts(tmp_path, data):
     (data, reference), run = data, tmp_path / "run"
     with two_agents(run, data, {}) as (host, other):
         killed_at = time.time()
-        os.kill(worker_of_rank(1), signal.SIGKILL)
+        os.kill(worker_of_rank(1, host, other), signal.SIGKILL)
         for proc in (other, host):
             finish(proc)
     assert sum(r["kind"] == "resume" for r in metrics(run / "log")) == 1
