@@ -9,7 +9,8 @@ tests/fault_proxy.py, the local tier on a tmpfs of its own):
 
 1. `ours`: the storm of bench/storm.py (seeded) over a job with two tiers (a local save every
    LOCAL_INTERVAL steps, the bucket every DURABLE_INTERVAL), supervised as bench/supervisor.py
-   says, for --minutes of wall time, then stopped with SIGTERM (exit 75, a checkpoint).
+   says, for --minutes of wall time (longer while the plan's last failure is not yet over),
+   then stopped with SIGTERM (exit 75, a checkpoint).
 2. `baseline`: the same storm and seed over the torchtitan-style job: synchronous saves to the
    bucket only, every DURABLE_INTERVAL steps.
 3. `reference`: the failure-free run of ours' flags to ours' final step (--stop_at_step), for
@@ -18,8 +19,8 @@ tests/fault_proxy.py, the local tier on a tmpfs of its own):
 4. `bare`: a bare launch, torchrun + `import torch` + a gloo process group
    (bench/bare_worker.py), measured before each run: the floor's cost of a relaunch (median).
 
-ettr = final step x the reference's median step time / wall time (first launch to the last
-exit); floor_ettr = 1 - (1 + k) x bare / wall, k = the failures that end a process (every other
+ettr = final checkpoint's step x the reference's median step time / wall time (first launch
+to the last exit); floor_ettr = 1 - (1 + k) x bare / wall, k = the failures that end a process (every other
 failure costs the floor nothing). Per failure (bench/goodput_report.py): the steps lost and the
 seconds from the failure to the next optimizer step, split into phases.
 """
