@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from dcp_train import redact
 from dcp_train.cli import parse_config
@@ -44,13 +45,15 @@ def main(argv: list[str] | None = None) -> None:
 
     user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     try:
+        t_setup = time.monotonic()
         info = D.setup(cfg.hardware.device, timeout_s=cfg.checkpoint.stall_timeout)
+        setup_s = time.monotonic() - t_setup  # the process group's part of a (re)start
         failure.record_peers()
         stall.start(cfg.checkpoint.stall_timeout)  # this rank's heartbeat (job/stall.py)
     except ConfigError as e:  # --device cuda without CUDA
         failure.leave(str(e), EXIT_BAD_INPUT, origin=0)
     try:
-        code = train(cfg, info)
+        code = train(cfg, info, setup_s=setup_s)
         D.teardown()  # its barrier is a wait on the other ranks too
     except StoreUnavailable as e:  # agreed like the others; relaunch once the store answers
         failure.leave(str(e), EXIT_STORE_UNAVAILABLE, origin=getattr(e, "origin_rank", None))

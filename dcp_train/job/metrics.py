@@ -111,15 +111,17 @@ class Metrics:
             self._tb = None
 
 
-def launch_record(cfg, world_size: int, device: str) -> dict:
+def launch_record(cfg, world_size: int, device: str, setup_s: float | None = None) -> dict:
     """Fields of the `config` record written once at the start of every launch: the run's
-    configuration (credentials redacted), world size, device and the versions that ran it."""
+    configuration (credentials redacted), world size, device, the versions that ran it, and
+    `setup_s`, the seconds the process group's setup took (with the record's `time` and the
+    process's start, a restart's startup splits into imports and process group)."""
     import torch
 
     import dcp_train
     return {"config": redacted_config(cfg), "world_size": world_size, "device": device,
             "torch": torch.__version__, "dcp_train": dcp_train.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "setup_s": setup_s}
 
 
 def resident_mb() -> float | None:

@@ -42,13 +42,13 @@ from dcp_train.train.hellaswag import hellaswag_accuracy
 from dcp_train.train.hf_import import load_hf_weights, local_init_dir
 
 
-def train(cfg: Config, info: D.DistInfo) -> int:
+def train(cfg: Config, info: D.DistInfo, setup_s: float | None = None) -> int:
     """Run to --max_steps (or --stop_at_step); returns the exit code: 0, or EXIT_PREEMPTED
-    after a stop with a checkpoint on SIGTERM/SIGUSR1."""
+    after a stop with a checkpoint on SIGTERM/SIGUSR1 (`setup_s`: for the `config` record)."""
     t, workers, log = cfg.training, cfg.data.num_workers, cfg.logging
     metrics = Metrics(log.log_dir, info.is_main, tensorboard=log.tensorboard,
                       wandb_project=log.wandb_project if log.wandb else None, hold=True)
-    metrics.log("config", **launch_record(cfg, info.world_size, str(info.device)))
+    metrics.log("config", **launch_record(cfg, info.world_size, str(info.device), setup_s))
     preempt = Preemption(cfg.checkpoint.preempt_timeout, speaker=info.is_main)
     if t.deterministic:  # a world size that does not divide the micro-batches: error here
         deterministic.setup(cfg, info.world_size, info.device_type)
