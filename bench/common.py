@@ -20,7 +20,7 @@ if str(REPO / "tests") not in sys.path:  # tests/procs.py and tests/servers.py (
 
 from procs import child_env, descendants, free_port, torchrun  # noqa: E402,F401
 
-from dcp_train.job.metrics import of_kind  # noqa: E402
+from dcp_train.job.metrics import of_kind, read_metrics  # noqa: E402
 
 # Model sizes used by the benchmark (nanoGPT GPTConfig names, as in dcp_train.config).
 #  gpt2-124m : the real thing, 124M params; params + AdamW exp_avg + exp_avg_sq = 1.49 GB fp32
@@ -126,8 +126,7 @@ def failure_text(cmd: list[str], rc, output: str) -> str:
 
 def run_records(run: Path, kind: str | None = None) -> list[dict]:
     """A run's metrics records (rank 0's `<run>/log/metrics.jsonl`), only `kind`'s if given."""
-    with open(Path(run) / "log" / "metrics.jsonl") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    recs = read_metrics(str(Path(run) / "log"))
     return recs if kind is None else of_kind(recs, kind)
 
 

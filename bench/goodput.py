@@ -47,6 +47,7 @@ from bench.supervisor import POLL, RELAUNCH_CODES, Job
 sys.path.insert(0, str(REPO / "tests"))
 from fault_proxy import FaultProxy  # noqa: E402
 from servers import start_s3_server  # noqa: E402
+from helpers import committed_steps  # noqa: E402
 
 LOCAL_INTERVAL = 5
 DURABLE_INTERVAL = 25
@@ -216,7 +217,7 @@ def run(minutes: float, seed: int, log) -> dict:
         bare.append(bare_relaunch(work, 1))
         base = storm("baseline", work, flags(f"{bucket}/baseline", None), env,
                      schedule(**plan_args), proxy, None, minutes, log)
-        final = max(report.committed_steps(local), default=0)  # the stop's checkpoint
+        final = max(committed_steps(local), default=0)  # the stop's checkpoint
         bare.append(bare_relaunch(work, 2))
         log("bare relaunches (s): " + ", ".join(f"{b['seconds']:.2f}" for b in bare))
         ref = reference(work, flags(str(work / "reference-ckpt"), None), env, final)

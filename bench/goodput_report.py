@@ -26,31 +26,22 @@ failure-free step time.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 from bench.common import run_meta
+from dcp_train.checkpoint.io.names import step_name  # noqa: F401 (bench.goodput's)
+from dcp_train.job.metrics import of_kind
 from bench.storm import PROCESS_KINDS
 
 PHASES = ("detection", "relaunch", "imports", "process_group", "startup", "build", "resume",
           "first_step")
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def trains(run: dict) -> list[dict]:
-    return [r for r in run["records"] if r["kind"] == "train"]
+    return of_kind(run["records"], "train")
 
 
 def final_step(run: dict) -> int:
     return max((r["step"] for r in trains(run)), default=0)
-
-
-def committed_steps(directory) -> list[int]:
-    """Steps of the committed checkpoints of a local checkpoint dir (a manifest.json in it)."""
-    return [int(p.name[5:]) for p in Path(directory).glob("step_*")
-            if "." not in p.name and (p / "manifest.json").is_file()]
 
 
 def median_step_s(run: dict) -> float:
@@ -204,7 +195,7 @@ def _f(x, fmt=".2f") -> str:
 
 def render(r: dict, minutes: float, seed: int) -> str:
     m = r.get("meta", {})
-    lines = [f"# Goodput under a failure storm (bench/goodput.py)", "",
+    lines = ["# Goodput under a failure storm (bench/goodput.py)", "",
              f"`python -m bench.goodput --minutes {minutes:g} --seed {seed}`, {m.get('date')}, "
              f"{m.get('machine')}, load average {m.get('load')} (start, end).", "",
              "| run | ETTR | final checkpoint | wall s | its median step ms | ETTR at its own "

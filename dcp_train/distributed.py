@@ -112,7 +112,7 @@ def attempt_store(rank: int, world_size: int, timeout_s: float):
 
     `n` is agreed through the store itself (`_agree_attempt`), so every rank of this attempt
     has the same one whatever the store holds from earlier attempts; the heartbeats and
-    failure keys of run/ live under the same prefix (the default store), so they are per
+    failure keys of job/ live under the same prefix (the default store), so they are per
     attempt too. Bounded: a rank that does not arrive within timeout_s (--stall_timeout) is a
     RuntimeError naming it."""
     base, _, _ = next(dist.rendezvous("env://", rank, world_size,

@@ -58,6 +58,24 @@ def run_train(nproc: int, args: list[str], env: dict | None = None, timeout: flo
     return proc
 
 
+def run_dirs(root: Path, data: Path) -> list[str]:
+    """The flags of a run under `root`: the token shards in `data`, root/log, root/ckpt."""
+    return ["--data_dir", str(data), "--log_dir", str(root / "log"),
+            "--checkpoint_dir", str(root / "ckpt")]
+
+
+def finish_job(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a job started with its own session (torchrun, a launch script): it must end
+    with exit 0 (killed with everything below it if it does not end); its output."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-8000:]}"
+    return out
+
+
 def train_to(nproc: int, extra: list[str], env: dict | None, log: Path, ckpt, check: bool = True,
              timeout: float = 300, args: list[str] = ()) -> subprocess.CompletedProcess:
     """run_train of `args` + `extra` with `log` as --log_dir and `ckpt` (a path or a URL) as

@@ -152,7 +152,7 @@ def test_killed_peer_is_named_not_gloo(saved, tmp_path):
     gloo transport error; torchrun's Root Cause is rank 1 with its signal."""
     _, args = saved
     proc = run_train(2, [*args, "--checkpoint_dir", str(tmp_path / "c"), "--max_steps", "3"],
-                     env={"DCP_TRAIN_FAULT": f"after_shards:1:2"}, check=False, timeout=300)
+                     env={"DCP_TRAIN_FAULT": "after_shards:1:2"}, check=False, timeout=300)
     out = proc.stdout + proc.stderr
     assert out.count("dcp_train: error") == 1, out[-6000:]
     line = next(l for l in out.splitlines() if l.startswith("dcp_train: error: "))

@@ -25,19 +25,14 @@ import pytest
 
 from dcp_train.checkpoint.io.storage import Storage
 from dcp_train.tools import ckpt
-from helpers import (REPO, TINY, assert_same_run, child_env, free_port, kill_job, losses, metrics,
-                     of_kind, run_train, wait_for)
+from helpers import (REPO, TINY, assert_same_run, child_env, finish_job, free_port, kill_job,
+                     losses, metrics, of_kind, run_dirs, run_train, wait_for)
 
 MAX_STEPS = 24
 ARGS = TINY + ["--dropout", "0", "--batch_size", "4", "--total_batch_size", "256",
                "--max_steps", str(MAX_STEPS), "--checkpoint_interval", "4", "--seed", "1234",
                "--eval_interval", "8", "--val_steps", "2"]
 FINAL = f"step_{MAX_STEPS:08d}"
-
-
-def dirs(root: Path, data: Path) -> list[str]:
-    return ["--data_dir", str(data), "--log_dir", str(root / "log"),
-            "--checkpoint_dir", str(root / "ckpt")]
 
 
 def launch(script: str, env: dict, args: list[str]) -> subprocess.Popen:
@@ -50,12 +45,7 @@ def launch(script: str, env: dict, args: list[str]) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     t0 = time.monotonic()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            kill_job(proc)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
+    out = finish_job(proc, timeout)
     print(f"{proc.args[1]} took {time.monotonic() - t0:.1f}s")
     return out
 
@@ -85,7 +75,7 @@ def assert_same_committed_run(root: Path, ref: Path, tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data) -> Path:
     root = tmp_path_factory.mktemp("reference")
-    run_train(2, ARGS + dirs(root, data))
+    run_train(2, ARGS + run_dirs(root, data))
     assert sorted(losses(root / "log")) == list(range(1, MAX_STEPS + 1))
     return root
 
@@ -95,7 +85,7 @@ def elastic_run(tmp_path_factory, data) -> Path:
     root = tmp_path_factory.mktemp("elastic")
     env = {"NPROC": "2", "MIN_NODES": "1", "MAX_NODES": "1", "MAX_RESTARTS": "2",
            "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": "test-elastic"}
-    job = launch("elastic.sh", env, ARGS + dirs(root, data))
+    job = launch("elastic.sh", env, ARGS + run_dirs(root, data))
     try:
         wait_for(lambda: (root / "ckpt" / "latest").exists() or job.poll() is not None, 120,
                  interval=0.02)
@@ -122,11 +112,11 @@ def test_two_nodes_then_one_node(reference, data, tmp_path):
     env = {"NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "RDZV_ID": "test-two-nodes"}
     nodes = [launch("multi_node.sh", {**env, "NODE_RANK": str(rank)},
-                    ARGS + dirs(tmp_path, data) + ["--stop_at_step", "12"]) for rank in (0, 1)]
+                    ARGS + run_dirs(tmp_path, data) + ["--stop_at_step", "12"]) for rank in (0, 1)]
     for node in nodes:
         finish(node)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000012"
-    finish(launch("single_node.sh", {"NPROC": "2"}, ARGS + dirs(tmp_path, data)))
+    finish(launch("single_node.sh", {"NPROC": "2"}, ARGS + run_dirs(tmp_path, data)))
     resumes = metrics(tmp_path / "log", "resume")
     assert [(r["step"], r["world_size_saved"], r["world_size"]) for r in resumes] == [(12, 2, 2)]
     assert_same_committed_run(tmp_path, reference, tmp_path)

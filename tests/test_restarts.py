@@ -30,18 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (REPO, TINY, assert_same_run, child_env, descendants, free_port, kill_job,
-                     metrics, run_train, wait_for, write_shards)
+from helpers import (REPO, TINY, assert_same_run, child_env, descendants, finish_job, free_port,
+                     kill_job, metrics, run_dirs, run_train, wait_for, write_shards)
 
 MAX_STEPS, KILL_AT = 16, 10
 ARGS = TINY + ["--dropout", "0", "--batch_size", "4", "--total_batch_size", "256",
                "--max_steps", str(MAX_STEPS), "--checkpoint_interval", "4", "--seed", "4321",
                "--stall_timeout", "60"]
-
-
-def dirs(root: Path, data: Path) -> list[str]:
-    return ["--data_dir", str(data), "--log_dir", str(root / "log"),
-            "--checkpoint_dir", str(root / "ckpt")]
 
 
 def agent(torchrun_args: list[str], args: list[str], env: dict | None = None
@@ -81,29 +76,19 @@ def recovery_s(log: Path, killed_at: float) -> float:
     return next(r["time"] for r in records[resumed:] if r["kind"] == "train") - killed_at
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Wait for a torchrun agent, which must end with exit 0 (killed if it does not end)."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-8000:]}"
-    finally:
-        if proc.poll() is None:
-            kill_job(proc)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Synthetic shards, and the uninterrupted run every restarted one must equal."""
     shards = write_shards(tmp_path_factory.mktemp("data"))
     reference = tmp_path_factory.mktemp("reference")
-    run_train(2, ARGS + dirs(reference, shards))
+    run_train(2, ARGS + run_dirs(reference, shards))
     return shards, reference
 
 
 def test_one_node_rank_killed_torchrun_restarts(tmp_path, data):
     (data, reference), run = data, tmp_path / "run"
     job = agent(["--nproc_per_node=2", "--max-restarts=1", "--master_addr=127.0.0.1",
-                 f"--master_port={free_port()}"], ARGS + dirs(run, data))
+                 f"--master_port={free_port()}"], ARGS + run_dirs(run, data))
     try:
         wait_for(lambda: logged_step(run / 'log', KILL_AT) or job.poll() is not None, 240)
         victim = worker_of_rank(1, job)
@@ -113,7 +98,7 @@ def test_one_node_rank_killed_torchrun_restarts(tmp_path, data):
     except BaseException:
         kill_job(job)
         raise
-    finish(job)
+    finish_job(job)
     assert sum(r["kind"] == "resume" for r in metrics(run / 'log')) == 1
     print(f"\none node: kill to next step {recovery_s(run / 'log', killed_at):.2f} s")
     assert_same_run(run, reference, tmp_path, MAX_STEPS)
@@ -127,7 +112,7 @@ def test_two_nodes_worker_killed_torchrun_restarts(tmp_path, data):
         killed_at = time.time()
         os.kill(worker_of_rank(1, host, other), signal.SIGKILL)
         for proc in (other, host):
-            finish(proc)
+            finish_job(proc)
     assert sum(r["kind"] == "resume" for r in metrics(run / "log")) == 1
     print(f"\ntwo nodes, worker killed: kill to next step "
           f"{recovery_s(run / 'log', killed_at):.2f} s")
@@ -146,10 +131,10 @@ def test_two_nodes_one_agent_killed_and_relaunched(tmp_path, data):
         killed_at = time.time()
         kill_job(other)  # the agent and its worker, SIGKILL
         other = agent(RDZV + [f"--rdzv_endpoint=127.0.0.1:{host.port}"],
-                      ARGS + dirs(run, data), env)  # the "node" comes back
+                      ARGS + run_dirs(run, data), env)  # the "node" comes back
         try:
             for proc in (other, host):
-                finish(proc)
+                finish_job(proc)
         finally:
             if other.poll() is None:
                 kill_job(other)
@@ -168,7 +153,7 @@ def two_agents(run: Path, data: Path, env: dict):
     """Two torchrun agents as two nodes (the first hosts the rendezvous store, which must
     survive), once step KILL_AT is logged; both killed on the way out if still running."""
     port = free_port()
-    rdzv, args = RDZV + [f"--rdzv_endpoint=127.0.0.1:{port}"], ARGS + dirs(run, data)
+    rdzv, args = RDZV + [f"--rdzv_endpoint=127.0.0.1:{port}"], ARGS + run_dirs(run, data)
     host = agent(rdzv, args, env)
     host.port = port
     procs = [host]

@@ -140,7 +140,7 @@ def test_dcp_to_torch_save_weights_match_the_trained_model(reference, tmp_path, 
 
 def _fails_cleanly(tmp_path, data, extra, expected):
     ckpt = tmp_path / "ckpt"
-    before = snapshot(ckpt)
+    before, log_before = snapshot(ckpt), snapshot(tmp_path / "log")
     proc = subprocess.run([sys.executable, "-m", "dcp_train.main", *ARGS, "--data_dir", str(data),
                            "--log_dir", str(tmp_path / "log"), "--checkpoint_dir", str(ckpt),
                            *extra], cwd=REPO, env=child_env(), capture_output=True, text=True,
@@ -149,7 +149,7 @@ def _fails_cleanly(tmp_path, data, extra, expected):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("dcp_train: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
     assert snapshot(ckpt) == before
-    assert not metrics(tmp_path / "log", "train")
+    assert snapshot(tmp_path / "log") == log_before  # a refused start writes no record
 
 
 def test_resume_missing_path(tmp_path, data):

@@ -78,7 +78,6 @@ class CheckpointManager:
         checkpointer = Checkpointer(self.dir, ck.keep_last_n_checkpoints,  # the durable tier's
                                     on_commit=self.lease.refresh, save_process=SaveProcess)
         checkpointer.patience = self.patience
-        self.durable = checkpointer  # the durable tier's (newer.drop_all)
         self.committed_step = None  # the step whose state is committed in our dir(s)
         self.local = None
         self.replicator = None
@@ -166,7 +165,8 @@ class CheckpointManager:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
         failure.set_activity(f"the save of step {self.progress.step}")
         if self.newer:  # --drop_newer_checkpoints: at the first save (newer.py)
-            newer.drop_all(self.newer, self.durable, self.local, self.patience, self.metrics.say)
+            durable = self.replicator.checkpointer if self.replicator else self.checkpointer
+            newer.drop_all(self.newer, durable, self.local, self.patience, self.metrics.say)
             self.newer = {}
         t0 = time.perf_counter()  # the save's clock: the loop is blocked from here (blocked_s)
         sd = {}
@@ -174,7 +174,7 @@ class CheckpointManager:
             sd.update(component.state_dict())
         if self.local is None:
             self.checkpointer.save(self.progress.step, sd, self.info.rank, self.info.world_size,
-                             asynchronous=self.ck.async_checkpoint, t0=t0)
+                                   asynchronous=self.ck.async_checkpoint, t0=t0)
         else:  # replicated once committed locally (_log_records)
             self.local.save(self.progress.step, sd, durable, self.replicator.durable_step,
                             asynchronous=self.ck.async_checkpoint,

@@ -38,7 +38,8 @@ def load(found: Found, storage: Storage, shared: list, entry, verify: bool, rank
     directory view that found it: no Storage is opened per load); with `verify`, check every
     file's checksum (see the module docstring; of the files no rank checked while loading, this
     rank checks a share, or those of them that `mine` names: the local tier's ranks check what
-    they wrote, tiers/local.py). Returns None, or what is damaged (then the components hold whatever was read).
+    they wrote, tiers/local.py). Returns None, or what is damaged (then the components hold
+    whatever was read).
     Any other failure is one CheckpointError on every rank; a store outage (a transient store
     error, ride_out.py) is one StoreTrouble on every rank, never taken for damage."""
     reader = storage.dcp_reader(found.path, found.sizes, found.metadata)

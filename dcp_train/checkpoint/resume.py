@@ -14,7 +14,8 @@ run(), in order (every decision taken on rank 0 and agreed on, distributed.agree
    job's lease on another host that expires within --stall_timeout is waited out first);
 2. pick the checkpoint: --resume names one (--checkpoint_path), --auto_resume discovers the
    newest valid one (layout.py); without either a dir that holds committed checkpoints is
-   refused (a fresh start would overwrite that run), an empty one starts fresh; with a local
+   refused (a fresh start would overwrite that run), an empty one starts fresh; newer steps
+   than the one picked are refused unless --drop_newer_checkpoints (newer.py); with a local
    tier, the newer tier (tiers/policy.py);
 3. check that this run can continue it: a format this code reads, and the same data, seed,
    sequence length, batch geometry and model (resume_rules.py); what may change (LR,
@@ -101,8 +102,7 @@ class Resume:
         if self.local is not None:
             self.local.setup()
         time.sleep(D.agree(self.lease.expiry_wait))  # a dead job's lease on another host
-        found = self._discover()
-        self.newer = {"durable": found.newer} if found is not None and found.newer else {}
+        found = self._keep_newer(self._discover())
         if self.local is not None:
             found = self._choose_tier(found)
         if found is not None:
@@ -128,7 +128,8 @@ class Resume:
         local tier and --auto_resume one try: if the store is down, the local tier's
         (_choose_tier), and replication takes the lease once it answers (lease_due)."""
         if self.local is None or not self.ck.auto_resume:
-            return self._phase(self._choose, DISCOVERY if self.ck.resume or self.ck.auto_resume else FRESH)
+            resuming = self.ck.resume or self.ck.auto_resume
+            return self._phase(self._choose, DISCOVERY if resuming else FRESH)
         try:
             return D.agree(guarded(self._choose))  # one try, not ridden out
         except StoreTrouble as e:
@@ -136,6 +137,13 @@ class Resume:
                              f"start ({e}); resuming from the local tier, replicating later")
             self.lease_due = True
             return None
+
+    def _keep_newer(self, found: Found | None) -> Found | None:
+        """Keep the durable tier's steps newer than `found` (newer.pick), which
+        --drop_newer_checkpoints deletes at the first save (CheckpointManager.save)."""
+        if found is not None and found.newer:
+            self.newer["durable"] = found.newer
+        return found
 
     @reading
     def _choose(self) -> Found | None:
@@ -202,7 +210,7 @@ class Resume:
         local, why = choose(usable, self.local.nodes, self.replicator.durable_step)
         if not local and self.lease_due:  # nothing local: the durable tier it must be
             self.lease_due = False
-            return self._choose_tier(self._phase(self._choose))
+            return self._choose_tier(self._keep_newer(self._phase(self._choose)))
         if not local:
             self.tier = TierChoice("durable", why) if durable is not None else None
             return durable

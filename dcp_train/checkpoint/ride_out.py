@@ -161,7 +161,7 @@ def ride_out(attempt, patience: Patience, store: str, what: str, collective: boo
             return attempt()
         except StoreTrouble as e:
             ended = time.monotonic()
-            decide = lambda: clock.verdict(e, ended - started, ended - last)  # noqa: E731
+            decide = lambda e=e: clock.verdict(e, ended - started, ended - last)  # noqa: E731
             verdict = D.agree(decide) if collective else decide()
             last = ended
         if isinstance(verdict, str):

@@ -136,6 +136,10 @@ class WriterLease:
             self._stop.set()
             self._wake.set()
             self._keeper.join(STOP_WAIT_S)
+            if self._keeper.is_alive():  # a renewal still in flight could land after a delete
+                self.say(f"WARNING: {self.path} left in place: a renewal did not end within "
+                         f"{STOP_WAIT_S:.0f}s; it expires after --stall_timeout")
+                return
         holder = self._read()
         if holder is not None and all(holder.get(k) == v for k, v in self.mine.items()):
             self.storage.rm_file(self.path)
