@@ -228,8 +228,10 @@ def test_tools_refuse_a_damaged_checkpoint(saved, tmp_path, how):
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     says = damage(copy / STEP2, how)
+    (tmp_path / "out").mkdir()  # --out's dir must exist (tools/paths.py)
     out = tmp_path / "out" / "model.safetensors"
-    for args in (["export", copy, "--out", out], ["export", copy / STEP2, "--out", out, "--hf"],
+    for args in (["export", copy, "--out", out],
+                 ["export", copy / STEP2, "--out", tmp_path / "out" / "hf", "--hf"],
                  ["inspect", copy], ["inspect", copy / STEP2, "--json"]):
         proc = dcp_ckpt(*args)
         assert proc.returncode == 2, (args, proc.stderr)
@@ -250,5 +252,6 @@ def test_ls_of_a_regular_file(tmp_path):
     (tmp_path / "f").write_text("x")
     proc = dcp_ckpt("ls", tmp_path / "f")
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"dcp-ckpt: error: {tmp_path / 'f'} is a file, not a checkpoint " \
-                          "dir; give the run's --checkpoint_dir\n"
+    assert proc.stderr == f"dcp-ckpt: error: DIR {tmp_path / 'f'} is a file, not a directory; " \
+                          "give a checkpoint dir (a run's --checkpoint_dir or " \
+                          "--local_checkpoint_dir)\n"
