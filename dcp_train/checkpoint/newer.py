@@ -3,13 +3,16 @@
 A run resumed from step s writes s+1, s+2, ... into its checkpoint dirs. If a dir already holds
 committed steps newer than s, those saves would replace them one by one, and discovery would
 mix two runs. This happens with `--resume --checkpoint_path .../step_s` in a dir whose newest
-step is later, or with --auto_resume where `latest` names an older step than the newest
-committed dir (a `latest` written back by hand). Such a start is refused, before anything is
-written, in one line naming the newer steps and the two ways on: another --checkpoint_dir
-(the old run stays whole), or --drop_newer_checkpoints.
+step is later: such a start is refused, before anything is written, in one line naming the
+newer steps and the two ways on: another --checkpoint_dir (the old run stays whole), or
+--drop_newer_checkpoints.
 
-Discovery passing over a damaged `latest` is not this case: the newer dirs it passed are
-damaged, and saves replace them as before (layout.find_latest says so in its note).
+--auto_resume is not this case: it continues from `latest`, the run's own newest step, and a
+committed dir past `latest` is the same run's save that was killed between its commit and the
+write of `latest` (docs/design.md, "Checkpoint directory"): the resumed run retrains that step
+and its save replaces the dir, as it always did. Nor is discovery passing over a damaged
+`latest`: the newer dirs it passed are damaged, and saves replace them as before
+(layout.find_latest says so in its note).
 
 With --drop_newer_checkpoints the newer steps are deleted at this run's first save, just before
 it writes, not at the start: a run that stops before its first save (a refusal found late, a
@@ -38,8 +41,9 @@ def pick(directory: CheckpointDir, ck, say) -> Optional[Found]:
     (--checkpoint_dir) newer than it; ConfigError naming them unless
     ck.drop_newer_checkpoints. A fall-back of discovery (found.note) passed damaged dirs
     only: nothing is refused then."""
-    found = (directory.open(ck.checkpoint_path, defer=True) if ck.resume
-             else directory.find_latest(defer=True))
+    if not ck.resume:  # `latest` is this run's own newest step (the module docstring)
+        return directory.find_latest(defer=True)
+    found = directory.open(ck.checkpoint_path, defer=True)
     if found is None or found.note:
         return found
     drop = ck.drop_newer_checkpoints
