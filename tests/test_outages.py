@@ -95,7 +95,9 @@ def test_refusals_before_during_after_commit_and_during_resume(s3, proxy, env, r
     out = first.stdout + second.stdout
     (base / "refuse.out").write_text(out)
     phases = set(re.findall(rf"WARNING: {url} failed during (.*?) \(attempt \d+\)", out))
-    assert phases >= {"the resume (discovery)", "the save of step 4 (commit)",
+    # (a) meets the first run's start: a fresh run, named as such (ride_out.FRESH)
+    assert phases >= {"the start of a fresh run (checking --checkpoint_dir)",
+                      "the save of step 4 (commit)",
                       "the resume (loading step 4)", "the save of step 6 (commit)"}, \
         (phases, base / "refuse.out")
     assert losses(log) == losses(ref)  # bit for bit
