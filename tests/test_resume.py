@@ -172,5 +172,6 @@ def test_resume_checkpoint_of_another_model_size(tmp_path, data, reference):
     _fails_cleanly(tmp_path, data, ["--auto_resume", "--n_embd", "32"],
                    "--n_embd 32 (the saved run used 64)")
     _fails_cleanly(tmp_path, data, ["--resume", "--checkpoint_path",
-                                    str(tmp_path / "ckpt" / "step_00000004"), "--n_layer", "3"],
+                                    str(tmp_path / "ckpt" / "step_00000004"), "--n_layer", "3",
+                                    "--drop_newer_checkpoints"],  # past the newer-steps rule
                    "--n_layer 3 (the saved run used 2)")
