@@ -165,8 +165,8 @@ class CheckpointManager:
         """Save the current step: on the durable tier, or locally (replicated if `durable`)."""
         failure.set_activity(f"the save of step {self.progress.step}")
         if self.newer:  # --drop_newer_checkpoints: at the first save (newer.py)
-            durable = self.replicator.checkpointer if self.replicator else self.checkpointer
-            newer.drop_all(self.newer, durable, self.local, self.patience, self.metrics.say)
+            durable_tier = self.replicator.checkpointer if self.replicator else self.checkpointer
+            newer.drop_all(self.newer, durable_tier, self.local, self.patience, self.metrics.say)
             self.newer = {}
         t0 = time.perf_counter()  # the save's clock: the loop is blocked from here (blocked_s)
         sd = {}
