@@ -37,6 +37,8 @@ from bench.gpu_child import CheckFailed
 from bench.gpu_parts import quiet_flags, trainer, write_tokens
 from dcp_train.tools.export import load_full_state
 
+from helpers import losses  # noqa: E402 (tests/, on the path through bench.common)
+
 EXACT_STEPS, RESUME_AT = 8, 4
 UNCOMPILED = ("--deterministic trains through DeterministicStep's uncompiled replica, so "
               "these runs are eager; the compiled resume is checked on CPU (test_compile.py)")
@@ -55,10 +57,6 @@ def exact_run(p, name: str, extra: list[str] = ()) -> Path:
     return run
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in run_records(run, "train")}
-
-
 def compare(ref: Path, other: Path, tmp: Path) -> dict:
     """Losses (of the steps `other` ran) and final state of two runs: what differs (empty
     lists: bit for bit equal)."""
@@ -68,7 +66,7 @@ def compare(ref: Path, other: Path, tmp: Path) -> dict:
     keys = sorted(k for k in a if k.startswith(("model.", "optim.", "rank_00000.torch_cpu",
                                                 "rank_00000.cuda")))
     plain = [json.loads(bytes(sd["rank_00000.json"].tolist()))["rng"] for sd in (a, b)]
-    la, lb = losses(ref), losses(other)
+    la, lb = losses(ref / "log"), losses(other / "log")
     return {"steps": sorted(lb), "losses_equal": lb == {k: la.get(k) for k in lb}
             and max(lb) == len(la) == EXACT_STEPS,
             "tensors_compared": len(keys),
