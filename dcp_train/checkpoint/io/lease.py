@@ -44,7 +44,7 @@ import uuid
 
 from dcp_train.checkpoint.io.names import LEASE
 from dcp_train.checkpoint.io.storage import Storage
-from dcp_train.errors import CheckpointError
+from dcp_train.errors import CheckpointError, describe
 
 STOP_WAIT_S = 5.0  # how long `release` waits for a renewal in flight
 
@@ -110,7 +110,6 @@ class WriterLease:
     def _keep(self) -> None:
         """The renewing thread: a PUT every timeout/4 seconds (or when nudged), its failures
         said once when they start and once when they end."""
-        from dcp_train.errors import describe
         failing_since = None
         while not self._stop.is_set():
             self._wake.wait(self.timeout_s / 4)
